@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from streams.log.embedded import EmbeddedLog
+from streams.log.kafka import KafkaLog
+from streams.log.port import Log, TopicSpec
+from tests.brokers import tansu_broker
+
+TRANSPORTS = ["embedded", "kafka"]
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    with tansu_broker() as bootstrap:
+        yield bootstrap
+
+
+@pytest.fixture
+def embedded_log(tmp_path: Path) -> Iterator[EmbeddedLog]:
+    log = EmbeddedLog(tmp_path / "log")
+    yield log
+    log.close()
+
+
+@pytest.fixture
+def kafka_log(kafka_bootstrap: str) -> Iterator[KafkaLog]:
+    log = KafkaLog(kafka_bootstrap, client_id=f"test-{uuid.uuid4().hex[:6]}")
+    yield log
+    log.close()
+
+
+@pytest.fixture(params=TRANSPORTS)
+def log(request: pytest.FixtureRequest) -> Log:
+    """The contract suite's log: every test that takes it runs against both transports."""
+    fixture = "embedded_log" if request.param == "embedded" else "kafka_log"
+    if request.param == "kafka":
+        request.applymarker(pytest.mark.kafka)
+    result: Log = request.getfixturevalue(fixture)
+    return result
+
+
+@pytest.fixture
+def new_topic(log: Log) -> Callable[..., str]:
+    """Create a topic with a unique name (the broker is shared across the session)."""
+
+    def make(partitions: int = 1, **kw: object) -> str:
+        name = f"t-{uuid.uuid4().hex[:10]}"
+        log.create_topic(TopicSpec(name, partitions, **kw))  # type: ignore[arg-type]
+        return name
+
+    return make
