@@ -24,10 +24,11 @@ import json
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from rocksdict import Options, Rdict, ReadOptions, WriteBatch, WriteOptions
 
@@ -151,7 +152,7 @@ class EmbeddedLog(Log):
 
     # -- state rebuilt from disk ---------------------------------------------------------
     def _load(self) -> None:
-        for k, v in self._db.items(from_key=b"T"):
+        for k, v in self._items(b"T", None):
             if not k.startswith(b"T"):
                 break
             meta = json.loads(v)
@@ -171,6 +172,11 @@ class EmbeddedLog(Log):
                 z = self._db.get(codec.size_key(t.id, p))
                 self._end[(t.id, p)] = codec.U64.unpack(e)[0] if e else 0
                 self._size[(t.id, p)] = codec.U64.unpack(z)[0] if z else 0
+
+    def _items(self, start: bytes, ro: ReadOptions | None) -> Iterator[tuple[bytes, bytes]]:
+        """Raw-mode iteration (rocksdict's stubs type keys and values as any scalar)."""
+        it = self._db.items(from_key=start, read_opt=ro) if ro else self._db.items(from_key=start)
+        return cast(Iterator[tuple[bytes, bytes]], iter(it))
 
     # -- topics --------------------------------------------------------------------------
     def create_topic(self, spec: TopicSpec) -> None:
@@ -341,9 +347,7 @@ class EmbeddedLog(Log):
         out: list[StoredRecord] = []
         name = t.spec.name
         decode = codec.decode_record
-        for k, raw in self._db.items(
-            from_key=codec.record_key(t.id, partition, offset), read_opt=ro
-        ):
+        for k, raw in self._items(codec.record_key(t.id, partition, offset), ro):
             key, value, ts, headers = decode(raw)
             out.append(
                 StoredRecord(name, partition, codec.offset_of(k), key, value, ts, headers)
@@ -369,7 +373,7 @@ class EmbeddedLog(Log):
         ro.set_iterate_upper_bound(codec.partition_prefix(t.id, partition + 1))
         out = []
         for k in self._db.keys(from_key=codec.record_key(t.id, partition, offset), read_opt=ro):
-            out.append(codec.offset_of(k))
+            out.append(codec.offset_of(cast(bytes, k)))
             if len(out) >= limit:
                 break
         return out
@@ -469,7 +473,7 @@ class EmbeddedLog(Log):
         ro = ReadOptions()
         ro.set_iterate_upper_bound(codec.record_key(t.id, p, end))
         out = []
-        for k, raw in self._db.items(from_key=codec.record_key(t.id, p, 0), read_opt=ro):
+        for k, raw in self._items(codec.record_key(t.id, p, 0), ro):
             key, value, ts, _h = codec.decode_record(raw)
             out.append((codec.offset_of(k), key, value, ts, len(raw)))
         return out

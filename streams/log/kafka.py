@@ -21,7 +21,7 @@ import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, cast
 
 from confluent_kafka import (
     Consumer,
@@ -31,7 +31,11 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    ConfigResource,
+    NewTopic,
+)
 
 from streams.log.exceptions import (
     InvalidRecord,
@@ -73,11 +77,28 @@ def _consume(consumer: Consumer, max_records: int, timeout_s: float) -> list[Mes
 
 
 def _stored(msg: Message) -> StoredRecord:
-    headers = tuple((k, v or b"") for k, v in (msg.headers() or []))
+    raw_headers = cast(list[tuple[str, bytes | str | None]], msg.headers() or [])
+    headers = tuple(
+        (k, v.encode() if isinstance(v, str) else (v or b"")) for k, v in raw_headers
+    )
+    key, value = msg.key(), msg.value()
     return StoredRecord(
-        msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(),
+        cast(str, msg.topic()), cast(int, msg.partition()), cast(int, msg.offset()),
+        key.encode() if isinstance(key, str) else key,
+        value.encode() if isinstance(value, str) else value,
         msg.timestamp()[1], headers,
     )
+
+
+def _position(msg: Message) -> LogPosition:
+    return LogPosition(cast(str, msg.topic()), cast(int, msg.partition()), cast(int, msg.offset()))
+
+
+def _message_error(msg: Message, what: str) -> TransportError | None:
+    err = msg.error()
+    if err is None:
+        return None
+    return TransportError(f"{what}: {err.str()}", retriable=bool(err.retriable()))
 
 
 class _Delivery:
@@ -99,8 +120,9 @@ class _Delivery:
                         f"delivery failed: {err.str()}", retriable=bool(err.retriable())
                     )
                 else:
-                    self.positions[i] = LogPosition(msg.topic(), msg.partition(), msg.offset())
-                    self.on_done(msg.topic(), msg.partition(), msg.offset())
+                    pos = _position(msg)
+                    self.positions[i] = pos
+                    self.on_done(pos.topic, pos.partition, pos.offset)
                 self.remaining -= 1
                 done = self.remaining == 0
             if done:
@@ -294,10 +316,9 @@ class KafkaLog(Log):
                 raise _translate(exc, f"read {topic}[{partition}]") from exc
         out = []
         for m in msgs:
-            if m.error() is not None:
-                err = m.error()
-                raise TransportError(f"read {topic}[{partition}]: {err.str()}",
-                                     retriable=bool(err.retriable()))
+            error = _message_error(m, f"read {topic}[{partition}]")
+            if error is not None:
+                raise error
             out.append(_stored(m))
         if out:
             self._note(topic, partition, out[-1].offset)
@@ -405,11 +426,9 @@ class _KafkaSubscription(Subscription):
             raise _translate(exc, "poll") from exc
         out = []
         for m in msgs:
-            if m.error() is not None:
-                if m.error().code() == KafkaError._PARTITION_EOF:
-                    continue
-                raise TransportError(f"poll: {m.error().str()}",
-                                     retriable=bool(m.error().retriable()))
+            error = _message_error(m, "poll")
+            if error is not None:
+                raise error
             rec = _stored(m)
             self._pos[(rec.topic, rec.partition)] = rec.offset + 1
             self._log._note(rec.topic, rec.partition, rec.offset)

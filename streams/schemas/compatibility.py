@@ -13,6 +13,7 @@ import enum
 import json
 from collections.abc import Sequence
 
+import avro.errors
 import avro.schema
 from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibilityType
 
@@ -36,12 +37,13 @@ def parse_schema(schema: str) -> avro.schema.Schema:
     try:
         json.loads(schema)
         return avro.schema.parse(schema)
-    except (ValueError, avro.schema.AvroException, TypeError) as exc:
+    except (ValueError, avro.errors.AvroException, TypeError) as exc:
         raise InvalidSchema(f"Invalid schema: {exc}") from None
 
 
 def _check(reader: avro.schema.Schema, writer: avro.schema.Schema, what: str) -> list[str]:
-    result = ReaderWriterCompatibilityChecker().get_compatibility(reader, writer)
+    checker = ReaderWriterCompatibilityChecker()  # type: ignore[no-untyped-call]
+    result = checker.get_compatibility(reader, writer)
     if result.compatibility is SchemaCompatibilityType.compatible:
         return []
     kinds = ", ".join(sorted(i.value for i in result.incompatibilities))

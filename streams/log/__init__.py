@@ -1,0 +1,59 @@
+"""The log port and its transports. ``open_log`` picks the adapter from settings."""
+
+from __future__ import annotations
+
+from streams.log.exceptions import (
+    InvalidRecord,
+    LogClosed,
+    LogError,
+    TopicConflict,
+    TopicNotFound,
+    TransportError,
+)
+from streams.log.port import (
+    CleanupPolicy,
+    Log,
+    LogPosition,
+    Record,
+    StoredRecord,
+    Subscription,
+    TopicSpec,
+)
+
+__all__ = [
+    "CleanupPolicy",
+    "InvalidRecord",
+    "Log",
+    "LogClosed",
+    "LogError",
+    "LogPosition",
+    "Record",
+    "StoredRecord",
+    "Subscription",
+    "TopicConflict",
+    "TopicNotFound",
+    "TopicSpec",
+    "TransportError",
+    "open_log",
+]
+
+
+def open_log(settings: object) -> Log:
+    """The log that ``settings`` (a :class:`streams.config.Settings`) asks for."""
+    from streams.config import Settings
+
+    assert isinstance(settings, Settings)
+    settings.check()
+    if settings.transport == "kafka":
+        from streams.log.kafka import KafkaLog
+
+        assert settings.kafka_bootstrap is not None
+        return KafkaLog(settings.kafka_bootstrap)
+    from streams.log.embedded import EmbeddedLog
+
+    return EmbeddedLog(
+        settings.data_dir / "log",
+        durability=settings.durability,
+        group_commit_ms=settings.group_commit_ms,
+        cleaner_interval_s=settings.cleaner_interval_s,
+    )
