@@ -29,6 +29,7 @@ from typing import Any
 import fastavro
 import fastavro.validation
 from fastavro.read import SchemaResolutionError
+from fastavro.validation import ValidationError
 
 from streams.schemas import catalog
 from streams.schemas.exceptions import DecodeError, InvalidSchema, SchemaError, SchemaNotFound
@@ -55,7 +56,9 @@ _BODY_ERRORS = (
     SchemaResolutionError,
 )
 # What fastavro raises on a record that does not match the schema.
-_RECORD_ERRORS = (ValueError, TypeError, AttributeError, KeyError, OverflowError)
+_RECORD_ERRORS = (
+    ValidationError, ValueError, TypeError, AttributeError, KeyError, OverflowError,
+)
 
 
 class EncodeError(SchemaError):
