@@ -136,7 +136,10 @@ class RemoteRegistry(SchemaRegistry):
 
     def delete_subject(self, subject: str, *, permanent: bool = False) -> list[int]:
         with _translated(subject):
-            return sorted(int(v) for v in self._client.delete_subject(subject, permanent))
+            deleted = sorted(int(v) for v in self._client.delete_subject(subject, permanent))
+        # The client's caches would otherwise still answer for the deleted versions.
+        self._client.clear_caches()
+        return deleted
 
     def close(self) -> None:
         self._client.close()
