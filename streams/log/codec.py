@@ -35,6 +35,9 @@ __all__ = [
 ]
 
 _HEAD = struct.Struct("<IqiiH")
+_HEAD_SIZE = _HEAD.size
+_crc32 = zlib.crc32
+_HEAD_UNPACK = _HEAD.unpack_from
 _REC_KEY = struct.Struct(">cIIQ")
 _TP = struct.Struct(">II")
 U64 = struct.Struct(">Q")
@@ -96,31 +99,33 @@ def decode_record(
     raw: bytes,
 ) -> tuple[bytes | None, bytes | None, int, Headers]:
     """(key, value, timestamp_ms, headers); :class:`TransportError` if the frame is corrupt."""
-    if len(raw) < _HEAD.size:
-        raise TransportError("corrupt log record: short frame", retriable=False)
-    crc, ts, klen, vlen, nh = _HEAD.unpack_from(raw)
-    if zlib.crc32(memoryview(raw)[4:]) != crc:
+    try:
+        crc, ts, klen, vlen, nh = _HEAD_UNPACK(raw)
+    except struct.error:
+        raise TransportError("corrupt log record: short frame", retriable=False) from None
+    if _crc32(raw[4:]) != crc:
         raise TransportError("corrupt log record: CRC mismatch", retriable=False)
-    pos = _HEAD.size
-    key: bytes | None = None
+    pos = _HEAD_SIZE
     if klen >= 0:
-        key = raw[pos : pos + klen]
+        key: bytes | None = raw[pos : pos + klen]
         pos += klen
-    value: bytes | None = None
+    else:
+        key = None
     if vlen >= 0:
-        value = raw[pos : pos + vlen]
+        value: bytes | None = raw[pos : pos + vlen]
         pos += vlen
-    headers: Headers = ()
-    if nh:
-        hs = []
-        for _ in range(nh):
-            (nl,) = _HNAME.unpack_from(raw, pos)
-            pos += 2
-            name = raw[pos : pos + nl].decode()
-            pos += nl
-            (hl,) = _HVAL.unpack_from(raw, pos)
-            pos += 4
-            hs.append((name, raw[pos : pos + hl]))
-            pos += hl
-        headers = tuple(hs)
-    return key, value, ts, headers
+    else:
+        value = None
+    if not nh:
+        return key, value, ts, ()
+    hs = []
+    for _ in range(nh):
+        (nl,) = _HNAME.unpack_from(raw, pos)
+        pos += 2
+        name = raw[pos : pos + nl].decode()
+        pos += nl
+        (hl,) = _HVAL.unpack_from(raw, pos)
+        pos += 4
+        hs.append((name, raw[pos : pos + hl]))
+        pos += hl
+    return key, value, ts, tuple(hs)

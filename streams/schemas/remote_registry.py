@@ -138,7 +138,7 @@ class RemoteRegistry(SchemaRegistry):
         with _translated(subject):
             deleted = sorted(int(v) for v in self._client.delete_subject(subject, permanent))
         # The client's caches would otherwise still answer for the deleted versions.
-        self._client.clear_caches()
+        self._client.clear_caches()  # type: ignore[no-untyped-call]
         return deleted
 
     def close(self) -> None:
