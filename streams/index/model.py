@@ -1,0 +1,230 @@
+"""The data plane's domain records and their validation (before anything is appended).
+
+Vectors are 1-D float32 numpy arrays in memory; on the wire they are fp32 little-endian
+bytes. Scores are reported in the metric's own terms and hits are ordered best first:
+cosine similarity and inner product descending, squared L2 distance ascending.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from streams.index.exceptions import DimensionMismatch, InvalidRequest
+
+__all__ = [
+    "LIMITS",
+    "Consistency",
+    "Dtype",
+    "FieldKind",
+    "FilterField",
+    "Hit",
+    "IndexConfig",
+    "Limits",
+    "Metric",
+    "Vector",
+    "VectorDelete",
+    "VectorUpsert",
+    "check_id",
+    "check_name",
+    "parse_vector",
+]
+
+Vector = npt.NDArray[np.float32]
+
+NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+class Metric(enum.StrEnum):
+    COSINE = "cosine"
+    IP = "ip"
+    L2 = "l2"
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self is not Metric.L2
+
+
+class Dtype(enum.StrEnum):
+    """Storage type of Tail segments (Head is always fp32)."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+
+
+class FieldKind(enum.StrEnum):
+    TAG = "tag"
+    NUMERIC = "numeric"
+
+
+class Consistency(enum.StrEnum):
+    EVENTUAL = "eventual"
+    SESSION = "session"
+    BOUNDED = "bounded"
+    STRONG = "strong"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_dim: int = 4096
+    max_id_bytes: int = 256
+    max_meta_bytes: int = 64 * 1024
+    max_tags: int = 64
+    max_tag_bytes: int = 128
+    max_numeric: int = 64
+    max_k: int = 1000
+
+
+LIMITS = Limits()
+
+
+def check_name(value: str, what: str) -> str:
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
+        raise InvalidRequest(f"{what} must match [A-Za-z0-9_-]{{1,128}}, got {value!r}", field=what)
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class FilterField:
+    name: str
+    kind: FieldKind
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "field name")
+
+
+@dataclass(frozen=True, slots=True)
+class IndexConfig:
+    """One index. ``recipe`` is the FAISS factory string of its Tail segments; ``fields``
+    the allow-list of filterable fields (tag fields match tags ``name:value``; numeric
+    fields are keys of a record's ``numeric`` map)."""
+
+    tenant: str
+    index: str
+    dim: int
+    metric: Metric = Metric.COSINE
+    dtype: Dtype = Dtype.FP32
+    recipe: str = "HNSW32"
+    fields: tuple[FilterField, ...] = ()
+    version: int = 1
+    created_ms: int = 0
+
+    def __post_init__(self) -> None:
+        check_name(self.tenant, "tenant")
+        check_name(self.index, "index")
+        if not isinstance(self.dim, int) or not 1 <= self.dim <= LIMITS.max_dim:
+            raise InvalidRequest(f"dim must be 1..{LIMITS.max_dim}", field="dim")
+        if (
+            not self.recipe
+            or len(self.recipe) > 200
+            or not re.fullmatch(r"[A-Za-z0-9_,.]+", self.recipe)
+        ):
+            raise InvalidRequest(
+                f"recipe {self.recipe!r} is not a FAISS factory string", field="recipe"
+            )
+        names = [f.name for f in self.fields]
+        if len(set(names)) != len(names):
+            raise InvalidRequest("duplicate filter field", field="fields")
+
+    @property
+    def key(self) -> str:
+        return f"{self.tenant}/{self.index}"
+
+    def field_kind(self, name: str) -> FieldKind | None:
+        for f in self.fields:
+            if f.name == name:
+                return f.kind
+        return None
+
+
+def parse_vector(data: bytes | Vector | list[float], dim: int) -> Vector:
+    """fp32 little-endian bytes (or a list/array) -> a finite float32 vector of ``dim``."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        if len(data) % 4:
+            raise InvalidRequest(
+                "vector bytes must be fp32 little-endian (a multiple of 4)", field="vector"
+            )
+        vec = np.frombuffer(bytes(data), dtype="<f4").astype(np.float32)
+    else:
+        try:
+            vec = np.asarray(data, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise InvalidRequest("vector must be a list of numbers", field="vector") from None
+    if vec.ndim != 1:
+        raise InvalidRequest("vector must be one-dimensional", field="vector")
+    if vec.shape[0] != dim:
+        raise DimensionMismatch(dim, int(vec.shape[0]))
+    if not np.isfinite(vec).all():
+        raise InvalidRequest("vector contains NaN or infinity", field="vector")
+    return vec
+
+
+@dataclass(frozen=True, slots=True)
+class VectorUpsert:
+    tenant: str
+    index: str
+    id: str
+    vector: Vector
+    meta: str | None = None
+    tags: tuple[str, ...] = ()
+    numeric: Mapping[str, float] = field(default_factory=dict)
+    version: int = 1
+
+    def validate(self, config: IndexConfig) -> VectorUpsert:
+        """Raise :class:`InvalidRequest`/:class:`DimensionMismatch` unless this record
+        may be appended to ``config``'s index."""
+        check_id(self.id)
+        parse_vector(self.vector, config.dim)
+        if self.meta is not None:
+            if len(self.meta.encode()) > LIMITS.max_meta_bytes:
+                raise InvalidRequest(f"meta exceeds {LIMITS.max_meta_bytes} bytes", field="meta")
+            try:
+                json.loads(self.meta)
+            except ValueError:
+                raise InvalidRequest("meta must be JSON", field="meta") from None
+        if len(self.tags) > LIMITS.max_tags:
+            raise InvalidRequest(f"more than {LIMITS.max_tags} tags", field="tags")
+        for tag in self.tags:
+            if not tag or len(tag.encode()) > LIMITS.max_tag_bytes or "," in tag:
+                raise InvalidRequest(f"bad tag {tag!r}", field="tags")
+            name, sep, _ = tag.partition(":")
+            if sep and config.field_kind(name) is not FieldKind.TAG:
+                raise InvalidRequest(f"tag field {name!r} is not declared", field="tags")
+        if len(self.numeric) > LIMITS.max_numeric:
+            raise InvalidRequest(f"more than {LIMITS.max_numeric} numeric fields", field="numeric")
+        for name, value in self.numeric.items():
+            if config.field_kind(name) is not FieldKind.NUMERIC:
+                raise InvalidRequest(f"numeric field {name!r} is not declared", field="numeric")
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InvalidRequest(f"numeric field {name!r} must be finite", field="numeric")
+        return self
+
+
+def check_id(id: str) -> str:
+    if not isinstance(id, str) or not id or len(id.encode()) > LIMITS.max_id_bytes:
+        raise InvalidRequest(f"id must be 1..{LIMITS.max_id_bytes} bytes", field="id")
+    if any(c in id for c in "\x00\n\r"):
+        raise InvalidRequest("id must not contain NUL or newlines", field="id")
+    return id
+
+
+@dataclass(frozen=True, slots=True)
+class VectorDelete:
+    tenant: str
+    index: str
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    id: str
+    score: float
+    meta: str | None = None

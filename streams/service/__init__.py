@@ -1,0 +1,1 @@
+"""The query node's services: the data plane behind RESP and HTTP."""
