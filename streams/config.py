@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     group_commit_ms: float = Field(default=0.0, ge=0.0, le=1000.0)
     cleaner_interval_s: float = Field(default=60.0, gt=0.0)
 
+    head_capacity: int = Field(default=20_000, ge=100)  # rows before a Head is sealed
+    snapshot_interval_s: float = Field(default=300.0, gt=0.0)
+
     host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=0, le=65535)
     registry_port: int = Field(default=8081, ge=0, le=65535)
