@@ -38,6 +38,9 @@ reads do not depend on the durability mode):
 * ``scan``: ``read()`` in chunks of ``--chunk`` (1000) over every partition from offset 0.
 * ``subscribe``: ``subscribe()`` then ``poll(max_records=--chunk)`` until every record
   was returned.
+* embedded only, ``scan-sst`` and ``subscribe-sst``: the same after closing and reopening
+  the log. Right after the fill the records are in RocksDB's memtable; reopening flushes the
+  recovered WAL to an SST file, which is where a reader finds them after a restart.
 
 Each append scenario runs a warm-up (``--warmup`` records, unmeasured) first; each read
 scenario is repeated ``--read-repeats`` times after a warm-up pass and reports the median.
@@ -400,18 +403,27 @@ READS: dict[str, Callable[[Log, str, dict[int, int], BenchConfig, Tick], int]] =
 }
 
 
-def bench_reads(log: Log, transport: str, mode: str, cfg: BenchConfig, work: Workload,
-                rep: Reporter) -> list[Result]:
+def fill_read_topic(log: Log, transport: str, cfg: BenchConfig, work: Workload,
+                    rep: Reporter) -> tuple[str, dict[int, int]]:
+    """A fresh topic holding ``read_records`` records; its name and per-partition ends."""
     topic = f"bench-read-{uuid.uuid4().hex[:8]}"
     log.create_topic(TopicSpec(topic, cfg.partitions))
     with rep.task(f"{transport} fill {cfg.read_records} records", cfg.read_records) as (
-        tick, done
+        _tick, done
     ):
         ends = fill(log, topic, cfg, work)
         done("")
     total = sum(ends.values())
     if total != cfg.read_records:
         raise RuntimeError(f"fill wrote {total} records, expected {cfg.read_records}")
+    return topic, ends
+
+
+def bench_reads(log: Log, transport: str, mode: str, topic: str, ends: dict[int, int],
+                cfg: BenchConfig, rep: Reporter, *, suffix: str = "",
+                note: str = "") -> list[Result]:
+    """Every read scenario over ``topic``: warm-up, then ``read_repeats`` timed passes."""
+    total = sum(ends.values())
     out = []
     for scenario in READ_SCENARIOS:
         fn = READS[scenario]
@@ -421,19 +433,20 @@ def bench_reads(log: Log, transport: str, mode: str, cfg: BenchConfig, work: Wor
         runs: list[float] = []
         secs: list[float] = []
         repeats = max(1, cfg.read_repeats)
-        with rep.task(f"{transport} {scenario} x{repeats}", total * repeats) as (tick, done):
+        label = scenario + suffix
+        with rep.task(f"{transport} {label} x{repeats}", total * repeats) as (tick, done):
             for _ in range(repeats):
                 gc.collect()
                 t0 = time.perf_counter_ns()
                 n = fn(log, topic, ends, cfg, tick)
                 dt = (time.perf_counter_ns() - t0) / 1e9
                 if n != total:
-                    raise RuntimeError(f"{scenario}: read {n} records, expected {total}")
+                    raise RuntimeError(f"{label}: read {n} records, expected {total}")
                 runs.append(n / dt)
                 secs.append(dt)
             done(f"{statistics.median(runs):,.0f}/s")
-        out.append(Result(transport, mode, scenario, "read", total, statistics.median(secs),
-                          runs_ops_per_s=runs))
+        out.append(Result(transport, mode, label, "read", total, statistics.median(secs),
+                          note=note, runs_ops_per_s=runs))
     return out
 
 
@@ -451,10 +464,21 @@ def run_embedded(cfg: BenchConfig, work: Workload, root: Path, rep: Reporter) ->
                 results.append(bench_append(log, "embedded", mode, scenario, cfg, work, rep))
         finally:
             log.close()
-    # Reads do not depend on the durability mode: one log, default (group) mode.
-    log = EmbeddedLog(root / "embedded-reads", durability="group")
+    # Reads do not depend on the durability mode: one log, default (group) mode. First
+    # right after the fill (records still in RocksDB's memtable), then after a reopen,
+    # which flushes the recovered WAL to an SST file: what a reader sees after a restart.
+    path = root / "embedded-reads"
+    log = EmbeddedLog(path, durability="group")
     try:
-        results.extend(bench_reads(log, "embedded", "group", cfg, work, rep))
+        topic, ends = fill_read_topic(log, "embedded", cfg, work, rep)
+        results.extend(bench_reads(log, "embedded", "group", topic, ends, cfg, rep,
+                                   note="memtable"))
+    finally:
+        log.close()
+    log = EmbeddedLog(path, durability="group")
+    try:
+        results.extend(bench_reads(log, "embedded", "group", topic, ends, cfg, rep,
+                                   suffix="-sst", note="after reopen: SST file"))
     finally:
         log.close()
     return results
@@ -479,7 +503,8 @@ def run_kafka(cfg: BenchConfig, work: Workload, rep: Reporter) -> list[Result]:
         try:
             for scenario in KAFKA_SCENARIOS:
                 results.append(bench_append(log, "kafka", "acks=all", scenario, cfg, work, rep))
-            results.extend(bench_reads(log, "kafka", "acks=all", cfg, work, rep))
+            topic, ends = fill_read_topic(log, "kafka", cfg, work, rep)
+            results.extend(bench_reads(log, "kafka", "acks=all", topic, ends, cfg, rep))
         finally:
             log.close()
     return results
@@ -546,6 +571,7 @@ def machine_info(root: Path) -> dict[str, Any]:
         "cpu": cpu,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "loadavg_at_start": os.getloadavg()[0],
         "data_dir": str(root),
         "filesystem": filesystem_of(root),
         "fdatasync_1k": fdatasync_probe(root),
@@ -647,12 +673,18 @@ def run(cfg: BenchConfig, console: Console | None = None) -> dict[str, Any]:
             f"p50 {machine['fdatasync_1k']['p50_us']:.0f} µs, "
             f"p99 {machine['fdatasync_1k']['p99_us']:.0f} µs"
         )
+        if machine["loadavg_at_start"] > 0.25 * machine["nproc"]:
+            console.print(
+                f"[yellow]warning[/]: 1-minute load average {machine['loadavg_at_start']:.2f} "
+                f"on {machine['nproc']} CPUs: other work is running, numbers will be low/noisy"
+            )
         results: list[Result] = []
         with Reporter(console, cfg.progress) as rep:
             if "embedded" in cfg.transports:
                 results.extend(run_embedded(cfg, work, root, rep))
             if "kafka" in cfg.transports:
                 results.extend(run_kafka(cfg, work, rep))
+    machine["loadavg_at_end"] = os.getloadavg()[0]
     return {
         "machine": machine,
         "config": {**asdict(cfg), "transports": list(cfg.transports), "modes": list(cfg.modes)},

@@ -120,6 +120,12 @@ class IndexConfig:
     def __post_init__(self) -> None:
         check_name(self.tenant, "tenant")
         check_name(self.index, "index")
+        for name, enum_type in (("metric", Metric), ("dtype", Dtype)):
+            try:  # accept the wire spelling ("cosine", "fp16") and store the enum
+                object.__setattr__(self, name, enum_type(getattr(self, name)))
+            except ValueError:
+                allowed = ", ".join(m.value for m in enum_type)
+                raise InvalidRequest(f"{name} must be one of {allowed}", field=name) from None
         if not isinstance(self.dim, int) or not 1 <= self.dim <= LIMITS.max_dim:
             raise InvalidRequest(f"dim must be 1..{LIMITS.max_dim}", field="dim")
         if (

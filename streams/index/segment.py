@@ -1,0 +1,559 @@
+"""Tail segments: immutable FAISS indexes built from sealed Heads and merged LSM-style.
+
+A segment holds ``n`` rows. FAISS ids are the local row numbers ``0..n-1``, and rows are
+sorted by label, so ``labels`` (int64, ascending) maps row -> label and a delete finds its
+row with one binary search. Deletes flip ``alive`` and never touch the FAISS index; every
+search hands FAISS a bitmap selector of ``alive & filter`` so that deleted and filtered
+rows are excluded inside the search, not after it.
+
+**Recipe and dtype.** The index's recipe is a FAISS factory string; ``dtype`` picks the
+storage where the recipe stores raw vectors (``Flat``, ``HNSW{M}``, ``IVF{n},Flat``):
+fp16 -> ``SQfp16``, int8 -> ``SQ8``; a recipe that already quantises (``SQ8``, ``PQ{m}``)
+keeps its own storage. Training needs data, so :func:`plan_recipe` shrinks ``IVF{n}`` to
+the largest power of two with >= 39 training rows per list (or drops IVF below 4 lists)
+and replaces ``PQ`` by ``SQ8`` below 39 rows per PQ centroid; ``recipe_used`` records it.
+
+**Vectors for merges: the index is the copy.** Merging needs the rows' vectors. Keeping an
+fp32 copy would cost 4*dim bytes per vector (1.5 KB at 384 dims, 1.5 GB per 1M vectors) and
+even fp16 would double a quantised index, so segments keep no copy: a merge reconstructs
+vectors from the FAISS storage (``reconstruct_batch``; IVF indexes get a direct map, 8
+bytes per vector, to allow it). This is lossless for ``Flat`` and ``SQfp16`` (fp16 values
+re-encode to themselves) and lossy for ``SQ8`` and ``PQ``: each merge re-quantises
+already-quantised vectors, adding at most one more quantisation error (SQ8: half a step
+of the new, never wider, per-dimension range). Scores were computed on the quantised
+vectors all along, so this shows as a small recall change, never as wrong labels.
+
+Memory per vector at dim d (FAISS part, measured; plus 9 bytes of labels+alive, 4 bytes
+per tag and 8 per numeric field): ``Flat`` 4d; ``SQfp16`` 2d; ``SQ8`` d; ``HNSW32`` adds
+~4*2*32=256+ bytes of graph links (HNSW16: ~128+); ``IVF{n},X`` adds 16 (id + direct
+map). At d=384: ``HNSW32,SQ8`` ~660 B, ``IVF4096,SQ8`` ~400 B, ``IVF4096,PQ48`` ~64 B.
+
+**Search.** ``efSearch``/``nprobe`` are per-search knobs. If a segment returns fewer hits
+than ``min(k, rows passing)`` (an HNSW graph walk or a few IVF lists can miss sparse
+filtered rows), it widens: efSearch/nprobe x4, twice, then an exhaustive search over the
+passing rows (IVF with every list; HNSW and flat storage scanned with the selector, or by
+reconstruction where FAISS has no selector support, e.g. ``IndexPQ``). When few rows pass
+(<= max(4k, 1024), or < 2%), it goes exhaustive at once. ``nprobe`` is given in terms of
+the recipe's nlist and scaled to a segment whose nlist was shrunk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import numpy.typing as npt
+
+from streams.index.exceptions import InvalidRequest, VecError
+from streams.index.filters import Filter, RowColumns
+from streams.index.head import Candidates, SegmentRows, top_k
+from streams.index.model import Dtype, Metric, Vector
+
+__all__ = [
+    "DEFAULT_EF_SEARCH",
+    "SegmentCorrupt",
+    "TailSegment",
+    "check_recipe",
+    "default_nprobe",
+    "fsync_path",
+    "merge",
+    "plan_recipe",
+]
+
+DEFAULT_EF_SEARCH = 64
+EF_CONSTRUCTION = 80
+MIN_ROWS_PER_CENTROID = 39  # below this FAISS's k-means warns and clusters poorly
+TRAIN_ROWS_PER_CENTROID = 40
+MIN_TRAIN_ROWS = 20_000
+FULL_SCAN_BYTES = 4 << 20  # a filter passing fewer rows' worth of fp32 is scanned, not walked
+FULL_SCAN_FRACTION = 0.02
+WIDEN_FACTOR = 4
+WIDEN_STEPS = 2  # then exhaustive
+CHUNK_ROWS = 16_384
+FORMAT = 1
+
+Labels = npt.NDArray[np.int64]
+Matrix = npt.NDArray[np.float32]
+RowSource = Callable[[npt.NDArray[np.int64]], Matrix]
+
+_IVF_RE = re.compile(r"IVF(\d+)")
+_PQ_RE = re.compile(r"PQ(\d+)(?:x(\d+))?(?:fs|np)?$")
+_SCALAR = {Dtype.FP16: "SQfp16", Dtype.INT8: "SQ8"}
+
+
+class SegmentCorrupt(VecError):
+    """A saved segment or index that cannot be read back (missing file, wrong format or
+    shape, or saved for a different dim/metric)."""
+
+    code = "VEC_ERR_INTERNAL"
+    http_status = 500
+
+
+def _faiss_metric(metric: Metric) -> int:
+    return int(faiss.METRIC_L2 if metric is Metric.L2 else faiss.METRIC_INNER_PRODUCT)
+
+
+def recipe_nlist(recipe: str) -> int | None:
+    m = _IVF_RE.search(recipe)
+    return int(m.group(1)) if m else None
+
+
+def default_nprobe(nlist: int) -> int:
+    """Lists probed by default: 1/16 of them, at least 8 (or all, if fewer)."""
+    return min(nlist, max(8, nlist // 16))
+
+
+def plan_recipe(recipe: str, dtype: Dtype, n_rows: int) -> str:
+    """The factory string to build ``n_rows`` rows with (see the module docstring)."""
+    parts = recipe.split(",")
+    if dtype in _SCALAR:
+        if re.fullmatch(r"HNSW\d+", parts[-1]):
+            parts.append(_SCALAR[dtype])
+        elif parts[-1] == "Flat":
+            parts[-1] = _SCALAR[dtype]
+    if n_rows == 0:
+        return "Flat"
+    nlist = recipe_nlist(recipe)
+    if nlist is not None and n_rows < MIN_ROWS_PER_CENTROID * nlist:
+        fit = n_rows // MIN_ROWS_PER_CENTROID
+        if fit >= 4:
+            shrunk = 1 << (fit.bit_length() - 1)
+            parts = [_IVF_RE.sub(f"IVF{shrunk}", p) for p in parts]
+        else:
+            parts = [parts[-1]]  # exhaustive over the same storage
+    pq = _PQ_RE.fullmatch(parts[-1])
+    if pq is not None and n_rows < MIN_ROWS_PER_CENTROID * (1 << int(pq.group(2) or 8)):
+        parts = [p for p in parts[:-1] if not p.startswith("OPQ")] + ["SQ8"]
+    return ",".join(parts)
+
+
+def check_recipe(recipe: str, dtype: Dtype, dim: int, metric: Metric) -> None:
+    """Raise :class:`InvalidRequest` (``field="recipe"``) unless FAISS can build
+    ``recipe`` at ``dim`` (checked on the full-size plan, without training)."""
+    if "IDMap" in recipe:
+        raise InvalidRequest("recipes must not contain IDMap: row ids are ours", field="recipe")
+    try:
+        faiss.index_factory(dim, plan_recipe(recipe, dtype, 1 << 40), _faiss_metric(metric))
+    except RuntimeError as exc:  # FAISS's factory reports unparsable strings this way
+        lines = str(exc).strip().splitlines() or [""]
+        raise InvalidRequest(f"recipe {recipe!r}: {lines[-1][:200]}", field="recipe") from None
+
+
+def _inner(index: Any) -> Any:
+    if isinstance(index, faiss.IndexPreTransform):
+        return faiss.downcast_index(index.index)
+    return index
+
+
+# faiss-cpu's bundled stubs lack SearchParametersHNSW and the keyword constructors.
+_faiss: Any = faiss
+
+
+def _plain_params(sel: Any) -> Any:
+    params = faiss.SearchParameters()
+    params.sel = sel
+    return params
+
+
+def _params(index: Any, inner: Any, base: Any) -> Any:
+    if inner is index:
+        return base
+    wrapped = faiss.SearchParametersPreTransform()
+    wrapped.index_params = base
+    return wrapped
+
+
+def _selector_works(index: Any, params: Any, dim: int) -> bool:
+    try:
+        index.search(np.zeros((1, dim), dtype=np.float32), 1, params=params)
+    except RuntimeError:  # FAISS raises for indexes without SearchParameters/selector support
+        return False
+    return True
+
+
+def _faiss_bytes(index: Any) -> int:
+    inner = _inner(index)
+    n = int(index.ntotal)
+    if hasattr(inner, "hnsw"):
+        storage = faiss.downcast_index(inner.storage)
+        graph = 4 * int(inner.hnsw.neighbors.size()) + 12 * n
+        return graph + _faiss_bytes(storage)
+    ivf = faiss.try_extract_index_ivf(inner)
+    if ivf is not None:
+        return n * (int(ivf.code_size) + 16) + int(ivf.nlist) * int(ivf.d) * 4
+    return n * int(getattr(inner, "code_size", 4 * index.d))
+
+
+def _build_index(n: int, dim: int, fetch: RowSource, recipe_used: str, metric: Metric) -> Any:
+    index = faiss.index_factory(dim, recipe_used, _faiss_metric(metric))
+    inner = _inner(index)
+    if hasattr(inner, "hnsw"):
+        inner.hnsw.efConstruction = EF_CONSTRUCTION
+    if hasattr(inner, "do_polysemous_training"):
+        inner.do_polysemous_training = False  # costs ~20x the PQ training; we never use it
+    if not index.is_trained:
+        nlist = recipe_nlist(recipe_used) or 0
+        want = max(MIN_TRAIN_ROWS, TRAIN_ROWS_PER_CENTROID * max(nlist, 256))
+        if n > want:
+            rows = np.sort(np.random.default_rng(n).choice(n, size=want, replace=False))
+        else:
+            rows = np.arange(n, dtype=np.int64)
+        index.train(fetch(rows))
+    for start in range(0, n, CHUNK_ROWS):
+        index.add(fetch(np.arange(start, min(n, start + CHUNK_ROWS), dtype=np.int64)))
+    ivf = faiss.try_extract_index_ivf(inner)
+    if ivf is not None:
+        ivf.make_direct_map()  # for reconstruct_batch in merges
+    return index
+
+
+class TailSegment:
+    """An immutable FAISS index over rows sorted by label, with alive flags and columns.
+
+    Build with :meth:`build` or :func:`merge`, read back with :meth:`load`. Thread-safety:
+    searches run concurrently with each other and with :meth:`delete` (one writer); a
+    search that starts after a delete returned never sees that row."""
+
+    def __init__(
+        self,
+        index: Any,
+        labels: Labels,
+        alive: npt.NDArray[np.bool_],
+        columns: RowColumns,
+        *,
+        recipe: str,
+        recipe_used: str,
+        metric: Metric,
+    ) -> None:
+        self.index = index
+        self.labels = labels
+        self.alive = alive
+        self.columns = columns
+        self.recipe = recipe
+        self.recipe_used = recipe_used
+        self.metric = metric
+        self.name = ""  # set once by the VectorIndex that installs it
+        self.dim = int(index.d)
+        self._live = int(np.count_nonzero(alive))
+        self._alive_bits: tuple[int, npt.NDArray[np.uint8]] | None = None
+        inner = _inner(index)
+        self._inner = inner
+        self._ivf = faiss.try_extract_index_ivf(inner)
+        self._hnsw = hasattr(inner, "hnsw")
+        probe = faiss.IDSelectorRange(0, 1)
+        self._sel_ok = _selector_works(
+            index, _params(index, inner, self._base_params(DEFAULT_EF_SEARCH, 1, probe)), self.dim
+        )
+        self._storage = faiss.downcast_index(inner.storage) if self._hnsw else None
+        self._storage_sel_ok = self._storage is not None and _selector_works(
+            self._storage, _plain_params(probe), self.dim
+        )
+        self.faiss_bytes = _faiss_bytes(index)
+
+    # -- building ---------------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls, rows: SegmentRows, *, recipe: str, dtype: Dtype, metric: Metric
+    ) -> TailSegment:
+        """Index ``rows`` (prepared for ``metric``, sorted by label) with ``recipe``."""
+        n = len(rows)
+        used = plan_recipe(recipe, dtype, n)
+        dim = int(rows.vectors.shape[1])
+        index = _build_index(n, dim, lambda r: rows.vectors[r], used, metric)
+        alive = np.ones(n, dtype=np.bool_)
+        return cls(
+            index, rows.labels.copy(), alive, rows.columns,
+            recipe=recipe, recipe_used=used, metric=metric,
+        )
+
+    # -- rows and deletes -------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Live rows."""
+        return self._live
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Estimated resident bytes: FAISS structures plus labels, flags and columns."""
+        tags = sum(r.nbytes + 100 for r in self.columns.tags.values())
+        numeric = sum(c.nbytes for c in self.columns.numeric.values())
+        return self.faiss_bytes + self.labels.nbytes + self.alive.nbytes + tags + numeric
+
+    def _row(self, label: int) -> int:
+        labels = self.labels
+        if labels.size == 0 or label < labels[0] or label > labels[-1]:
+            return -1
+        i = int(np.searchsorted(labels, label))
+        return i if labels[i] == label else -1
+
+    def __contains__(self, label: object) -> bool:
+        if not isinstance(label, (int, np.integer)):
+            return False
+        row = self._row(int(label))
+        return row >= 0 and bool(self.alive[row])
+
+    def delete(self, label: int) -> bool:
+        """Mark ``label`` deleted; False if no live row has it."""
+        row = self._row(int(label))
+        if row < 0 or not self.alive[row]:
+            return False
+        self.alive[row] = False
+        self._live -= 1
+        return True
+
+    def delete_many(self, labels: Labels) -> int:
+        """Delete every label of ``labels`` present here; returns how many were live."""
+        if labels.size == 0 or self.labels.size == 0:
+            return 0
+        pos = np.searchsorted(self.labels, labels).clip(0, self.labels.size - 1)
+        rows = pos[self.labels[pos] == labels]
+        rows = np.unique(rows[self.alive[rows]])
+        self.alive[rows] = False
+        self._live -= int(rows.size)
+        return int(rows.size)
+
+    def live_mask(self, flt: Filter | None = None) -> npt.NDArray[np.bool_]:
+        mask = self.alive.copy()
+        if flt is not None:
+            mask &= flt.mask(self.columns)
+        return mask
+
+    def reconstruct(self, rows: npt.NDArray[np.int64]) -> Matrix:
+        """The stored (possibly quantised) vectors of local ``rows``."""
+        if rows.size == 0:
+            return np.empty((0, self.dim), dtype=np.float32)
+        out: Matrix = self.index.reconstruct_batch(np.ascontiguousarray(rows, dtype=np.int64))
+        return out
+
+    # -- search -----------------------------------------------------------------------
+
+    def _selection(self, flt: Filter | None) -> tuple[npt.NDArray[np.uint8] | None, int]:
+        """The packed bitmap of rows to consider (None: all) and how many there are."""
+        if flt is None:
+            if self._live == self.n_rows:
+                return None, self._live
+            cached = self._alive_bits
+            live = self._live
+            if cached is None or cached[0] != live:
+                cached = (live, np.packbits(self.alive, bitorder="little"))
+                self._alive_bits = cached
+            return cached[1], live
+        mask = self.live_mask(flt)
+        return np.packbits(mask, bitorder="little"), int(np.count_nonzero(mask))
+
+    def _base_params(self, ef: int, nprobe: int, sel: Any) -> Any:
+        if self._hnsw:
+            return _faiss.SearchParametersHNSW(efSearch=ef, sel=sel)
+        if self._ivf is not None:
+            return _faiss.SearchParametersIVF(nprobe=nprobe, sel=sel)
+        return _plain_params(sel)
+
+    def _faiss_search(self, index: Any, query: Vector, k: int, params: Any) -> tuple[Labels, Any]:
+        dist, ids = index.search(query[None, :], k, params=params)
+        keep = ids[0] >= 0
+        return ids[0][keep].astype(np.int64), dist[0][keep].astype(np.float32)
+
+    def _scan(
+        self, query: Vector, k: int, bits: npt.NDArray[np.uint8] | None
+    ) -> tuple[Labels, Any]:
+        """Exhaustive scoring of the selected rows from reconstructed vectors."""
+        if bits is None:
+            rows = np.arange(self.n_rows, dtype=np.int64)
+        else:
+            rows = np.flatnonzero(np.unpackbits(bits, count=self.n_rows, bitorder="little"))
+        best_rows = np.empty(0, np.int64)
+        best = np.empty(0, np.float32)
+        for start in range(0, rows.size, CHUNK_ROWS):
+            chunk = rows[start : start + CHUNK_ROWS]
+            vecs = self.reconstruct(chunk)
+            if self.metric is Metric.L2:
+                scores = ((vecs - query) ** 2).sum(axis=1, dtype=np.float32)
+            else:
+                scores = vecs @ query
+            best_rows, best = top_k(
+                np.concatenate([best_rows, chunk]), np.concatenate([best, scores]), k, self.metric
+            )
+        return best_rows, best
+
+    def _search_level(
+        self, query: Vector, k: int, bits: npt.NDArray[np.uint8] | None, ef: int, nprobe: int,
+        exhaustive: bool,
+    ) -> tuple[Labels, Any]:
+        # The selector points into ``bits``; both stay referenced until the search returns.
+        sel = None if bits is None else _faiss.IDSelectorBitmap(self.n_rows, faiss.swig_ptr(bits))
+        if exhaustive and self._hnsw:
+            if self._storage_sel_ok or sel is None:
+                params = _plain_params(sel) if sel is not None else None
+                return self._faiss_search(self._storage, query, k, params)
+            return self._scan(query, k, bits)
+        if exhaustive and self._ivf is not None:
+            nprobe = int(self._ivf.nlist)
+        if sel is not None and not self._sel_ok:
+            return self._scan(query, k, bits)
+        params = _params(self.index, self._inner, self._base_params(ef, nprobe, sel))
+        return self._faiss_search(self.index, query, k, params)
+
+    def search(
+        self,
+        query: Vector,
+        k: int,
+        flt: Filter | None = None,
+        *,
+        ef_search: int | None = None,
+        nprobe: int | None = None,
+    ) -> Candidates:
+        """Top ``k`` live rows passing ``flt`` for a prepared ``query``, widening until it
+        returns ``min(k, rows passing)`` hits (``Candidates.level`` = widening steps)."""
+        bits, matched = self._selection(flt)
+        if matched == 0:
+            return Candidates(np.empty(0, np.int64), np.empty(0, np.float32), 0)
+        want = min(k, matched)
+        ef = max(ef_search or DEFAULT_EF_SEARCH, k)
+        probe = 1
+        if self._ivf is not None:
+            nlist = int(self._ivf.nlist)
+            recipe_lists = recipe_nlist(self.recipe) or nlist
+            asked = nprobe if nprobe is not None else default_nprobe(recipe_lists)
+            probe = min(nlist, max(1, math.ceil(asked * nlist / recipe_lists)))
+        approximate = self._hnsw or (self._ivf is not None and probe < int(self._ivf.nlist))
+        few = (
+            matched <= max(4 * k, FULL_SCAN_BYTES // (4 * self.dim))
+            or matched < FULL_SCAN_FRACTION * self.n_rows
+        )
+        exhaustive = not approximate or (few and bits is not None)
+        steps = 0
+        while True:
+            rows, scores = self._search_level(query, k, bits, ef, probe, exhaustive)
+            if rows.size >= want or exhaustive:
+                break
+            steps += 1
+            ef *= WIDEN_FACTOR
+            probe *= WIDEN_FACTOR
+            full_ivf = self._ivf is not None and probe >= int(self._ivf.nlist)
+            exhaustive = steps > WIDEN_STEPS or full_ivf
+        return Candidates(self.labels[rows], scores, matched, steps)
+
+    # -- persistence ------------------------------------------------------------------
+
+    def save(
+        self,
+        directory: Path,
+        *,
+        alive: npt.NDArray[np.bool_] | None = None,
+        link_index_from: Path | None = None,
+    ) -> None:
+        """Write ``index.faiss``, ``rows.npz`` and ``meta.json`` into ``directory``
+        (created if missing) and fsync them. ``alive`` overrides the flags saved (a
+        snapshot taken under the writer's lock); ``index.faiss`` is hard-linked from
+        ``link_index_from`` where that file exists (the index never changes). Not atomic:
+        callers write into a fresh directory and publish it (``VectorIndex.save``)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / "index.faiss"
+        try:
+            if link_index_from is None:
+                raise FileNotFoundError
+            os.link(link_index_from, target)
+        except OSError:  # no previous copy, or a filesystem without hard links
+            faiss.write_index(self.index, str(target))
+        arrays: dict[str, Any] = {
+            "labels": self.labels,
+            "alive": self.alive.copy() if alive is None else alive,
+            **self.columns.to_arrays(),
+        }
+        with open(directory / "rows.npz", "wb") as f:
+            np.savez(f, **arrays)
+        meta = {
+            "format": FORMAT, "recipe": self.recipe, "recipe_used": self.recipe_used,
+            "metric": self.metric.value, "dim": self.dim, "rows": self.n_rows,
+        }
+        (directory / "meta.json").write_text(json.dumps(meta))
+        for name in ("index.faiss", "rows.npz", "meta.json"):
+            fsync_path(directory / name)
+
+    @classmethod
+    def load(cls, directory: Path) -> TailSegment:
+        """Read a segment written by :meth:`save`; raises :class:`SegmentCorrupt`."""
+        try:
+            meta = json.loads((directory / "meta.json").read_text())
+            if meta.get("format") != FORMAT:
+                raise SegmentCorrupt(f"{directory}: unknown segment format {meta.get('format')}")
+            index = faiss.read_index(str(directory / "index.faiss"))
+            with np.load(directory / "rows.npz", allow_pickle=False) as z:
+                labels = z["labels"].astype(np.int64)
+                alive = z["alive"].astype(np.bool_)
+                n = int(labels.shape[0])
+                columns = RowColumns.from_arrays(n, z)
+            metric = Metric(meta["metric"])
+            recipe, recipe_used = str(meta["recipe"]), str(meta["recipe_used"])
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise SegmentCorrupt(f"{directory}: {exc}") from exc
+        if int(index.ntotal) != n or alive.shape != (n,) or int(meta["rows"]) != n:
+            raise SegmentCorrupt(f"{directory}: row counts disagree")
+        if n and np.any(np.diff(labels) <= 0):
+            raise SegmentCorrupt(f"{directory}: labels are not strictly increasing")
+        return cls(
+            index, labels, alive, columns, recipe=recipe, recipe_used=recipe_used, metric=metric
+        )
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def merge(
+    segments: Sequence[TailSegment], recipe: str, dtype: Dtype, metric: Metric
+) -> TailSegment:
+    """One segment holding the live rows of ``segments`` (as of the call), re-indexed with
+    ``recipe``. Vectors are reconstructed from each segment's storage, chunk by chunk, so
+    the transient memory is the new index plus one chunk (see the module docstring)."""
+    alive = [s.alive.copy() for s in segments]
+    live_rows = [np.flatnonzero(a) for a in alive]
+    labels = np.concatenate([s.labels[r] for s, r in zip(segments, live_rows, strict=True)])
+    source = np.concatenate(
+        [np.full(r.size, i, dtype=np.int64) for i, r in enumerate(live_rows)]
+        or [np.empty(0, np.int64)]
+    )
+    local = np.concatenate(live_rows or [np.empty(0, np.int64)])
+    order = np.argsort(labels, kind="stable")
+    labels, source, local = labels[order], source[order], local[order]
+    n = int(labels.size)
+    dim = segments[0].dim
+
+    def fetch(rows: npt.NDArray[np.int64]) -> Matrix:
+        out = np.empty((rows.size, dim), dtype=np.float32)
+        src = source[rows]
+        for i, seg in enumerate(segments):
+            pick = np.flatnonzero(src == i)
+            if pick.size:
+                out[pick] = seg.reconstruct(local[rows[pick]])
+        return out
+
+    used = plan_recipe(recipe, dtype, n)
+    index = _build_index(n, dim, fetch, used, metric)
+    parts = []
+    for i, (seg, rows) in enumerate(zip(segments, live_rows, strict=True)):
+        new_of_old = np.full(seg.n_rows, -1, dtype=np.int64)
+        new_of_old[rows] = np.flatnonzero(source == i)[np.argsort(local[source == i])]
+        parts.append((seg.columns, new_of_old))
+    columns = RowColumns.gather(parts, n)
+    return TailSegment(
+        index, labels, np.ones(n, dtype=np.bool_), columns,
+        recipe=recipe, recipe_used=used, metric=metric,
+    )

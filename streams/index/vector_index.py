@@ -1,0 +1,468 @@
+"""One tenant/index in memory: a mutable Head, frozen Heads being sealed, Tail segments.
+
+Rows are identified by caller-chosen, unique int64 labels (the indexer derives them from
+log positions). An update is ``delete(old_label)`` + ``upsert(new_label, ...)``.
+
+Threads: one writer (``upsert``, ``delete``, ``begin_*``/``finish_*``, ``save``), one
+background builder (``SealJob.build``/``MergeJob.build``, no lock held) and any number of
+searchers (no lock). The parts of the index form an immutable :class:`_View` that the
+writer replaces under ``_lock`` (copy-on-write); a search reads the view once, so it sees
+each row in exactly one part, and sealing or merging never changes what it finds (beyond
+the recall of an approximate recipe).
+
+Seal: ``begin_seal`` moves the Head to the frozen list (still searched) and installs an
+empty one; ``SealJob.build`` builds its segment; ``finish_seal`` replays the deletes the
+frozen Head took meanwhile onto the segment, then swaps the segment in for the Head in one
+step. Merges (size-tiered, LSM-style) have the same shape.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from streams.index.exceptions import DimensionMismatch, InvalidRequest
+from streams.index.filters import Filter, RowColumns
+from streams.index.head import HeadIndex, SegmentRows, prepare, top_k
+from streams.index.model import FieldKind, IndexConfig, Vector
+from streams.index.segment import (
+    SegmentCorrupt,
+    TailSegment,
+    check_recipe,
+    fsync_path,
+    merge,
+)
+
+__all__ = ["MergeJob", "SealJob", "SearchOutcome", "SegmentCorrupt", "VectorIndex"]
+
+FORMAT = 1
+_CURRENT = "CURRENT"
+
+
+@dataclass(frozen=True, slots=True)
+class SearchOutcome:
+    """Hits best first (scores in the metric's terms). ``widened``: widening steps the
+    slowest part needed; ``matched``: live rows passing the filter; ``exhausted``: fewer
+    than ``k`` rows match at all (so fewer than ``k`` hits is the full answer)."""
+
+    labels: npt.NDArray[np.int64]
+    scores: npt.NDArray[np.float32]
+    widened: int
+    exhausted: bool
+    matched: int
+
+
+@dataclass(frozen=True, slots=True)
+class _View:
+    head: HeadIndex
+    frozen: tuple[HeadIndex, ...]
+    segments: tuple[TailSegment, ...]
+
+
+@dataclass(eq=False)
+class SealJob:
+    """Seals one frozen Head. ``build`` is the heavy part: call it without locks."""
+
+    head: HeadIndex
+    config: IndexConfig
+    segment: TailSegment | None = field(default=None, init=False)
+    built: bool = field(default=False, init=False)
+
+    def build(self) -> None:
+        """Build the segment (may be retried if it raised; the Head keeps serving)."""
+        rows = self.head.freeze()
+        c = self.config
+        self.segment = (
+            TailSegment.build(rows, recipe=c.recipe, dtype=c.dtype, metric=c.metric)
+            if len(rows) else None
+        )
+        self.built = True
+
+
+@dataclass(eq=False)
+class MergeJob:
+    """Merges ``sources`` into one segment. ``build`` is the heavy part: call it without
+    locks."""
+
+    sources: tuple[TailSegment, ...]
+    config: IndexConfig
+    segment: TailSegment | None = field(default=None, init=False)
+    built: bool = field(default=False, init=False)
+
+    def build(self) -> None:
+        c = self.config
+        self.segment = merge(self.sources, c.recipe, c.dtype, c.metric)
+        self.built = True
+
+
+class VectorIndex:
+    """The in-memory index of one tenant/index (see the module docstring).
+
+    ``head_capacity``: rows after which :meth:`needs_seal` says yes. Merging is
+    size-tiered: ``merge_factor`` segments of one size tier (live rows within a factor of
+    ``merge_factor`` of each other, counted in ``head_capacity`` units) are merged, and
+    the smallest are merged whenever there are more than ``max_tail_segments``.
+    Raises :class:`InvalidRequest` (``field="recipe"``) for a recipe FAISS cannot build."""
+
+    def __init__(
+        self,
+        config: IndexConfig,
+        *,
+        head_capacity: int = 20_000,
+        merge_factor: int = 4,
+        max_tail_segments: int = 8,
+    ) -> None:
+        if head_capacity < 1 or merge_factor < 2 or max_tail_segments < 1:
+            raise ValueError("head_capacity >= 1, merge_factor >= 2, max_tail_segments >= 1")
+        check_recipe(config.recipe, config.dtype, config.dim, config.metric)
+        self.config = config
+        self.head_capacity = head_capacity
+        self.merge_factor = merge_factor
+        self.max_tail_segments = max_tail_segments
+        self._numeric_fields = tuple(
+            f.name for f in config.fields if f.kind is FieldKind.NUMERIC
+        )
+        self._lock = threading.Lock()
+        self._view = _View(self._new_head(), (), ())
+        self._sealing: set[int] = set()  # id() of frozen Heads with a job out
+        self._merging = False
+        self._next_segment = 0
+
+    def _new_head(self) -> HeadIndex:
+        return HeadIndex(self.config.dim, self.config.metric, self._numeric_fields)
+
+    def _name(self, segment: TailSegment) -> TailSegment:
+        if not segment.name:
+            segment.name = f"seg-{self._next_segment:08d}"
+            self._next_segment += 1
+        return segment
+
+    # -- writes (the writer thread) ---------------------------------------------------
+
+    def __len__(self) -> int:
+        """Live rows."""
+        v = self._view
+        return len(v.head) + sum(len(h) for h in v.frozen) + sum(len(s) for s in v.segments)
+
+    def __contains__(self, label: object) -> bool:
+        v = self._view
+        parts: Iterable[Any] = (v.head, *v.frozen, *v.segments)
+        return any(label in p for p in parts)
+
+    def upsert(
+        self,
+        label: int,
+        vector: Vector,
+        tags: Iterable[str] = (),
+        numeric: Mapping[str, float] | None = None,
+    ) -> None:
+        """Add one row, searchable when this returns. Raises :class:`DimensionMismatch`,
+        :class:`InvalidRequest` for a non-finite vector, or ``ValueError`` if ``label`` is
+        live already (labels are unique by contract; delete the old one first)."""
+        vec = np.asarray(vector, dtype=np.float32)
+        if vec.shape != (self.config.dim,):
+            raise DimensionMismatch(self.config.dim, int(vec.size))
+        if not np.isfinite(vec).all():
+            raise InvalidRequest("vector contains NaN or infinity", field="vector")
+        with self._lock:
+            if label in self:
+                raise ValueError(f"label {label} is already in the index")
+            self._view.head.add(label, vec, tags, numeric)
+
+    def delete(self, label: int) -> bool:
+        """Delete the row ``label``; False if there is no live row with it. A search
+        that starts after this returns never returns it."""
+        with self._lock:
+            v = self._view
+            parts: tuple[HeadIndex | TailSegment, ...] = (v.head, *v.frozen, *v.segments)
+            return any(p.delete(label) for p in parts)
+
+    # -- search (any thread) ----------------------------------------------------------
+
+    def search(
+        self,
+        query: Vector,
+        k: int,
+        filter: Filter | None = None,
+        *,
+        ef_search: int | None = None,
+        nprobe: int | None = None,
+    ) -> SearchOutcome:
+        """The ``k`` best live rows passing ``filter`` across the Head and every segment.
+
+        ``ef_search``/``nprobe`` override the HNSW/IVF defaults (nprobe counted in the
+        recipe's lists). A part that returns fewer than ``min(k, its matching rows)``
+        widens up to an exhaustive search (``widened`` steps), so fewer than ``k`` hits
+        come back only when fewer than ``k`` rows match (``exhausted``)."""
+        if not isinstance(k, int) or k < 1:
+            raise InvalidRequest("k must be a positive integer", field="k")
+        vec = np.asarray(query, dtype=np.float32)
+        if vec.shape != (self.config.dim,):
+            raise DimensionMismatch(self.config.dim, int(vec.size))
+        if not np.isfinite(vec).all():
+            raise InvalidRequest("vector contains NaN or infinity", field="vector")
+        q = prepare(vec[None, :], self.config.metric)[0]
+        v = self._view
+        parts = [h.search(q, k, filter) for h in (v.head, *v.frozen)]
+        parts += [
+            s.search(q, k, filter, ef_search=ef_search, nprobe=nprobe) for s in v.segments
+        ]
+        matched = sum(p.matched for p in parts)
+        labels, scores = top_k(
+            np.concatenate([p.labels for p in parts]),
+            np.concatenate([p.scores for p in parts]),
+            k,
+            self.config.metric,
+        )
+        widened = max((p.level for p in parts), default=0)
+        return SearchOutcome(labels, scores, widened, matched < k, matched)
+
+    # -- seal and merge ---------------------------------------------------------------
+
+    def needs_seal(self) -> bool:
+        return self._view.head.n_rows >= self.head_capacity
+
+    def begin_seal(self) -> SealJob | None:
+        """Freeze the Head (it stays searchable) behind a fresh one and return the job to
+        seal it; None if the Head is empty. A frozen Head whose job was aborted comes
+        first."""
+        with self._lock:
+            v = self._view
+            for head in v.frozen:
+                if id(head) not in self._sealing:
+                    self._sealing.add(id(head))
+                    return SealJob(head, self.config)
+            if v.head.n_rows == 0:
+                return None
+            self._view = _View(self._new_head(), (*v.frozen, v.head), v.segments)
+            self._sealing.add(id(v.head))
+            return SealJob(v.head, self.config)
+
+    def finish_seal(self, job: SealJob) -> None:
+        """Install ``job``'s segment in place of its frozen Head, with the deletes the
+        Head took while it was being built."""
+        if not job.built:
+            raise ValueError("finish_seal before SealJob.build")
+        with self._lock:
+            v = self._view
+            if not any(h is job.head for h in v.frozen):
+                raise ValueError("this SealJob is not pending on this index")
+            segments = v.segments
+            seg = job.segment
+            if seg is not None:
+                seg.delete_many(job.head.dead_labels())
+                if len(seg):
+                    segments = (*segments, self._name(seg))
+            frozen = tuple(h for h in v.frozen if h is not job.head)
+            self._view = _View(v.head, frozen, segments)
+            self._sealing.discard(id(job.head))
+
+    def abort_seal(self, job: SealJob) -> None:
+        """Give up on ``job``; its Head stays frozen and searchable until a later
+        :meth:`begin_seal` hands it out again."""
+        with self._lock:
+            self._sealing.discard(id(job.head))
+
+    def _pick_merge(self, segments: tuple[TailSegment, ...]) -> tuple[TailSegment, ...]:
+        f = self.merge_factor
+        tiers: dict[int, list[TailSegment]] = {}
+        for s in segments:
+            units = max(len(s), 1) / self.head_capacity
+            tiers.setdefault(max(0, math.floor(math.log(units, f) + 1e-9)), []).append(s)
+        for tier in sorted(tiers):
+            if len(tiers[tier]) >= f:
+                return tuple(sorted(tiers[tier], key=len)[:f])
+        if len(segments) > self.max_tail_segments:
+            return tuple(sorted(segments, key=len)[: len(segments) - self.max_tail_segments + 1])
+        mostly_dead = [s for s in segments if len(s) * 2 < s.n_rows]
+        if mostly_dead:
+            return (min(mostly_dead, key=len),)
+        return ()
+
+    def needs_merge(self) -> bool:
+        return not self._merging and bool(self._pick_merge(self._view.segments))
+
+    def begin_merge(self) -> MergeJob | None:
+        """Pick segments to merge (one merge at a time); None if nothing needs it."""
+        with self._lock:
+            if self._merging:
+                return None
+            sources = self._pick_merge(self._view.segments)
+            if not sources:
+                return None
+            self._merging = True
+            return MergeJob(sources, self.config)
+
+    def finish_merge(self, job: MergeJob) -> None:
+        """Replace ``job``'s sources by the merged segment, with the deletes they took
+        while it was being built."""
+        if not job.built:
+            raise ValueError("finish_merge before MergeJob.build")
+        with self._lock:
+            v = self._view
+            seg = job.segment
+            keep = tuple(s for s in v.segments if all(s is not src for src in job.sources))
+            if len(keep) != len(v.segments) - len(job.sources):
+                raise ValueError("this MergeJob is not pending on this index")
+            if seg is not None:
+                for src in job.sources:
+                    seg.delete_many(src.labels[~src.alive])
+                if len(seg):
+                    keep = (*keep, self._name(seg))
+            self._view = _View(v.head, v.frozen, keep)
+            self._merging = False
+
+    def abort_merge(self, job: MergeJob) -> None:
+        with self._lock:
+            self._merging = False
+
+    # -- introspection ----------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        v = self._view
+        heads = (v.head, *v.frozen)
+        segments: list[dict[str, Any]] = [
+            {
+                "name": s.name, "rows": s.n_rows, "live": len(s),
+                "recipe": s.recipe, "recipe_used": s.recipe_used, "bytes": s.nbytes,
+            }
+            for s in v.segments
+        ]
+        return {
+            "live": len(self),
+            "head_rows": v.head.n_rows,
+            "frozen_head_rows": sum(h.n_rows for h in v.frozen),
+            "segments": segments,
+            "bytes": sum(h.nbytes for h in heads) + sum(s["bytes"] for s in segments),
+        }
+
+    # -- persistence ------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        """Write a snapshot into ``directory`` (owned by this index) and publish it
+        atomically: files go to a new generation folder, are fsynced, and only then does
+        ``CURRENT`` (replaced with ``os.replace``) name it. A crash before that leaves the
+        previous snapshot readable. Unchanged segment indexes are hard-linked from the
+        previous generation. Contents are those of the moment the writer lock is held."""
+        root = Path(directory)
+        root.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            v = self._view
+            heads = [h.export() for h in (v.head, *v.frozen)]
+            alive = [s.alive.copy() for s in v.segments]
+        previous = _current(root)
+        gen = 0 if previous is None else int(previous.name.split("-")[1]) + 1
+        out = root / f"gen-{gen:08d}"
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir()
+        head = _concat_rows(heads, self.config.dim)
+        _save_rows(out / "head.npz", head)
+        names = []
+        for seg, live in zip(v.segments, alive, strict=True):
+            name = seg.name
+            link = None if previous is None else previous / name / "index.faiss"
+            seg.save(out / name, alive=live, link_index_from=link)
+            names.append(name)
+        manifest = {
+            "format": FORMAT, "dim": self.config.dim, "metric": self.config.metric.value,
+            "dtype": self.config.dtype.value, "recipe": self.config.recipe,
+            "segments": names, "next_segment": self._next_segment,
+        }
+        (out / "manifest.json").write_text(json.dumps(manifest))
+        for p in (out / "head.npz", out / "manifest.json", out):
+            fsync_path(p)
+        tmp = root / (_CURRENT + ".tmp")
+        tmp.write_text(out.name)
+        fsync_path(tmp)
+        os.replace(tmp, root / _CURRENT)
+        fsync_path(root)
+        for old in root.glob("gen-*"):
+            if old.name != out.name:
+                shutil.rmtree(old, ignore_errors=True)
+
+    @classmethod
+    def load(
+        cls, config: IndexConfig, directory: str | os.PathLike[str], **kwargs: int
+    ) -> VectorIndex:
+        """The index saved in ``directory`` (``kwargs`` as for the constructor). Raises
+        :class:`SegmentCorrupt` if there is no snapshot, it cannot be read, or it was
+        saved for another dim or metric."""
+        root = Path(directory)
+        gen = _current(root)
+        if gen is None:
+            raise SegmentCorrupt(f"{root}: no snapshot ({_CURRENT} missing)")
+        try:
+            manifest = json.loads((gen / "manifest.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise SegmentCorrupt(f"{gen}: {exc}") from exc
+        if manifest.get("format") != FORMAT:
+            raise SegmentCorrupt(f"{gen}: unknown format {manifest.get('format')}")
+        if manifest["dim"] != config.dim or manifest["metric"] != config.metric.value:
+            raise SegmentCorrupt(f"{gen}: saved for dim/metric {manifest['dim']}/"
+                                 f"{manifest['metric']}, config has {config.dim}/{config.metric}")
+        index = cls(config, **kwargs)
+        rows = _load_rows(gen / "head.npz", config.dim)
+        head = HeadIndex.from_rows(rows, config.metric, index._numeric_fields)
+        segments = []
+        for name in manifest["segments"]:
+            seg = TailSegment.load(gen / name)
+            seg.name = name
+            segments.append(seg)
+        index._next_segment = int(manifest["next_segment"])
+        index._view = _View(head, (), tuple(segments))
+        return index
+
+
+def _current(root: Path) -> Path | None:
+    try:
+        name = (root / _CURRENT).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return root / name
+
+
+def _concat_rows(parts: list[SegmentRows], dim: int) -> SegmentRows:
+    n = sum(len(p) for p in parts)
+    labels = np.concatenate([p.labels for p in parts] or [np.empty(0, np.int64)])
+    order = np.argsort(labels, kind="stable")
+    vectors = np.concatenate([p.vectors for p in parts] or [np.empty((0, dim), np.float32)])
+    offsets = np.cumsum([0] + [len(p) for p in parts])
+    new_of_new = np.empty(n, dtype=np.int64)
+    new_of_new[order] = np.arange(n)
+    columns = RowColumns.gather(
+        [(p.columns, new_of_new[o : o + len(p)]) for p, o in zip(parts, offsets, strict=False)],
+        n,
+    )
+    return SegmentRows(labels[order], vectors[order], columns)
+
+
+def _save_rows(path: Path, rows: SegmentRows) -> None:
+    with open(path, "wb") as f:
+        arrays: dict[str, Any] = {"labels": rows.labels, "vectors": rows.vectors}
+        arrays.update(rows.columns.to_arrays())
+        np.savez(f, **arrays)
+
+
+def _load_rows(path: Path, dim: int) -> SegmentRows:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            labels = z["labels"].astype(np.int64)
+            vectors = z["vectors"].astype(np.float32).reshape(-1, dim)
+            n = int(labels.shape[0])
+            if vectors.shape[0] != n:
+                raise ValueError("labels and vectors disagree")
+            columns = RowColumns.from_arrays(n, z)
+    except (OSError, ValueError, KeyError) as exc:
+        raise SegmentCorrupt(f"{path}: {exc}") from exc
+    return SegmentRows(labels, vectors, columns)

@@ -1,0 +1,125 @@
+"""A query node: state restored from the newest snapshot, the log replayed from the
+positions it covers, then kept up to date by the indexer.
+
+Start (numbered as it happens):
+
+1. Find the newest complete snapshot (CURRENT); none = start empty.
+2. Replace the working state directory with the snapshot's RocksDB checkpoint (immutable
+   SST files are hard-linked, the rest copied), so state and indexes describe the same
+   positions. The working state of the previous run is discarded: it may be ahead of the
+   snapshot, and the log, not it, is the source of truth.
+3. Load every index saved in the snapshot; indexes created after it come from the replay.
+4. Start the indexer at the snapshot's positions (the beginning without a snapshot).
+
+Both paths (snapshot + replay, or full replay) yield the same searchable state.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from streams.dlq import DeadLetterQueue
+from streams.index.vector_index import VectorIndex
+from streams.log.port import Log
+from streams.schemas.codec import AvroCodec
+from streams.service.applied import AppliedPositions
+from streams.service.indexer import Indexer
+from streams.service.snapshot import SnapshotInfo, Snapshots
+from streams.service.state import StateStore
+from streams.service.vector_service import VectorService
+from streams.topics import Topics
+
+__all__ = ["QueryNode"]
+
+
+def _restore_state(snapshot: SnapshotInfo | None, path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+    if snapshot is None:
+        return
+
+    def link_or_copy(src: str, dst: str) -> object:
+        if src.endswith(".sst"):
+            try:
+                os.link(src, dst)
+                return dst
+            except OSError:
+                pass
+        return shutil.copy2(src, dst)
+
+    shutil.copytree(snapshot.state_dir, path, copy_function=link_or_copy)
+
+
+class QueryNode:
+    def __init__(
+        self,
+        log: Log,
+        topics: Topics,
+        codec: AvroCodec,
+        data_dir: str | Path,
+        *,
+        head_capacity: int = 20_000,
+        snapshot_interval_s: float | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.snapshots = Snapshots(self.data_dir / "snapshots")
+        t0 = time.perf_counter()
+        snap = self.snapshots.latest()  # 1
+        _restore_state(snap, self.data_dir / "state")  # 2
+        self.state = StateStore(self.data_dir / "state")
+        indexes: dict[str, VectorIndex] = {}
+        for config in self.state.configs():  # 3
+            if snap is not None and config.key in snap.indexes:
+                indexes[config.key] = VectorIndex.load(config, snap.index_dir(config.key))
+            else:
+                indexes[config.key] = VectorIndex(config, head_capacity=head_capacity)
+        self.restored_from = snap.name if snap else None
+        self.restore_s = time.perf_counter() - t0
+        self.applied = AppliedPositions(self.state.positions())
+        self.dlq = DeadLetterQueue(log, topics, codec)
+        self.indexer = Indexer(log, topics, codec, self.dlq, self.state, indexes, self.applied,
+                               head_capacity=head_capacity)
+        self.service = VectorService(log, topics, codec, self.state, self.indexer,
+                                     self.applied, self.snapshots)
+        self._snapshot_interval_s = snapshot_interval_s
+        self._stop = threading.Event()
+        self._snapshotter: threading.Thread | None = None
+
+    def start(self) -> QueryNode:
+        self.indexer.start()  # 4
+        if self._snapshot_interval_s:
+            self._snapshotter = threading.Thread(target=self._snapshot_loop, daemon=True,
+                                                 name="snapshotter")
+            self._snapshotter.start()
+        return self
+
+    def _snapshot_loop(self) -> None:
+        assert self._snapshot_interval_s
+        while not self._stop.wait(self._snapshot_interval_s):
+            self.snapshots.write(self.indexer)
+
+    def catch_up(self, timeout_s: float = 60.0) -> bool:
+        """Wait until everything in the log at call time is applied (start-up, tests)."""
+        log = self.indexer.log
+        targets = {}
+        for topic in (self.indexer.topics.indexes, self.indexer.topics.vectors):
+            for p, end in log.end_offsets(topic).items():
+                targets[(topic, p)] = end
+        return self.applied.wait(targets, timeout_s)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._snapshotter is not None:
+            self._snapshotter.join(60)
+        self.indexer.stop()
+        self.state.close()
+
+    def __enter__(self) -> QueryNode:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

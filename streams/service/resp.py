@@ -1,0 +1,565 @@
+"""The data plane over RESP, so that ``redis-cli`` and redis-py work unchanged.
+
+Wire (:mod:`streams.service.resp_wire`): RESP2 by default, RESP3 after ``HELLO 3`` (redis-py
+>= 8 sends it on connect); vectors travel as raw fp32 little-endian bulk strings. A malformed
+frame is answered with ``-ERR Protocol error: ...`` and the connection is closed, as Redis
+does; the commands before it in the same read are answered first.
+
+Commands (case-insensitive): ``PING ECHO COMMAND [DOCS] CLIENT SETNAME|GETNAME|SETINFO|ID
+HELLO [2|3] AUTH SELECT 0 INFO QUIT`` and the data plane::
+
+    VEC.CREATE tenant index DIM d [METRIC cosine|ip|l2] [DTYPE fp32|fp16|int8] [RECIPE r]
+               [FIELDS name tag|numeric [name tag|numeric ...]]          -> position token
+    VEC.ADD|VEC.UPSERT tenant index id VECTOR <fp32 bytes> [META json] [TAGS a,b]
+               [NUM k v [k v ...]] [IF_VERSION v (UPSERT only)]         -> position token
+    VEC.DEL tenant index id                                              -> position token
+    VEC.GET tenant index id [CONSISTENCY level [token ...]]              -> map
+    VEC.SEARCH tenant index [TOPK k] VECTOR <fp32 bytes> [FILTER expr]
+               [CONSISTENCY level [token ...]] [TIMEOUT ms] [BOUND ms]   -> [hits, debug]
+    VEC.INFO tenant index                                                -> map
+    VEC.LIST [tenant]                                                    -> ["tenant/index", ...]
+
+Options come in any order (so ``redis-cli -x ... VECTOR`` can pass the vector from stdin as
+the last argument). ``NUM`` takes pairs until the next keyword and may be repeated. Maps are
+flat key/value arrays in RESP2 and real maps in RESP3; floats (scores, numeric fields) are
+bulk strings in RESP2 and doubles in RESP3, as Redis answers ZSCORE. In ``VEC.INFO`` and the
+search debug map, nested values are JSON text. A search hit is ``[id, score, meta]``.
+
+Errors: ``-VEC_ERR_* message`` from :class:`VecError` (syntax and arity of ``VEC.*`` are
+``VEC_ERR_INVALID``); Redis-style ``-ERR ...`` for the Redis commands and unknown commands.
+Nothing is appended when a command is refused: arguments are checked before the data plane
+is called, and the data plane validates before it appends.
+
+Threads: a call that may wait runs in the server's thread pool, the rest on the event loop.
+Reads at ``eventual`` consistency are inline; reads at any other level wait for positions;
+writes wait until the record is durable (an fsync, or acks from all in-sync replicas), so
+they are run in the pool too. A write on the event loop would stall every connection for a
+disk or broker round trip and defeat the log's group commit, which needs concurrent
+appenders. Commands of one connection are executed and answered strictly in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import itertools
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from streams import __version__
+from streams.index.exceptions import InvalidRequest, VecError
+from streams.index.model import (
+    Consistency,
+    Dtype,
+    FieldKind,
+    FilterField,
+    IndexConfig,
+    Metric,
+    Vector,
+    VectorUpsert,
+)
+from streams.service.api import DataPlane, SearchRequest
+from streams.service.metrics import METRICS, OK, ServiceMetrics
+from streams.service.resp_wire import (
+    ErrorReply,
+    ParserLimits,
+    ProtocolError,
+    Reply,
+    RespParser,
+    SimpleString,
+    encode_reply,
+    printable,
+)
+
+__all__ = ["Offload", "RespServer", "serve_resp"]
+
+log = logging.getLogger(__name__)
+
+_INT_RE = re.compile(rb"-?[0-9]{1,18}")
+_READ_SIZE = 256 * 1024
+_FLUSH_BYTES = 1 << 20
+
+
+def _json_default(obj: Any) -> Any:
+    """``json.dumps(default=...)`` for what stats and debug dicts hold besides JSON."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def _flat(d: Mapping[str, Any]) -> dict[str, Reply]:
+    """Top-level pairs of ``d``; values that are not scalars become JSON text."""
+    out: dict[str, Reply] = {}
+    for key, value in d.items():
+        if isinstance(value, np.generic):
+            value = value.item()
+        scalar = value is None or isinstance(value, (bool, int, float, str))
+        out[str(key)] = value if scalar else json.dumps(value, default=_json_default)
+    return out
+
+
+# -- commands -----------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Offload:
+    """A command's work that may block: the server runs it in its thread pool."""
+
+    call: Callable[[], Reply]
+
+
+@dataclass(slots=True)
+class _Session:
+    id: int
+    proto: int = 2
+    name: str | None = None
+    closing: bool = False
+
+
+class _Args:
+    """A cursor over one command's arguments; every error is VEC_ERR_INVALID."""
+
+    def __init__(self, command: str, args: list[bytes], keywords: frozenset[str] = frozenset()):
+        self.command, self.args, self.keywords, self.i = command, args, keywords, 0
+
+    def more(self) -> bool:
+        return self.i < len(self.args)
+
+    def at_keyword(self) -> bool:
+        return self.more() and self.args[self.i].decode("latin-1").upper() in self.keywords
+
+    def raw(self, what: str) -> bytes:
+        if not self.more():
+            raise InvalidRequest(f"{self.command}: {what} is missing", field=what)
+        self.i += 1
+        return self.args[self.i - 1]
+
+    def text(self, what: str) -> str:
+        try:
+            return self.raw(what).decode()
+        except UnicodeDecodeError:
+            raise InvalidRequest(f"{self.command}: {what} is not UTF-8", field=what) from None
+
+    def integer(self, what: str, low: int = 0) -> int:
+        data = self.raw(what)
+        if not _INT_RE.fullmatch(data) or int(data) < low:
+            raise InvalidRequest(f"{self.command}: {what} must be an integer >= {low}", field=what)
+        return int(data)
+
+    def number(self, what: str) -> float:
+        try:
+            return float(self.raw(what))
+        except ValueError:
+            raise InvalidRequest(f"{self.command}: {what} must be a number", field=what) from None
+
+    def choice(self, what: str, kind: type[enum.StrEnum]) -> Any:
+        value = self.text(what).lower()
+        try:
+            return kind(value)
+        except ValueError:
+            allowed = "|".join(m.value for m in kind)
+            raise InvalidRequest(f"{self.command}: {what} must be {allowed}", field=what) from None
+
+    def options(self) -> Iterator[str]:
+        """Yield each option keyword (upper case); a keyword given twice is refused,
+        except ``NUM``."""
+        seen: set[str] = set()
+        while self.more():
+            kw = self.text("option").upper()
+            if kw not in self.keywords:
+                raise InvalidRequest(f"{self.command}: unknown option {printable(kw.encode())!r}")
+            if kw in seen and kw != "NUM":
+                raise InvalidRequest(f"{self.command}: {kw} given twice", field=kw.lower())
+            seen.add(kw)
+            yield kw
+
+    def tokens(self) -> tuple[str, ...]:
+        out = []
+        while self.more() and not self.at_keyword():
+            out.append(self.text("token"))
+        return tuple(out)
+
+    def end(self) -> None:
+        if self.more():
+            raise InvalidRequest(f"wrong number of arguments for {self.command!r}")
+
+
+def _vector(data: bytes) -> Vector:
+    """fp32 little-endian bytes -> float32 array; the data plane checks dim and finiteness."""
+    if len(data) % 4:
+        raise InvalidRequest("VECTOR must be fp32 little-endian bytes (a multiple of 4)",
+                             field="vector")
+    return np.frombuffer(data, dtype="<f4").astype(np.float32)
+
+
+_CREATE_KW = frozenset({"DIM", "METRIC", "DTYPE", "RECIPE", "FIELDS"})
+_WRITE_KW = frozenset({"VECTOR", "META", "TAGS", "NUM", "IF_VERSION"})
+_SEARCH_KW = frozenset({"TOPK", "VECTOR", "FILTER", "CONSISTENCY", "TIMEOUT", "BOUND"})
+_GET_KW = frozenset({"CONSISTENCY"})
+
+Handler = Callable[[_Session, list[bytes]], "Reply | Offload"]
+
+
+class RespServer:
+    """Serves ``dataplane`` over RESP on ``host:port`` (port 0 picks a free one; read
+    :attr:`port` after :meth:`start`). ``executor`` runs blocking calls (default: a pool of
+    ``max_workers`` threads owned and shut down by this server)."""
+
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        host: str = "127.0.0.1",
+        port: int = 6380,
+        *,
+        metrics: ServiceMetrics = METRICS,
+        executor: Executor | None = None,
+        max_workers: int = 32,
+        limits: ParserLimits | None = None,
+    ) -> None:
+        self.dataplane, self.host, self.port = dataplane, host, port
+        self.metrics, self.limits = metrics, limits or ParserLimits()
+        self._owns_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(max_workers, thread_name_prefix="resp")
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ids = itertools.count(1)
+        self._processed = 0
+        self._commands: dict[bytes, tuple[str, Handler]] = {
+            name.encode(): (name, handler) for name, handler in {
+                "PING": self._ping, "ECHO": self._echo, "COMMAND": self._command,
+                "CLIENT": self._client, "HELLO": self._hello, "AUTH": self._auth,
+                "SELECT": self._select, "INFO": self._info, "QUIT": self._quit,
+                "VEC.CREATE": self._vec_create, "VEC.ADD": self._vec_add,
+                "VEC.UPSERT": self._vec_upsert, "VEC.DEL": self._vec_del,
+                "VEC.GET": self._vec_get, "VEC.SEARCH": self._vec_search,
+                "VEC.INFO": self._vec_info, "VEC.LIST": self._vec_list,
+            }.items()
+        }
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> asyncio.Server:
+        self._server = await asyncio.start_server(self._connection, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self._server
+
+    async def serve(self) -> None:
+        """Start (unless started) and serve until cancelled; then close."""
+        server = self._server or await self.start()
+        try:
+            await server.serve_forever()
+        finally:
+            await self.close()
+
+    async def close(self, grace_s: float = 5.0) -> None:
+        """Stop listening, close every client connection, wait up to ``grace_s`` for their
+        handlers (a call in the thread pool finishes, its reply is dropped), then cancel
+        what is left and release the thread pool."""
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
+            for task in pending:
+                task.cancel()
+        if self._server is not None:
+            await self._server.wait_closed()
+        if self._owns_executor:
+            self._executor.shutdown(wait=False)
+
+    # -- connections ----------------------------------------------------------------------
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        session = _Session(next(self._ids))
+        parser = RespParser(self.limits)
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        self._writers.add(writer)
+        self.metrics.connections.inc()
+        try:
+            while not session.closing:
+                data = await reader.read(_READ_SIZE)
+                if not data:
+                    break
+                parser.feed(data)
+                await self._pipeline(parser, session, writer)
+        except ConnectionError:
+            log.debug("RESP client %d went away", session.id)  # nothing left to answer
+        except asyncio.CancelledError:
+            # A root task nobody awaits: cancelled only by close() or loop shutdown. Ending
+            # normally keeps Python 3.11's stream callback from logging the cancellation.
+            log.debug("RESP client %d closed by shutdown", session.id)
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+            self._writers.discard(writer)
+            self.metrics.connections.dec()
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def _pipeline(
+        self, parser: RespParser, session: _Session, writer: asyncio.StreamWriter
+    ) -> None:
+        """Execute every complete command buffered, answering in order with few writes."""
+        out: list[bytes] = []
+        size = 0
+        for n in itertools.count(1):
+            try:
+                args = parser.next_command()
+            except ProtocolError as exc:
+                self.metrics.protocol_errors.inc()
+                out.append(encode_reply(ErrorReply(f"ERR Protocol error: {exc}")))
+                session.closing = True
+                break
+            if args is None:
+                break
+            chunk = encode_reply(await self._execute(session, args), session.proto)
+            out.append(chunk)
+            size += len(chunk)
+            if session.closing:
+                break
+            if size >= _FLUSH_BYTES or n % 256 == 0:  # bound memory; let others run
+                writer.write(b"".join(out))
+                out, size = [], 0
+                await writer.drain()
+                await asyncio.sleep(0)
+        if out:
+            writer.write(b"".join(out))
+            await writer.drain()
+
+    async def _execute(self, session: _Session, args: list[bytes]) -> Reply:
+        t0 = time.perf_counter()
+        self._processed += 1
+        entry = self._commands.get(args[0].upper())
+        label = entry[0] if entry else "UNKNOWN"
+        reply: Reply
+        try:
+            if entry is None:
+                reply = ErrorReply(f"ERR unknown command '{printable(args[0])}'")
+            else:
+                result = entry[1](session, args[1:])
+                if isinstance(result, Offload):
+                    loop = asyncio.get_running_loop()
+                    result = await loop.run_in_executor(self._executor, result.call)
+                reply = result
+            code = "ERR" if isinstance(reply, ErrorReply) else OK
+        except VecError as exc:
+            reply, code = ErrorReply(f"{exc.code} {exc}"), exc.code
+        except Exception:
+            log.exception("RESP command %s failed", label)
+            reply, code = ErrorReply("ERR internal error (logged by the server)"), "ERR"
+        self.metrics.observe("resp", label, code, time.perf_counter() - t0)
+        return reply
+
+    # -- Redis commands -------------------------------------------------------------------
+    def _ping(self, s: _Session, args: list[bytes]) -> Reply:
+        if len(args) > 1:
+            return ErrorReply("ERR wrong number of arguments for 'ping' command")
+        return args[0] if args else SimpleString("PONG")
+
+    def _echo(self, s: _Session, args: list[bytes]) -> Reply:
+        if len(args) != 1:
+            return ErrorReply("ERR wrong number of arguments for 'echo' command")
+        return args[0]
+
+    def _command(self, s: _Session, args: list[bytes]) -> Reply:
+        sub = args[0].upper() if args else b""
+        if sub == b"COUNT":
+            return 0
+        return {} if sub == b"DOCS" else []  # no command table: clients fall back to none
+
+    def _client(self, s: _Session, args: list[bytes]) -> Reply:
+        sub = args[0].upper() if args else b""
+        if sub == b"SETNAME" and len(args) == 2:
+            s.name = args[1].decode("utf-8", "replace")
+            return SimpleString("OK")
+        if sub == b"GETNAME":
+            return s.name
+        if sub == b"SETINFO":
+            return SimpleString("OK")
+        if sub == b"ID":
+            return s.id
+        return ErrorReply(f"ERR unknown subcommand '{printable(sub)}'")
+
+    def _hello(self, s: _Session, args: list[bytes]) -> Reply:
+        """``HELLO [2|3 [AUTH user pass] [SETNAME name]]``. There is no authentication on
+        this port yet: credentials are accepted, as by Redis's default ``nopass`` user."""
+        if args:
+            if args[0] not in (b"2", b"3"):
+                return ErrorReply("NOPROTO unsupported protocol version")
+            for i, word in enumerate(args[1:-1], 1):
+                if word.upper() == b"SETNAME":
+                    s.name = args[i + 1].decode("utf-8", "replace")
+            s.proto = int(args[0])
+        return {"server": "streamvec", "version": __version__, "proto": s.proto, "id": s.id,
+                "mode": "standalone", "role": "master", "modules": []}
+
+    def _auth(self, s: _Session, args: list[bytes]) -> Reply:
+        return SimpleString("OK") if args else ErrorReply("ERR wrong number of arguments")
+
+    def _select(self, s: _Session, args: list[bytes]) -> Reply:
+        return SimpleString("OK") if args == [b"0"] else ErrorReply("ERR DB index is out of range")
+
+    def _info(self, s: _Session, args: list[bytes]) -> Reply:
+        lines = [
+            "# Server", "server:streamvec", f"streamvec_version:{__version__}",
+            "redis_mode:standalone", f"tcp_port:{self.port}", "",
+            "# Clients", f"connected_clients:{len(self._writers)}", "",
+            "# Stats", f"total_commands_processed:{self._processed}", "",
+        ]
+        return "\r\n".join(lines)
+
+    def _quit(self, s: _Session, args: list[bytes]) -> Reply:
+        s.closing = True
+        return SimpleString("OK")
+
+    # -- the data plane -------------------------------------------------------------------
+    def _vec_create(self, s: _Session, args: list[bytes]) -> Reply | Offload:
+        a = _Args("VEC.CREATE", args, _CREATE_KW)
+        tenant, index = a.text("tenant"), a.text("index")
+        opts: dict[str, Any] = {}
+        fields: list[FilterField] = []
+        for kw in a.options():
+            if kw == "DIM":
+                opts["dim"] = a.integer("dim", 1)
+            elif kw == "METRIC":
+                opts["metric"] = a.choice("metric", Metric)
+            elif kw == "DTYPE":
+                opts["dtype"] = a.choice("dtype", Dtype)
+            elif kw == "RECIPE":
+                opts["recipe"] = a.text("recipe")
+            else:  # FIELDS: pairs while the second word is a kind
+                while a.i + 1 < len(a.args) and a.args[a.i + 1].lower() in (b"tag", b"numeric"):
+                    fields.append(FilterField(a.text("field"), a.choice("kind", FieldKind)))
+                if not fields:
+                    raise InvalidRequest("VEC.CREATE: FIELDS needs name tag|numeric pairs",
+                                         field="fields")
+        if "dim" not in opts:
+            raise InvalidRequest("VEC.CREATE: DIM is required", field="dim")
+        config = IndexConfig(tenant, index, fields=tuple(fields), **opts)
+        return Offload(lambda: self.dataplane.create_index(config).token)
+
+    def _write_record(self, command: str, args: list[bytes]) -> tuple[VectorUpsert, int | None]:
+        keywords = _WRITE_KW if command == "VEC.UPSERT" else _WRITE_KW - {"IF_VERSION"}
+        a = _Args(command, args, keywords)
+        tenant, index, id = a.text("tenant"), a.text("index"), a.text("id")
+        vector: Vector | None = None
+        meta: str | None = None
+        tags: tuple[str, ...] = ()
+        numeric: dict[str, float] = {}
+        if_version: int | None = None
+        for kw in a.options():
+            if kw == "VECTOR":
+                vector = _vector(a.raw("vector"))
+            elif kw == "META":
+                meta = a.text("meta")
+            elif kw == "TAGS":
+                tags = tuple(t for t in a.text("tags").split(",") if t)
+            elif kw == "NUM":
+                while True:  # value after name: ``d[k] = v`` would read v first
+                    name = a.text("numeric")
+                    numeric[name] = a.number("numeric")
+                    if not a.more() or a.at_keyword():
+                        break
+            else:
+                if_version = a.integer("if_version", 0)
+        if vector is None:
+            raise InvalidRequest(f"{command}: VECTOR is required", field="vector")
+        record = VectorUpsert(tenant, index, id, vector, meta, tags, numeric)
+        return record, if_version
+
+    def _vec_add(self, s: _Session, args: list[bytes]) -> Reply | Offload:
+        record, _ = self._write_record("VEC.ADD", args)
+        return Offload(lambda: self.dataplane.add(record).token)
+
+    def _vec_upsert(self, s: _Session, args: list[bytes]) -> Reply | Offload:
+        record, if_version = self._write_record("VEC.UPSERT", args)
+        return Offload(lambda: self.dataplane.upsert(record, if_version=if_version).token)
+
+    def _vec_del(self, s: _Session, args: list[bytes]) -> Reply | Offload:
+        a = _Args("VEC.DEL", args)
+        tenant, index, id = a.text("tenant"), a.text("index"), a.text("id")
+        a.end()
+        return Offload(lambda: self.dataplane.delete(tenant, index, id).token)
+
+    def _vec_get(self, s: _Session, args: list[bytes]) -> Reply | Offload:
+        a = _Args("VEC.GET", args, _GET_KW)
+        tenant, index, id = a.text("tenant"), a.text("index"), a.text("id")
+        consistency: Consistency = Consistency.EVENTUAL
+        tokens: tuple[str, ...] = ()
+        for _ in a.options():
+            consistency = a.choice("consistency", Consistency)
+            tokens = a.tokens()
+
+        def run() -> Reply:
+            v = self.dataplane.get(tenant, index, id, consistency=consistency, tokens=tokens)
+            return {"id": v.id, "vector": np.asarray(v.vector, "<f4").tobytes(), "meta": v.meta,
+                    "tags": list(v.tags), "numeric": {k: float(x) for k, x in v.numeric.items()},
+                    "version": int(v.version), "position": v.position}
+
+        return run() if consistency is Consistency.EVENTUAL else Offload(run)
+
+    def _vec_search(self, s: _Session, args: list[bytes]) -> Reply | Offload:
+        a = _Args("VEC.SEARCH", args, _SEARCH_KW)
+        opts: dict[str, Any] = {"tenant": a.text("tenant"), "index": a.text("index")}
+        for kw in a.options():
+            if kw == "TOPK":
+                opts["k"] = a.integer("k", 1)
+            elif kw == "VECTOR":
+                opts["vector"] = _vector(a.raw("vector"))
+            elif kw == "FILTER":
+                opts["filter"] = a.text("filter")
+            elif kw == "CONSISTENCY":
+                opts["consistency"] = a.choice("consistency", Consistency)
+                opts["tokens"] = a.tokens()
+            elif kw == "TIMEOUT":
+                opts["timeout_ms"] = a.integer("timeout_ms", 1)
+            else:
+                opts["bound_ms"] = a.integer("bound_ms", 0)
+        if "vector" not in opts:
+            raise InvalidRequest("VEC.SEARCH: VECTOR is required", field="vector")
+        request = SearchRequest(**opts)
+
+        def run() -> Reply:
+            response = self.dataplane.search(request)
+            hits = [[h.id, float(h.score), h.meta] for h in response.hits]
+            return [hits, _flat(response.debug)]
+
+        return run() if request.consistency is Consistency.EVENTUAL else Offload(run)
+
+    def _vec_info(self, s: _Session, args: list[bytes]) -> Reply:
+        a = _Args("VEC.INFO", args)
+        tenant, index = a.text("tenant"), a.text("index")
+        a.end()
+        return _flat(self.dataplane.info(tenant, index))
+
+    def _vec_list(self, s: _Session, args: list[bytes]) -> Reply:
+        a = _Args("VEC.LIST", args)
+        tenant = a.text("tenant") if a.more() else None
+        a.end()
+        return [c.key for c in self.dataplane.list_indexes(tenant)]
+
+
+async def serve_resp(dataplane: DataPlane, host: str, port: int) -> asyncio.Server:
+    """Start a :class:`RespServer` on ``host:port`` with the default metrics and thread
+    pool; returns the listening server. Use :class:`RespServer` directly to also close
+    client connections and the pool on shutdown."""
+    return await RespServer(dataplane, host, port).start()

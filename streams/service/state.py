@@ -1,0 +1,211 @@
+"""The query node's RocksDB state: what the indexer derived from the log, and how far.
+
+Keys (raw bytes)::
+
+    P <topic> 0x00 <partition:u32>        applied position: the next offset to apply (u64)
+    I <tenant/index>                      IndexConfig (JSON)
+    V <tenant/index> 0x00 <id>            current copy of a vector: label, version, vector,
+                                          meta, tags, numeric, position token
+    L <tenant/index> 0x00 <label:i64 BE>  label -> id and meta (what a hit needs)
+
+Every batch of applied records is one :class:`StateBatch` written atomically together with
+the positions it reaches, so a state directory never claims a position whose effects it
+lacks, or the reverse. A checkpoint (hard links, cheap) is taken for snapshots.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+from rocksdict import Checkpoint, Options, Rdict, WriteBatch, WriteOptions
+
+from streams.index.model import Dtype, FieldKind, FilterField, IndexConfig, Metric, Vector
+from streams.log.exceptions import TransportError
+
+__all__ = ["Entry", "StateBatch", "StateStore", "config_from_json", "config_to_json"]
+
+_ENTRY_HEAD = struct.Struct("<qqI")
+_LABEL = struct.Struct(">q")
+_U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
+
+
+def config_to_json(c: IndexConfig) -> bytes:
+    return json.dumps({
+        "tenant": c.tenant, "index": c.index, "dim": c.dim, "metric": c.metric.value,
+        "dtype": c.dtype.value, "recipe": c.recipe, "version": c.version,
+        "created_ms": c.created_ms,
+        "fields": [{"name": f.name, "kind": f.kind.value} for f in c.fields],
+    }).encode()
+
+
+def config_from_json(raw: bytes) -> IndexConfig:
+    d = json.loads(raw)
+    return IndexConfig(
+        tenant=d["tenant"], index=d["index"], dim=d["dim"], metric=Metric(d["metric"]),
+        dtype=Dtype(d["dtype"]), recipe=d["recipe"], version=d["version"],
+        created_ms=d["created_ms"],
+        fields=tuple(FilterField(f["name"], FieldKind(f["kind"])) for f in d["fields"]),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """The current copy of one id."""
+
+    label: int
+    version: int
+    vector: Vector
+    meta: str | None
+    tags: tuple[str, ...]
+    numeric: dict[str, float]
+    position: str
+
+    def encode(self) -> bytes:
+        vec = self.vector.astype("<f4").tobytes()
+        rest = json.dumps([self.meta, list(self.tags), self.numeric, self.position]).encode()
+        return _ENTRY_HEAD.pack(self.label, self.version, len(vec)) + vec + rest
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Entry:
+        label, version, n = _ENTRY_HEAD.unpack_from(raw)
+        start = _ENTRY_HEAD.size
+        vec = np.frombuffer(raw[start : start + n], dtype="<f4").astype(np.float32)
+        meta, tags, numeric, position = json.loads(raw[start + n :])
+        return cls(label, version, vec, meta, tuple(tags), numeric, position)
+
+
+def _vkey(index_key: str, id: str) -> bytes:
+    return b"V" + index_key.encode() + b"\x00" + id.encode()
+
+
+def _lkey(index_key: str, label: int) -> bytes:
+    return b"L" + index_key.encode() + b"\x00" + _LABEL.pack(label)
+
+
+def _pkey(topic: str, partition: int) -> bytes:
+    return b"P" + topic.encode() + b"\x00" + _U32.pack(partition)
+
+
+class StateBatch:
+    """Changes of one applied batch; written atomically by :meth:`StateStore.commit`."""
+
+    def __init__(self) -> None:
+        self._wb = WriteBatch(raw_mode=True)
+        self.positions: dict[tuple[str, int], int] = {}
+        # what this batch wrote, so later records of the same batch read their own writes
+        self._overlay: dict[tuple[str, str], Entry | None] = {}
+
+    def entry(self, store: StateStore, index_key: str, id: str) -> Entry | None:
+        """The current entry of ``id`` as of this batch (its own writes first)."""
+        k = (index_key, id)
+        if k in self._overlay:
+            return self._overlay[k]
+        return store.entry(index_key, id)
+
+    def put_config(self, config: IndexConfig) -> None:
+        self._wb.put(b"I" + config.key.encode(), config_to_json(config))
+
+    def put_entry(self, index_key: str, id: str, entry: Entry, old: Entry | None) -> None:
+        if old is not None:
+            self._wb.delete(_lkey(index_key, old.label))
+        self._wb.put(_vkey(index_key, id), entry.encode())
+        self._wb.put(_lkey(index_key, entry.label), json.dumps([id, entry.meta]).encode())
+        self._overlay[(index_key, id)] = entry
+
+    def delete_entry(self, index_key: str, id: str, old: Entry) -> None:
+        self._wb.delete(_vkey(index_key, id))
+        self._wb.delete(_lkey(index_key, old.label))
+        self._overlay[(index_key, id)] = None
+
+    def advance(self, topic: str, partition: int, next_offset: int) -> None:
+        self.positions[(topic, partition)] = next_offset
+
+
+class StateStore:
+    """RocksDB at ``path``. Writes are not fsynced: the log is the source of truth and a
+    node restarts from a snapshot (a checkpoint of this store) plus the log."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        opts = Options(raw_mode=True)
+        opts.create_if_missing(True)
+        try:
+            self._db = Rdict(str(self.path), opts)
+        except Exception as exc:  # rocksdict raises plain Exception on open errors
+            raise TransportError(f"cannot open state at {self.path}: {exc}") from exc
+        self._wo = WriteOptions()
+        self._wo.sync = False
+        self._closed = False
+
+    # -- reads ---------------------------------------------------------------------------
+    def positions(self) -> dict[tuple[str, int], int]:
+        out = {}
+        for k, v in self._items(b"P"):
+            if not k.startswith(b"P"):
+                break
+            topic, part = k[1:-5], k[-4:]  # P <topic> 0x00 <partition:u32>
+            out[(topic.decode(), _U32.unpack(part)[0])] = _U64.unpack(v)[0]
+        return out
+
+    def configs(self) -> list[IndexConfig]:
+        out = []
+        for k, v in self._items(b"I"):
+            if not k.startswith(b"I"):
+                break
+            out.append(config_from_json(v))
+        return out
+
+    def entry(self, index_key: str, id: str) -> Entry | None:
+        raw = self._db.get(_vkey(index_key, id))
+        return None if raw is None else Entry.decode(cast(bytes, raw))
+
+    def hit(self, index_key: str, label: int) -> tuple[str, str | None] | None:
+        raw = self._db.get(_lkey(index_key, label))
+        if raw is None:
+            return None
+        id, meta = json.loads(cast(bytes, raw))
+        return id, meta
+
+    def entries(self, index_key: str) -> Iterator[tuple[str, Entry]]:
+        prefix = b"V" + index_key.encode() + b"\x00"
+        for k, v in self._items(prefix):
+            if not k.startswith(prefix):
+                return
+            yield k[len(prefix) :].decode(), Entry.decode(v)
+
+    def _items(self, start: bytes) -> Iterator[tuple[bytes, bytes]]:
+        return cast(Iterator[tuple[bytes, bytes]], iter(self._db.items(from_key=start)))
+
+    # -- writes --------------------------------------------------------------------------
+    def commit(self, batch: StateBatch) -> None:
+        """Write the batch's changes and its positions in one atomic write."""
+        for (topic, p), off in batch.positions.items():
+            batch._wb.put(_pkey(topic, p), _U64.pack(off))
+        self._db.write(batch._wb, self._wo)
+
+    def checkpoint(self, target: Path) -> None:
+        """A consistent copy of the store at ``target`` (hard links where possible)."""
+        self._db.flush()
+        Checkpoint(self._db).create_checkpoint(str(target))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._db.close()
+
+    @staticmethod
+    def restore(checkpoint: Path | None, path: Path) -> None:
+        """Replace the store at ``path`` with ``checkpoint`` (or nothing)."""
+        if path.exists():
+            shutil.rmtree(path)
+        if checkpoint is not None:
+            shutil.copytree(checkpoint, path)
