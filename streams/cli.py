@@ -60,6 +60,9 @@ def up(
     try:
         settings = _settings(data_dir, kafka, registry_port=registry_port, host=host)
         with open_node(settings) as node:
+            query = node.start_query_node()
+            console.print(f"query node: restored from {query.restored_from or 'nothing'} "
+                          f"in {query.restore_s:.2f} s; replaying the log")
             if demo:
                 _load_demo(node)
             _print_banner(node)
@@ -70,55 +73,31 @@ def up(
 
 
 def _load_demo(node: Node) -> None:
-    """A tiny demo set: one index config and 200 vectors (idempotent: keys repeat)."""
+    """A small demo set: index demo/products (8-dim, cosine, fields color and price) with
+    1,000 vectors. Idempotent: the same ids are upserted again on every start."""
     import numpy as np
 
+    from streams.index.model import FieldKind, FilterField, IndexConfig, VectorUpsert
+
+    assert node.query is not None
+    svc = node.query.service
+    svc.create_index(IndexConfig(
+        "demo", "products", 8, recipe="HNSW32",
+        fields=(FilterField("color", FieldKind.TAG), FilterField("price", FieldKind.NUMERIC)),
+    ))
     rng = np.random.default_rng(0)
-    records = [
-        Record.of(
-            node.topics.indexes,
-            "demo/products",
-            node.encode(
-                "indexes",
-                {
-                    "tenant": "demo",
-                    "index": "products",
-                    "dim": 8,
-                    "metric": "cosine",
-                    "dtype": "fp32",
-                    "recipe": "HNSW32",
-                    "fields": [],
-                    "created_ms": 0,
-                    "version": 1,
-                },
-            ),
-        )
-    ]
-    for i in range(200):
-        vec = rng.standard_normal(8).astype("<f4").tobytes()
-        records.append(
-            Record.of(
-                node.topics.vectors,
-                f"demo/products/p{i}",
-                node.encode(
-                    "vectors",
-                    {
-                        "tenant": "demo",
-                        "index": "products",
-                        "id": f"p{i}",
-                        "vector": vec,
-                        "dtype": "fp32",
-                        "meta": json.dumps({"name": f"product {i}"}),
-                        "tags": [],
-                        "numeric": {},
-                        "version": 1,
-                        "timestamp": 0,
-                    },
-                ),
-            )
-        )
-    positions = node.log.append_batch(records)
-    console.print(f"demo: appended {len(positions)} records (last at {positions[-1].token})")
+    colors = ["red", "green", "blue"]
+    with Progress(console=err, transient=True) as progress:
+        task = progress.add_task("loading demo vectors", total=1000)
+        for i in range(1000):
+            svc.upsert(VectorUpsert(
+                "demo", "products", f"p{i}", rng.standard_normal(8).astype(np.float32),
+                meta=json.dumps({"name": f"product {i}"}),
+                tags=(f"color:{colors[i % 3]}",), numeric={"price": float(i % 100)},
+            ))
+            progress.advance(task)
+    node.query.catch_up(30)
+    console.print("demo: index demo/products with 1,000 vectors")
 
 
 def _print_banner(node: Node) -> None:
@@ -129,15 +108,24 @@ def _print_banner(node: Node) -> None:
     )
     if s.transport == "embedded":
         table.add_row("data", str(s.data_dir.resolve()))
+    table.add_row("HTTP (OpenAPI at /docs)", f"http://{s.host}:{s.http_port}")
+    table.add_row("RESP (redis-cli)", f"{s.host}:{s.resp_port}")
     if s.schema_registry_url is None:
         table.add_row("schema registry", f"http://{s.host}:{s.registry_port}")
     table.add_row("topics", ", ".join(node.log.list_topics()))
     console.print(table)
+    vec = "[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]"
     console.print(
-        f"try: curl -s http://{s.host}:{s.registry_port}/subjects\n"
-        f"     streamvec topics --data-dir {s.data_dir}  (after stopping the node: the "
-        "embedded log has one owner)\n"
-        "Ctrl-C stops the node; everything acknowledged is on disk."
+        "try:\n"
+        f"  redis-cli -p {s.resp_port} VEC.INFO demo products\n"
+        f"  python3 -c 'import struct,sys; sys.stdout.buffer.write(struct.pack(\"<8f\", "
+        f"*{vec}))' | redis-cli -p {s.resp_port} -x VEC.SEARCH demo products TOPK 3 "
+        "FILTER color:red VECTOR\n"
+        f"  curl -s http://{s.host}:{s.http_port}/v1/indexes/demo/products/search "
+        f"-H 'content-type: application/json' -d '{{\"vector\": {vec}, \"k\": 3}}'\n"
+        f"  curl -s http://{s.host}:{s.registry_port}/subjects\n"
+        "Ctrl-C stops the node; everything acknowledged is on disk.",
+        markup=False, highlight=False, soft_wrap=True,
     )
 
 

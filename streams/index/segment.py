@@ -71,7 +71,7 @@ DEFAULT_EF_SEARCH = 64
 EF_CONSTRUCTION = 80
 MIN_ROWS_PER_CENTROID = 39  # below this FAISS's k-means warns and clusters poorly
 TRAIN_ROWS_PER_CENTROID = 40
-MIN_TRAIN_ROWS = 20_000
+MIN_TRAIN_ROWS = 10_000
 FULL_SCAN_BYTES = 4 << 20  # a filter passing fewer rows' worth of fp32 is scanned, not walked
 FULL_SCAN_FRACTION = 0.02
 WIDEN_FACTOR = 4
@@ -199,8 +199,9 @@ def _build_index(n: int, dim: int, fetch: RowSource, recipe_used: str, metric: M
     if hasattr(inner, "do_polysemous_training"):
         inner.do_polysemous_training = False  # costs ~20x the PQ training; we never use it
     if not index.is_trained:
-        nlist = recipe_nlist(recipe_used) or 0
-        want = max(MIN_TRAIN_ROWS, TRAIN_ROWS_PER_CENTROID * max(nlist, 256))
+        pq = _PQ_RE.fullmatch(recipe_used.split(",")[-1])
+        centroids = max(recipe_nlist(recipe_used) or 0, 1 << int(pq.group(2) or 8) if pq else 0)
+        want = max(MIN_TRAIN_ROWS, TRAIN_ROWS_PER_CENTROID * centroids)
         if n > want:
             rows = np.sort(np.random.default_rng(n).choice(n, size=want, replace=False))
         else:
