@@ -53,12 +53,15 @@ def up(
     data_dir: DataDir = None,
     kafka: Kafka = None,
     registry_port: Annotated[int | None, typer.Option(help="schema registry port")] = None,
+    http_port: Annotated[int | None, typer.Option(help="HTTP API port")] = None,
+    resp_port: Annotated[int | None, typer.Option(help="RESP (redis protocol) port")] = None,
     host: Annotated[str | None, typer.Option(help="listen address")] = None,
     demo: Annotated[bool, typer.Option(help="load a small demo data set first")] = False,
 ) -> None:
     """Run a node: log, topics, schema registry."""
     try:
-        settings = _settings(data_dir, kafka, registry_port=registry_port, host=host)
+        settings = _settings(data_dir, kafka, registry_port=registry_port, host=host,
+                             http_port=http_port, resp_port=resp_port)
         with open_node(settings) as node:
             query = node.start_query_node()
             console.print(f"query node: restored from {query.restored_from or 'nothing'} "
@@ -230,3 +233,7 @@ def tail(
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()
