@@ -9,9 +9,23 @@ import pytest
 from streams.log.embedded import EmbeddedLog
 from streams.log.kafka import KafkaLog
 from streams.log.port import Log, TopicSpec
+from streams.service.api import DataPlane
 from tests.brokers import tansu_broker
+from tests.dataplane_memory import MemoryDataPlane
+from tests.rigs import Rig
 
 TRANSPORTS = ["embedded", "kafka"]
+
+
+@pytest.fixture(params=["memory", "node"])
+def dataplane(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DataPlane]:
+    """The protocol suites run against the exact in-memory reference and the real node."""
+    if request.param == "memory":
+        yield MemoryDataPlane()
+        return
+    rig = Rig(tmp_path / "rig")
+    yield rig.node.service
+    rig.close()
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ __all__ = ["avro_record", "serve", "served_log_registry"]
 @contextlib.contextmanager
 def serve(app: FastAPI) -> Iterator[str]:
     """Serve ``app`` with uvicorn in a background thread; yield its base URL; stop it."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # TCP_NODELAY
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]

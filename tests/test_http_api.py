@@ -26,15 +26,9 @@ from streams.log.port import LogPosition
 from streams.service.api import DataPlane
 from streams.service.http import create_http_app
 from streams.service.metrics import ServiceMetrics
-from tests.dataplane_memory import MemoryDataPlane
 
 DIM = 8
 TENANT = "acme"
-
-
-@pytest.fixture
-def dataplane() -> DataPlane:
-    return MemoryDataPlane()
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ searches at each consistency, snapshots and replay, poison records."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,45 +16,13 @@ from streams.index.exceptions import (
     VersionConflict,
 )
 from streams.index.model import Consistency, FieldKind, FilterField, IndexConfig, VectorUpsert
-from streams.log.embedded import EmbeddedLog
 from streams.log.port import Record
-from streams.schemas.codec import AvroCodec
-from streams.schemas.log_registry import LogRegistry
 from streams.service.api import SearchRequest
-from streams.service.query_node import QueryNode
-from streams.topics import Topics
+from tests.rigs import Rig
 
 DIM = 16
 SESSION = Consistency.SESSION
 STRONG = Consistency.STRONG
-
-
-class Rig:
-    """A log, a registry and a query node over them, reopenable on the same directory."""
-
-    def __init__(self, root: Path, head_capacity: int = 200) -> None:
-        self.root = root
-        self.head_capacity = head_capacity
-        self.topics = Topics()
-        self.log = EmbeddedLog(root / "log", durability="none")
-        self.log.ensure_topics(self.topics.specs())
-        self.codec = AvroCodec(LogRegistry(self.log, self.topics))
-        self.node = self._node()
-
-    def _node(self) -> QueryNode:
-        return QueryNode(self.log, self.topics, self.codec, self.root / "node",
-                         head_capacity=self.head_capacity).start()
-
-    def restart_node(self, *, drop_snapshots: bool = False) -> None:
-        self.node.close()
-        if drop_snapshots:
-            shutil.rmtree(self.root / "node" / "snapshots")
-        self.node = self._node()
-        assert self.node.catch_up(30)
-
-    def close(self) -> None:
-        self.node.close()
-        self.log.close()
 
 
 @pytest.fixture

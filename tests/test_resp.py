@@ -43,11 +43,6 @@ TENANT = "acme"
 
 
 # -- fixtures -----------------------------------------------------------------------------
-@pytest.fixture
-def dataplane() -> DataPlane:
-    return MemoryDataPlane()
-
-
 @contextlib.contextmanager
 def running(server: RespServer) -> Iterator[RespServer]:
     """Run ``server`` in a thread with its own event loop until the block exits."""
