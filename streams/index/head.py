@@ -88,6 +88,28 @@ def _grown(a: npt.NDArray[_T], cap: int, n: int, fill: float) -> npt.NDArray[_T]
     return out
 
 
+class _RowList:
+    """An append-only, growing int32 array of row numbers (ascending, as rows are added).
+    ``n`` moves only after the row is written, so ``buf[:n]`` read in that order is safe."""
+
+    __slots__ = ("buf", "n")
+
+    def __init__(self, rows: Rows | None = None) -> None:
+        self.buf: Rows = np.empty(8, np.int32) if rows is None else rows.astype(np.int32)
+        self.n = 0 if rows is None else int(rows.size)
+
+    def append(self, row: int) -> None:
+        if self.n == self.buf.size:
+            self.buf = _grown(self.buf, 2 * self.buf.size, self.n, 0)
+        self.buf[self.n] = row
+        self.n += 1
+
+    def upto(self, n_rows: int) -> Rows:
+        count = self.n
+        rows = self.buf[:count]
+        return rows[: int(np.searchsorted(rows, n_rows))]
+
+
 class _HeadColumns:
     """The filter columns of the first ``n_rows`` rows of a live Head."""
 
@@ -99,10 +121,7 @@ class _HeadColumns:
 
     def tag_rows(self, term: str) -> Rows | None:
         rows = self._head._tags.get(term)
-        if rows is None:
-            return None
-        arr = np.array(rows, dtype=np.int32)
-        return arr[arr < self.n_rows]
+        return None if rows is None else rows.upto(self.n_rows)
 
     def numeric_column(self, field: str) -> npt.NDArray[np.float64] | None:
         col = self._head._numeric.get(field)
@@ -135,7 +154,7 @@ class HeadIndex:
         self._sqnorms = np.zeros(cap, dtype=np.float32)
         self._alive = np.zeros(cap, dtype=np.bool_)
         self._numeric = {f: np.full(cap, np.nan, dtype=np.float64) for f in numeric_fields}
-        self._tags: dict[str, list[int]] = {}
+        self._tags: dict[str, _RowList] = {}
         self._row_of: dict[int, int] = {}
 
     def __len__(self) -> int:
@@ -159,8 +178,8 @@ class HeadIndex:
         """Bytes held by the buffers (capacity, not rows), tag lists and label map estimated."""
         arrays: list[npt.NDArray[Any]] = [self._labels, self._vectors, self._sqnorms, self._alive]
         arrays += self._numeric.values()
-        tag_refs = sum(len(rows) for rows in self._tags.values())
-        return sum(a.nbytes for a in arrays) + 8 * tag_refs + 100 * len(self._row_of)
+        tags = sum(rows.buf.nbytes + 100 for rows in self._tags.values())
+        return sum(a.nbytes for a in arrays) + tags + 100 * len(self._row_of)
 
     def _grow(self) -> None:
         cap = 2 * self._labels.shape[0]
@@ -203,7 +222,10 @@ class HeadIndex:
             if col is not None:
                 col[row] = value
         for term in {tag_term(t) for t in tags}:
-            self._tags.setdefault(term, []).append(row)
+            rows = self._tags.get(term)
+            if rows is None:
+                rows = self._tags[term] = _RowList()
+            rows.append(row)
         self._alive[row] = True
         self._row_of[int(label)] = row
         self._n = row + 1
@@ -222,14 +244,6 @@ class HeadIndex:
         """Labels of the deleted rows (a frozen Head's deletes, to replay on its segment)."""
         n = self._n
         return self._labels[:n][~self._alive[:n]]
-
-    def mask(self, flt: Filter | None) -> npt.NDArray[np.bool_]:
-        """Alive rows that pass ``flt``, over the rows written so far."""
-        n = self._n
-        alive = self._alive[:n].copy()
-        if flt is not None:
-            alive &= flt.mask(_HeadColumns(self, n))
-        return alive
 
     def search(self, query: Vector, k: int, flt: Filter | None = None) -> Candidates:
         """Exact top ``k`` of the live rows passing ``flt``; ``query`` must be prepared."""
@@ -271,7 +285,7 @@ class HeadIndex:
         new_of_old[order] = np.arange(order.size)
         source = RowColumns(
             n,
-            {t: np.array(r, dtype=np.int32) for t, r in list(self._tags.items())},
+            {t: r.upto(n) for t, r in list(self._tags.items())},
             {f: c[:n] for f, c in self._numeric.items()},
         )
         columns = RowColumns.gather([(source, new_of_old)], int(order.size))
@@ -292,7 +306,7 @@ class HeadIndex:
             src = rows.columns.numeric.get(name)
             if src is not None:
                 col[:n] = src
-        head._tags = {t: r.tolist() for t, r in rows.columns.tags.items()}
+        head._tags = {t: _RowList(r) for t, r in rows.columns.tags.items()}
         head._row_of = {int(label): i for i, label in enumerate(rows.labels.tolist())}
         if len(head._row_of) != n:
             raise ValueError("duplicate labels in rows")

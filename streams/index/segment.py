@@ -51,7 +51,8 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
-from streams.index.exceptions import InvalidRequest, VecError
+from streams.exceptions import StreamvecError
+from streams.index.exceptions import InvalidRequest
 from streams.index.filters import Filter, RowColumns
 from streams.index.head import Candidates, SegmentRows, top_k
 from streams.index.model import Dtype, Metric, Vector
@@ -88,12 +89,11 @@ _PQ_RE = re.compile(r"PQ(\d+)(?:x(\d+))?(?:fs|np)?$")
 _SCALAR = {Dtype.FP16: "SQfp16", Dtype.INT8: "SQ8"}
 
 
-class SegmentCorrupt(VecError):
+class SegmentCorrupt(StreamvecError):
     """A saved segment or index that cannot be read back (missing file, wrong format or
     shape, or saved for a different dim/metric)."""
 
     code = "VEC_ERR_INTERNAL"
-    http_status = 500
 
 
 def _faiss_metric(metric: Metric) -> int:
