@@ -131,7 +131,8 @@ class _HeadColumns:
 class HeadIndex:
     """Exact, mutable fp32 rows of one index, each with a caller-chosen int64 ``label``.
 
-    ``numeric_fields`` are the declared numeric filter fields (others are not stored).
+    Tags and numeric fields are stored as given (the caller has checked them against the
+    index's declared fields), so a field declared later filters rows written before.
     After :meth:`freeze` the Head takes no more adds but still takes deletes.
     """
 
@@ -139,7 +140,6 @@ class HeadIndex:
         self,
         dim: int,
         metric: Metric,
-        numeric_fields: Iterable[str] = (),
         *,
         initial_capacity: int = 1024,
     ) -> None:
@@ -153,7 +153,7 @@ class HeadIndex:
         self._vectors = np.zeros((cap, dim), dtype=np.float32)
         self._sqnorms = np.zeros(cap, dtype=np.float32)
         self._alive = np.zeros(cap, dtype=np.bool_)
-        self._numeric = {f: np.full(cap, np.nan, dtype=np.float64) for f in numeric_fields}
+        self._numeric: dict[str, npt.NDArray[np.float64]] = {}
         self._tags: dict[str, _RowList] = {}
         self._row_of: dict[int, int] = {}
 
@@ -219,8 +219,10 @@ class HeadIndex:
         self._labels[row] = label
         for name, value in (numeric or {}).items():
             col = self._numeric.get(name)
-            if col is not None:
-                col[row] = value
+            if col is None:
+                col = np.full(self._labels.shape[0], np.nan, dtype=np.float64)
+                self._numeric[name] = col
+            col[row] = value
         for term in {tag_term(t) for t in tags}:
             rows = self._tags.get(term)
             if rows is None:
@@ -293,19 +295,18 @@ class HeadIndex:
 
     @classmethod
     def from_rows(
-        cls, rows: SegmentRows, metric: Metric, numeric_fields: Iterable[str] = ()
+        cls, rows: SegmentRows, metric: Metric
     ) -> HeadIndex:
         """A Head holding ``rows`` (already prepared, e.g. from :meth:`export`), all live."""
         n, dim = rows.vectors.shape
-        head = cls(int(dim), metric, numeric_fields, initial_capacity=max(1024, int(n)))
+        head = cls(int(dim), metric, initial_capacity=max(1024, int(n)))
         head._vectors[:n] = rows.vectors
         head._sqnorms[:n] = np.einsum("ij,ij->i", rows.vectors, rows.vectors)
         head._labels[:n] = rows.labels
         head._alive[:n] = True
-        for name, col in head._numeric.items():
-            src = rows.columns.numeric.get(name)
-            if src is not None:
-                col[:n] = src
+        for name, src in rows.columns.numeric.items():
+            head._numeric[name] = col = np.full(head._labels.shape[0], np.nan, np.float64)
+            col[:n] = src
         head._tags = {t: _RowList(r) for t, r in rows.columns.tags.items()}
         head._row_of = {int(label): i for i, label in enumerate(rows.labels.tolist())}
         if len(head._row_of) != n:

@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import threading
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ import numpy.typing as npt
 from streams.index.exceptions import DimensionMismatch, InvalidRequest
 from streams.index.filters import Filter, RowColumns
 from streams.index.head import HeadIndex, SegmentRows, prepare, top_k
-from streams.index.model import FieldKind, IndexConfig, Vector
+from streams.index.model import IndexConfig, Vector
 from streams.index.segment import (
     SegmentCorrupt,
     TailSegment,
@@ -129,21 +130,19 @@ class VectorIndex:
         self.head_capacity = head_capacity
         self.merge_factor = merge_factor
         self.max_tail_segments = max_tail_segments
-        self._numeric_fields = tuple(
-            f.name for f in config.fields if f.kind is FieldKind.NUMERIC
-        )
         self._lock = threading.Lock()
         self._view = _View(self._new_head(), (), ())
-        self._sealing: set[int] = set()  # id() of frozen Heads with a job out
+        self._sealing: set[HeadIndex] = set()  # frozen Heads with a job out
         self._merging = False
         self._next_segment = 0
 
     def _new_head(self) -> HeadIndex:
-        return HeadIndex(self.config.dim, self.config.metric, self._numeric_fields)
+        return HeadIndex(self.config.dim, self.config.metric)
 
     def _name(self, segment: TailSegment) -> TailSegment:
         if not segment.name:
-            segment.name = f"seg-{self._next_segment:08d}"
+            # Unique across indexes too, so a snapshot may hard-link another's files.
+            segment.name = f"seg-{self._next_segment:06d}-{uuid.uuid4().hex[:12]}"
             self._next_segment += 1
         return segment
 
@@ -204,8 +203,9 @@ class VectorIndex:
         recipe's lists). A part that returns fewer than ``min(k, its matching rows)``
         widens up to an exhaustive search (``widened`` steps), so fewer than ``k`` hits
         come back only when fewer than ``k`` rows match (``exhausted``)."""
-        if not isinstance(k, int) or k < 1:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise InvalidRequest("k must be a positive integer", field="k")
+        k = int(k)
         vec = np.asarray(query, dtype=np.float32)
         if vec.shape != (self.config.dim,):
             raise DimensionMismatch(self.config.dim, int(vec.size))
@@ -230,7 +230,11 @@ class VectorIndex:
     # -- seal and merge ---------------------------------------------------------------
 
     def needs_seal(self) -> bool:
-        return self._view.head.n_rows >= self.head_capacity
+        """The Head is full, or a frozen Head whose job was aborted waits for a new one."""
+        v = self._view
+        return v.head.n_rows >= self.head_capacity or any(
+            h not in self._sealing for h in v.frozen
+        )
 
     def begin_seal(self) -> SealJob | None:
         """Freeze the Head (it stays searchable) behind a fresh one and return the job to
@@ -239,13 +243,13 @@ class VectorIndex:
         with self._lock:
             v = self._view
             for head in v.frozen:
-                if id(head) not in self._sealing:
-                    self._sealing.add(id(head))
+                if head not in self._sealing:
+                    self._sealing.add(head)
                     return SealJob(head, self.config)
             if v.head.n_rows == 0:
                 return None
             self._view = _View(self._new_head(), (*v.frozen, v.head), v.segments)
-            self._sealing.add(id(v.head))
+            self._sealing.add(v.head)
             return SealJob(v.head, self.config)
 
     def finish_seal(self, job: SealJob) -> None:
@@ -265,13 +269,13 @@ class VectorIndex:
                     segments = (*segments, self._name(seg))
             frozen = tuple(h for h in v.frozen if h is not job.head)
             self._view = _View(v.head, frozen, segments)
-            self._sealing.discard(id(job.head))
+            self._sealing.discard(job.head)
 
     def abort_seal(self, job: SealJob) -> None:
         """Give up on ``job``; its Head stays frozen and searchable until a later
         :meth:`begin_seal` hands it out again."""
         with self._lock:
-            self._sealing.discard(id(job.head))
+            self._sealing.discard(job.head)
 
     def _pick_merge(self, segments: tuple[TailSegment, ...]) -> tuple[TailSegment, ...]:
         f = self.merge_factor
@@ -348,12 +352,19 @@ class VectorIndex:
 
     # -- persistence ------------------------------------------------------------------
 
-    def save(self, directory: str | os.PathLike[str]) -> None:
+    def save(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        link_from: str | os.PathLike[str] | None = None,
+    ) -> None:
         """Write a snapshot into ``directory`` (owned by this index) and publish it
         atomically: files go to a new generation folder, are fsynced, and only then does
         ``CURRENT`` (replaced with ``os.replace``) name it. A crash before that leaves the
-        previous snapshot readable. Unchanged segment indexes are hard-linked from the
-        previous generation. Contents are those of the moment the writer lock is held."""
+        previous snapshot readable. A segment's FAISS file never changes, so it is
+        hard-linked, where it exists, from the previous generation in ``directory`` or
+        from ``link_from`` (an earlier snapshot of this index saved elsewhere) instead of
+        being written again. Contents are those of the moment the writer lock is held."""
         root = Path(directory)
         root.mkdir(parents=True, exist_ok=True)
         with self._lock:
@@ -368,10 +379,12 @@ class VectorIndex:
         out.mkdir()
         head = _concat_rows(heads, self.config.dim)
         _save_rows(out / "head.npz", head)
+        sources = [g for g in (previous, _current(Path(link_from)) if link_from else None) if g]
         names = []
         for seg, live in zip(v.segments, alive, strict=True):
             name = seg.name
-            link = None if previous is None else previous / name / "index.faiss"
+            links = [g / name / "index.faiss" for g in sources]
+            link = next((p for p in links if p.exists()), None)
             seg.save(out / name, alive=live, link_index_from=link)
             names.append(name)
         manifest = {
@@ -408,18 +421,20 @@ class VectorIndex:
             raise SegmentCorrupt(f"{gen}: {exc}") from exc
         if manifest.get("format") != FORMAT:
             raise SegmentCorrupt(f"{gen}: unknown format {manifest.get('format')}")
-        if manifest["dim"] != config.dim or manifest["metric"] != config.metric.value:
-            raise SegmentCorrupt(f"{gen}: saved for dim/metric {manifest['dim']}/"
-                                 f"{manifest['metric']}, config has {config.dim}/{config.metric}")
+        if manifest.get("dim") != config.dim or manifest.get("metric") != config.metric.value:
+            saved = f"{manifest.get('dim')}/{manifest.get('metric')}"
+            raise SegmentCorrupt(
+                f"{gen}: saved for dim/metric {saved}, config has {config.dim}/{config.metric}"
+            )
         index = cls(config, **kwargs)
         rows = _load_rows(gen / "head.npz", config.dim)
-        head = HeadIndex.from_rows(rows, config.metric, index._numeric_fields)
+        head = HeadIndex.from_rows(rows, config.metric)
         segments = []
         for name in manifest["segments"]:
             seg = TailSegment.load(gen / name)
             seg.name = name
             segments.append(seg)
-        index._next_segment = int(manifest["next_segment"])
+        index._next_segment = int(manifest.get("next_segment", len(segments)))
         index._view = _View(head, (), tuple(segments))
         return index
 

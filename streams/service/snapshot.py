@@ -101,7 +101,10 @@ class Snapshots:
             indexer.state.checkpoint(tmp / "state")
             keys = sorted(indexer.indexes)
             for key in keys:
-                indexer.indexes[key].save(tmp / "indexes" / key.replace("/", "~"))
+                # unchanged segment files are hard-linked from the previous snapshot
+                prev = latest.index_dir(key) if latest and key in latest.indexes else None
+                indexer.indexes[key].save(tmp / "indexes" / key.replace("/", "~"),
+                                          link_from=prev)
         manifest = {
             "positions": [[t, p, off] for (t, p), off in sorted(positions.items())],
             "indexes": keys,
