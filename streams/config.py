@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     head_capacity: int = Field(default=20_000, ge=100)  # rows before a Head is sealed
     snapshot_interval_s: float = Field(default=300.0, gt=0.0)
 
+    # L0 exact result cache of the query node (ARCHITECTURE §4); verify rate: share of hits
+    # re-checked against a fresh search to measure false hits
+    cache_enabled: bool = True
+    cache_budget_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    cache_verify_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+
     host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=0, le=65535)
     registry_port: int = Field(default=8081, ge=0, le=65535)

@@ -58,6 +58,9 @@ class Node:
             self.log, self.topics, self.codec, self.settings.data_dir / "node",
             head_capacity=self.settings.head_capacity,
             snapshot_interval_s=self.settings.snapshot_interval_s,
+            cache_enabled=self.settings.cache_enabled,
+            cache_budget_bytes=self.settings.cache_budget_bytes,
+            cache_verify_rate=self.settings.cache_verify_rate,
         ).start()
         return self.query
 

@@ -9,6 +9,14 @@ neither writes nor searches wait for them.
 
 A record at (partition p, offset o) gets the label ``p << 40 | o``: labels are derived
 from the log, so a replay rebuilds the very same labels.
+
+A :class:`ChangeListener` (the L0 result cache's invalidator) is told every upsert and
+delete once the :class:`VectorIndex` has taken it, and that the batch is applied after its
+state commit and before its positions advance (also when the batch fails midway, for what
+the index took): a search that waits for a position finds derived caches up to date with
+it. Catching up on ``indexes`` in the middle of a ``vectors`` batch reports early, before
+that batch's state commit; the search path tolerates that (it never caches a result whose
+payload join missed a row).
 """
 
 from __future__ import annotations
@@ -16,9 +24,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -41,7 +50,7 @@ from streams.service.applied import AppliedPositions
 from streams.service.state import Entry, StateBatch, StateStore
 from streams.topics import Topics
 
-__all__ = ["Indexer", "config_from_avro", "label_of", "vector_from_avro"]
+__all__ = ["ChangeListener", "Indexer", "config_from_avro", "label_of", "vector_from_avro"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +88,24 @@ def vector_from_avro(raw: bytes, dtype: str, dim: int) -> Vector:
     return np.frombuffer(raw, dtype="<f4").astype(np.float32)
 
 
+class ChangeListener(Protocol):
+    """Told what the applier changed (applier thread, under ``Indexer.lock``)."""
+
+    def upserted(self, index_key: str, id: str, vector: Vector, tags: Sequence[str],
+                 numeric: Mapping[str, float]) -> None:
+        """``id`` now has this vector (a new id, or an update of an existing one)."""
+
+    def deleted(self, index_key: str, id: str) -> None:
+        """``id`` (which existed) is gone."""
+
+    def reset(self, index_key: str) -> None:
+        """The index was created, recreated or dropped."""
+
+    def applied(self) -> None:
+        """Everything reported so far is in the index (and, but for the early report of
+        the module docstring, in the state); positions advance only after this returns."""
+
+
 @dataclass
 class _Builds:
     """Seal/merge jobs in flight per index (at most one of each)."""
@@ -100,6 +127,7 @@ class Indexer:
         *,
         head_capacity: int = 20_000,
         batch_records: int = 2000,
+        listener: ChangeListener | None = None,
     ) -> None:
         self.log = log
         self.topics = topics
@@ -111,6 +139,7 @@ class Indexer:
         self.applied = applied
         self.head_capacity = head_capacity
         self.batch_records = batch_records
+        self.listener = listener
         # Held while a batch is applied; a snapshot takes it to see state, indexes and
         # positions that agree.
         self.lock = threading.RLock()
@@ -172,17 +201,21 @@ class Indexer:
         decoded = decode_or_dead_letter(recs, self.codec, self.dlq, processor="indexer")
         with self.lock:
             batch = StateBatch()
-            for rec, value in decoded:
-                try:
-                    if rec.topic == self.topics.indexes:
-                        self._apply_index(rec, value, batch)
-                    else:
-                        self._apply_vector(rec, value, batch)
-                except StreamvecError as exc:
-                    self.dlq.send(rec, exc, exc.code, processor="indexer")
-            for (t, p), off in sub.positions().items():
-                batch.advance(t, p, off)
-            self.state.commit(batch)
+            try:
+                for rec, value in decoded:
+                    try:
+                        if rec.topic == self.topics.indexes:
+                            self._apply_index(rec, value, batch)
+                        else:
+                            self._apply_vector(rec, value, batch)
+                    except StreamvecError as exc:
+                        self.dlq.send(rec, exc, exc.code, processor="indexer")
+                for (t, p), off in sub.positions().items():
+                    batch.advance(t, p, off)
+                self.state.commit(batch)
+            finally:  # the index took these changes, whether or not the batch completes
+                if self.listener is not None:
+                    self.listener.applied()
             self.applied.advance(batch.positions, caught_up=False)
             self.applied_records += len(recs)
         return len(recs)
@@ -213,12 +246,16 @@ class Indexer:
             self.indexes[key].config = config
         else:
             self.indexes[key] = VectorIndex(config, head_capacity=self.head_capacity)
+            if self.listener is not None:
+                self.listener.reset(key)
         self.configs[key] = config
         batch.put_config(config)
 
     def _drop_index(self, key: str, batch: StateBatch) -> None:
         self.indexes.pop(key, None)
         self.configs.pop(key, None)
+        if self.listener is not None:
+            self.listener.reset(key)
         for id, entry in list(self.state.entries(key)):
             batch.delete_entry(key, id, entry)
         batch._wb.delete(b"I" + key.encode())
@@ -243,6 +280,8 @@ class Indexer:
             if old is not None:
                 vi.delete(old.label)
                 batch.delete_entry(index_key, id, old)
+                if self.listener is not None:
+                    self.listener.deleted(index_key, id)
             return
         if (value["tenant"], value["index"], value["id"]) != (tenant, index, id):
             raise InvalidRequest(f"record key {key!r} does not match its value", field="key")
@@ -256,6 +295,8 @@ class Indexer:
         if old is not None:
             vi.delete(old.label)
         vi.upsert(label, upsert.vector, upsert.tags, upsert.numeric)
+        if self.listener is not None:
+            self.listener.upserted(index_key, id, upsert.vector, upsert.tags, upsert.numeric)
         entry = Entry(label, upsert.version, upsert.vector, upsert.meta, upsert.tags,
                       dict(upsert.numeric), rec.position.token)
         batch.put_entry(index_key, id, entry, old)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import faiss
 
+from streams.cache import CacheInvalidator, ResultCache
 from streams.dlq import DeadLetterQueue
 from streams.index.vector_index import VectorIndex
 from streams.log.port import Log
@@ -56,7 +57,15 @@ def _restore_state(snapshot: SnapshotInfo | None, path: Path) -> None:
     shutil.copytree(snapshot.state_dir, path, copy_function=link_or_copy)
 
 
+DEFAULT_CACHE_BUDGET = 64 * 1024 * 1024
+
+
 class QueryNode:
+    """One query node. ``cache_enabled``: serve searches through an L0 result cache of
+    ``cache_budget_bytes`` (its invalidation is wired to the indexer, so hits are exact);
+    ``cache_verify_rate``: the share of hits re-checked against a fresh search to measure
+    false hits (each pauses the applier for one search)."""
+
     def __init__(
         self,
         log: Log,
@@ -67,6 +76,9 @@ class QueryNode:
         head_capacity: int = 20_000,
         snapshot_interval_s: float | None = None,
         faiss_threads: int = 1,
+        cache_enabled: bool = True,
+        cache_budget_bytes: int = DEFAULT_CACHE_BUDGET,
+        cache_verify_rate: float = 0.0,
     ) -> None:
         # FAISS's OpenMP workers spin while waiting; beside many searcher threads on few
         # cores that turned millisecond segment builds into seconds (measured on 2 cores).
@@ -87,10 +99,13 @@ class QueryNode:
         self.restore_s = time.perf_counter() - t0
         self.applied = AppliedPositions(self.state.positions())
         self.dlq = DeadLetterQueue(log, topics, codec)
+        self.cache = ResultCache(cache_budget_bytes) if cache_enabled else None
         self.indexer = Indexer(log, topics, codec, self.dlq, self.state, indexes, self.applied,
-                               head_capacity=head_capacity)
+                               head_capacity=head_capacity,
+                               listener=CacheInvalidator(self.cache) if self.cache else None)
         self.service = VectorService(log, topics, codec, self.state, self.indexer,
-                                     self.applied, self.snapshots)
+                                     self.applied, self.snapshots, cache=self.cache,
+                                     verify_rate=cache_verify_rate)
         self._snapshot_interval_s = snapshot_interval_s
         self._stop = threading.Event()
         self._snapshotter: threading.Thread | None = None

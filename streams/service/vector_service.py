@@ -7,17 +7,27 @@ this node: the node remembers the versions it appended until the indexer has app
 Producers writing to the ``vectors`` topic directly bypass that check (last write in log
 order wins).
 
-Reads: wait for the requested consistency, then search the node's indexes.
+Reads: wait for the requested consistency, then look the search up in the L0 result
+cache (when the node has one and the index is enabled); on a miss search the node's
+indexes, join the payloads and offer the result to the cache. A hit is what a fresh search
+would return at the node's applied position (``streams.cache``), so any consistency level
+may be served from it after its own wait. A fresh result is not offered when its payload
+join lost a hit (a write in flight between the index and the state). With ``verify_rate``
+a sample of hits is re-checked against a fresh search while the applier is paused, which
+measures the cache's false-hit rate (``false_hits`` in its stats).
 """
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 import zlib
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from streams.cache import CachedResult, QueryKey, ResultCache, query_key
 from streams.index.exceptions import Busy, InvalidRequest, NotFound, VersionConflict
 from streams.index.filters import Filter, parse_filter
 from streams.index.model import (
@@ -25,6 +35,7 @@ from streams.index.model import (
     Consistency,
     Hit,
     IndexConfig,
+    Vector,
     VectorUpsert,
     check_id,
     check_name,
@@ -45,6 +56,20 @@ __all__ = ["VectorService"]
 _STRIPES = 256
 
 
+@dataclass(frozen=True, slots=True)
+class _Fresh:
+    """A search of the index: ``complete`` unless the index is not there yet or the
+    payload join missed a row (then it must not be cached)."""
+
+    hits: list[Hit]
+    labels: tuple[int, ...]
+    widened: int
+    exhausted: bool
+    complete: bool
+    index_ms: float = 0.0
+    payload_ms: float = 0.0
+
+
 class VectorService(DataPlane):
     def __init__(
         self,
@@ -55,7 +80,12 @@ class VectorService(DataPlane):
         indexer: Indexer,
         applied: AppliedPositions,
         snapshots: Snapshots,
+        *,
+        cache: ResultCache | None = None,
+        verify_rate: float = 0.0,
     ) -> None:
+        if not 0.0 <= verify_rate <= 1.0:
+            raise ValueError("verify_rate must be in [0, 1]")
         self.log = log
         self.topics = topics
         self.codec = codec
@@ -63,6 +93,9 @@ class VectorService(DataPlane):
         self.indexer = indexer
         self.applied = applied
         self.snapshots = snapshots
+        self.cache = cache
+        self.verify_rate = verify_rate
+        self._sampler = random.Random()
         self._pending_configs: dict[str, IndexConfig] = {}
         # versions appended by this node and not yet applied: (version, position); 0 = deleted
         self._pending_versions: dict[tuple[str, str], tuple[int, LogPosition]] = {}
@@ -211,36 +244,100 @@ class VectorService(DataPlane):
         t1 = time.perf_counter()
         self._wait(request.consistency, request.tokens, request.bound_ms, request.timeout_ms)
         t2 = time.perf_counter()
-        vi = self.indexer.indexes.get(config.key)
-        if vi is None:  # created but not applied yet: nothing is searchable
-            labels: list[int] = []
-            scores: list[float] = []
-            widened, exhausted = 0, True
-        else:
-            out = vi.search(query, request.k, flt)
-            labels, scores, widened, exhausted = (
-                list(out.labels), list(out.scores), out.widened, out.exhausted)
+        cache = self.cache if self.cache is not None and self.cache.enabled(config.key) else None
+        qkey: QueryKey | None = None
+        seen_seq = 0
+        if cache is not None:
+            qkey = query_key(config.key, config.metric, query, request.k, flt)
+            seen_seq = cache.get_seq(config.key)  # before the search reads the index
+            cached = cache.get(qkey)
+            if cached is not None:
+                if self.verify_rate and self._sampler.random() < self.verify_rate:
+                    self._verify(cache, qkey, config, query, request.k, flt)
+                return self._cached_response(cached, t0, t1, t2)
         t3 = time.perf_counter()
-        hits = []
-        for label, score in zip(labels, scores, strict=True):
-            found = self.state.hit(config.key, int(label))
-            if found is not None:
-                hits.append(Hit(found[0], float(score), found[1]))
+        applied = tuple(self.applied.tokens())
+        fresh = self._fresh(config, query, request.k, flt)
         t4 = time.perf_counter()
+        decision: Any = "none"
+        if cache is not None and qkey is not None and fresh.complete:
+            entry = CachedResult(
+                qkey, config.key, config.metric, query, request.k, flt, fresh.labels,
+                tuple(h.id for h in fresh.hits), tuple(h.score for h in fresh.hits),
+                tuple(h.meta for h in fresh.hits), applied,
+                compute_ms=(t4 - t3) * 1000, created_s=time.monotonic())
+            decision = cache.put(entry, seen_seq).as_dict()
+        t5 = time.perf_counter()
         debug: dict[str, Any] = {
             "cache_hit": False,
             "layer": "none",
-            "decision": "none",
-            "latency_ms": round((t4 - t0) * 1000, 3),
+            "decision": decision,
+            "latency_ms": round((t5 - t0) * 1000, 3),
             "latency_breakdown_ms": {
                 "validate": round((t1 - t0) * 1000, 3), "consistency": round((t2 - t1) * 1000, 3),
-                "index": round((t3 - t2) * 1000, 3), "payload": round((t4 - t3) * 1000, 3),
+                "cache": round((t3 - t2 + t5 - t4) * 1000, 3),
+                "index": round(fresh.index_ms, 3), "payload": round(fresh.payload_ms, 3),
             },
-            "widened": widened,
-            "filter_exhausted": exhausted,
+            "widened": fresh.widened,
+            "filter_exhausted": fresh.exhausted,
             "applied": self.applied.tokens(),
         }
+        return SearchResponse(fresh.hits, debug)
+
+    def _fresh(self, config: IndexConfig, query: Vector, k: int, flt: Filter | None) -> _Fresh:
+        """Search the index and join the payloads from the state."""
+        t0 = time.perf_counter()
+        vi = self.indexer.indexes.get(config.key)
+        if vi is None:  # created but not applied yet: nothing is searchable
+            return _Fresh([], (), 0, True, False)
+        out = vi.search(query, k, flt)
+        t1 = time.perf_counter()
+        hits: list[Hit] = []
+        labels: list[int] = []
+        for label, score in zip(out.labels.tolist(), out.scores.tolist(), strict=True):
+            found = self.state.hit(config.key, label)
+            if found is not None:
+                hits.append(Hit(found[0], score, found[1]))
+                labels.append(label)
+        t2 = time.perf_counter()
+        return _Fresh(hits, tuple(labels), out.widened, out.exhausted,
+                      len(hits) == out.labels.size, (t1 - t0) * 1000, (t2 - t1) * 1000)
+
+    def _cached_response(
+        self, entry: CachedResult, t0: float, t1: float, t2: float
+    ) -> SearchResponse:
+        hits = [Hit(i, s, m) for i, s, m in zip(entry.ids, entry.scores, entry.metas,
+                                                strict=True)]
+        t3 = time.perf_counter()
+        debug: dict[str, Any] = {
+            "cache_hit": True,
+            "layer": "L0",
+            "decision": entry.admission.as_dict() if entry.admission else "none",
+            "latency_ms": round((t3 - t0) * 1000, 3),
+            "latency_breakdown_ms": {
+                "validate": round((t1 - t0) * 1000, 3), "consistency": round((t2 - t1) * 1000, 3),
+                "cache": round((t3 - t2) * 1000, 3),
+            },
+            "widened": 0,
+            "filter_exhausted": entry.fewer_than_k,
+            "applied": self.applied.tokens(),
+            "cached_at": list(entry.applied),
+            "cache_hit_count": entry.hit_count,
+            "query_key": str(entry.key),
+        }
         return SearchResponse(hits, debug)
+
+    def _verify(self, cache: ResultCache, qkey: QueryKey, config: IndexConfig, query: Vector,
+                k: int, flt: Filter | None) -> None:
+        """Re-check the cached entry against a fresh search while the applier is paused
+        (so every applied write has been reported); a difference is a false hit."""
+        with self.indexer.lock:
+            entry = cache.peek(qkey)
+            if entry is None:
+                return
+            fresh = self._fresh(config, query, k, flt)
+            if fresh.complete:
+                cache.record_verification(tuple(h.id for h in fresh.hits) != entry.ids)
 
     # -- control ---------------------------------------------------------------------------
     def info(self, tenant: str, index: str) -> dict[str, Any]:
@@ -252,6 +349,7 @@ class VectorService(DataPlane):
             "fields": {f.name: f.kind.value for f in config.fields},
             "stats": vi.stats() if vi is not None else {"live": 0},
             "applied": self.applied.tokens(),
+            "cache": self.cache.stats().as_dict() if self.cache is not None else None,
         }
 
     def list_indexes(self, tenant: str | None = None) -> list[IndexConfig]:

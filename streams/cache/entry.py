@@ -1,0 +1,85 @@
+"""``CachedResult``: one search's answer as the L0 cache holds it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from streams.cache.keys import QueryKey
+from streams.cache.policy import AdmissionDecision
+from streams.index.filters import Filter
+from streams.index.model import Metric, Vector
+
+__all__ = ["CachedResult"]
+
+_FIXED_BYTES = 320  # the record, its tuples and the cache's bookkeeping, estimated
+_PER_HIT_BYTES = 120
+
+
+@dataclass(frozen=True, slots=True)
+class CachedResult:
+    """The hits of searching ``index_key`` for the ``k`` best rows passing ``filter``,
+    best first, as the node answered them (``labels`` the index rows, ``ids``/``metas``
+    their payloads, ``scores`` in the metric's terms).
+
+    ``applied``: the position tokens the node had applied when the search ran; the entry
+    holds at every later position until the cache invalidates it. ``compute_ms``: what
+    the fresh search cost (what a hit saves; for the admission policy). ``created_s``:
+    ``time.monotonic()`` at creation. ``hit_count`` and ``admission`` are filled in by the
+    cache (a :meth:`ResultCache.get` returns a copy with the current count).
+
+    Raises ``ValueError`` when the hit tuples disagree in length or hold more than ``k``.
+    The query vector is copied and made read-only.
+    """
+
+    key: QueryKey
+    index_key: str
+    metric: Metric
+    vector: Vector
+    k: int
+    filter: Filter | None
+    labels: tuple[int, ...]
+    ids: tuple[str, ...]
+    scores: tuple[float, ...]
+    metas: tuple[str | None, ...]
+    applied: tuple[str, ...] = ()
+    compute_ms: float = 0.0
+    created_s: float = 0.0
+    hit_count: int = 0
+    admission: AdmissionDecision | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.ids)
+        if not (len(self.labels) == len(self.scores) == len(self.metas) == n):
+            raise ValueError("labels, ids, scores and metas must have one item per hit")
+        if self.k < 1 or n > self.k:
+            raise ValueError(f"k={self.k} with {n} hits")
+        if any(not math.isfinite(s) for s in self.scores):
+            raise ValueError("scores must be finite")
+        vec = np.array(self.vector, dtype=np.float32, copy=True)
+        if vec.ndim != 1:
+            raise ValueError("the query vector must be one-dimensional")
+        vec.flags.writeable = False
+        object.__setattr__(self, "vector", vec)
+        object.__setattr__(self, "metric", Metric(self.metric))
+
+    @property
+    def fewer_than_k(self) -> bool:
+        """Fewer than ``k`` rows passed the filter: then any new row that passes it
+        would enter this result."""
+        return len(self.ids) < self.k
+
+    @property
+    def kth_score(self) -> float | None:
+        """The score a new row must beat (or tie) to enter; None when :attr:`fewer_than_k`."""
+        return None if self.fewer_than_k else self.scores[-1]
+
+    @property
+    def nbytes(self) -> int:
+        """Estimated bytes this entry costs the cache: the query (fp32 here and float64 in
+        the invalidation index), the hits with their payloads, and fixed overhead."""
+        hits = sum(len(i) + len(m or "") + _PER_HIT_BYTES for i, m in zip(
+            self.ids, self.metas, strict=True))
+        return _FIXED_BYTES + 12 * int(self.vector.size) + hits

@@ -1,0 +1,396 @@
+"""``ResultCache``: the node's L0 exact result cache, and the indexer's hook into it.
+
+Contract: :meth:`ResultCache.get` returns an entry only while it equals what a fresh
+search of the node would return, provided the applier reports every applied write
+(:meth:`ResultCache.invalidate`, or :class:`CacheInvalidator` as the indexer's listener)
+after the index has taken it and before the node advances its applied positions. Then a
+search that has waited for position P finds no entry that is stale at P. Which entries a
+write changes is decided exactly (:mod:`streams.cache.invalidation`), so writes elsewhere
+in the vector space leave entries cached.
+
+The put race. A search takes ``seq = get_seq(index)`` before it searches, computes its
+result, then offers it with ``put(entry, seq)``. Writes reported after ``seq`` may or may
+not be in that result; every write is kept in a bounded ring of the index's recent write
+batches, and ``put`` tests the entry against each batch newer than ``seq`` exactly as
+invalidation would have tested it had it been cached. A batch that would have invalidated
+it refuses the put (``stale``); when the ring no longer reaches back to ``seq`` the put is
+refused too (``unverifiable``). So an entry is either checked against every write since
+its search began, or not stored. Writes reported at or before ``seq`` had reached the
+index before the search read it.
+
+Threads: one lock guards everything. Searchers ``get``/``put``; the applier invalidates;
+the exact invalidation work is done under the lock, so a large batch briefly delays
+lookups of the node. Eviction is LRU within ``budget_bytes``, across all indexes; the
+admission policy (:class:`AdmissionPolicy`) is asked before a put takes the lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from streams.cache.entry import CachedResult
+from streams.cache.invalidation import InvalidationIndex, UpsertRow
+from streams.cache.keys import QueryKey
+from streams.cache.policy import AdmissionDecision, AdmissionPolicy, AdmitAll
+from streams.cache.scoring import would_enter
+from streams.index.model import Vector
+
+__all__ = ["CacheInvalidator", "CacheStats", "PutOutcome", "ResultCache"]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    """Counters since the cache was made. ``invalidations``: entries dropped by writes;
+    ``stale_puts``: puts refused because a write since their search changed them (or
+    could no longer be checked); ``verified``/``false_hits``: hits re-checked against a
+    fresh search, and those that differed (measured by the node, see ``VectorService``)."""
+
+    hits: int
+    misses: int
+    puts: int
+    rejected: int
+    stale_puts: int
+    invalidations: int
+    evictions: int
+    entries: int
+    bytes: int
+    budget_bytes: int
+    verified: int
+    false_hits: int
+
+    @property
+    def hit_rate(self) -> float:
+        lookups = self.hits + self.misses
+        return self.hits / lookups if lookups else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__} | {
+            "hit_rate": round(self.hit_rate, 6)}
+
+
+@dataclass(frozen=True, slots=True)
+class PutOutcome:
+    """The admission decision (logged as the policy took it) and what became of the
+    entry: ``stored``, ``rejected`` (by the policy), ``stale``, ``unverifiable``,
+    ``disabled`` (for its index) or ``too-large`` (for the whole budget)."""
+
+    decision: AdmissionDecision
+    outcome: str
+
+    @property
+    def stored(self) -> bool:
+        return self.outcome == "stored"
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.decision.as_dict() | {"outcome": self.outcome}
+
+
+@dataclass(frozen=True, slots=True)
+class _Writes:
+    """One reported batch of an index: ``ids`` deleted or replaced (upserted ids
+    included), ``rows`` upserted; ``reset`` drops everything (index dropped/recreated)."""
+
+    seq: int
+    ids: frozenset[str]
+    rows: tuple[UpsertRow, ...]
+    reset: bool = False
+
+    @property
+    def size(self) -> int:
+        return max(1, len(self.ids) + len(self.rows))
+
+
+@dataclass(slots=True)
+class _IndexState:
+    enabled: bool
+    seq: int = 0
+    floor: int = 0  # puts that saw a seq below this cannot be checked any more
+    ring: deque[_Writes] = field(default_factory=deque)
+    ring_rows: int = 0
+    index: InvalidationIndex | None = None
+
+
+@dataclass(slots=True)
+class _Slot:
+    entry: CachedResult
+    nbytes: int
+    hits: int = 0
+
+
+class ResultCache:
+    """L0 of one node (see the module docstring). ``ring_rows``: writes per index kept
+    for checking puts (a search slower than that many writes is not cached);
+    ``enabled``: whether indexes start enabled (:meth:`set_enabled` switches one)."""
+
+    def __init__(
+        self,
+        budget_bytes: int,
+        *,
+        policy: AdmissionPolicy | None = None,
+        enabled: bool = True,
+        ring_rows: int = 4096,
+        max_clusters: int = 64,
+    ) -> None:
+        if budget_bytes < 0 or ring_rows < 1:
+            raise ValueError("budget_bytes >= 0 and ring_rows >= 1")
+        self.budget_bytes = budget_bytes
+        self.policy: AdmissionPolicy = policy or AdmitAll()
+        self._default_enabled = enabled
+        self._ring_limit = ring_rows
+        self._max_clusters = max_clusters
+        self._lock = threading.Lock()
+        self._lru: OrderedDict[QueryKey, _Slot] = OrderedDict()
+        self._indexes: dict[str, _IndexState] = {}
+        self._bytes = 0
+        self._n = dict.fromkeys(("hits", "misses", "puts", "rejected", "stale_puts",
+                                 "invalidations", "evictions", "verified", "false_hits"), 0)
+
+    # -- switches ----------------------------------------------------------------------
+
+    def _state(self, index_key: str) -> _IndexState:
+        st = self._indexes.get(index_key)
+        if st is None:
+            st = self._indexes[index_key] = _IndexState(self._default_enabled)
+        return st
+
+    def enabled(self, index_key: str) -> bool:
+        with self._lock:
+            st = self._indexes.get(index_key)
+            return self._default_enabled if st is None else st.enabled
+
+    def set_enabled(self, index_key: str, enabled: bool) -> None:
+        """Switch caching of one index; switching off drops its entries."""
+        with self._lock:
+            st = self._state(index_key)
+            st.enabled = enabled
+            if not enabled:
+                self._drop_entries(index_key)
+
+    # -- lookups -----------------------------------------------------------------------
+
+    def get_seq(self, index_key: str) -> int:
+        """The index's invalidation sequence number: take it before searching, pass it
+        to :meth:`put`."""
+        with self._lock:
+            return self._state(index_key).seq
+
+    def get(self, key: QueryKey) -> CachedResult | None:
+        """The entry for ``key`` (with its hit count, this hit included), or None; counts
+        a hit or a miss and refreshes its LRU place."""
+        with self._lock:
+            slot = self._lru.get(key)
+            if slot is None:
+                self._n["misses"] += 1
+                return None
+            self._lru.move_to_end(key)
+            slot.hits += 1
+            self._n["hits"] += 1
+            return replace(slot.entry, hit_count=slot.hits)
+
+    def peek(self, key: QueryKey) -> CachedResult | None:
+        """Like :meth:`get` without counting or touching the LRU order."""
+        with self._lock:
+            slot = self._lru.get(key)
+            return None if slot is None else replace(slot.entry, hit_count=slot.hits)
+
+    # -- puts --------------------------------------------------------------------------
+
+    def put(self, entry: CachedResult, seen_seq: int) -> PutOutcome:
+        """Offer a fresh result whose search began at ``seen_seq`` (from :meth:`get_seq`).
+        Stored only if the policy admits it, its index is enabled, it fits the budget
+        and no write reported since ``seen_seq`` changes it (module docstring). Raises
+        ``ValueError`` for a ``seen_seq`` the index has not reached."""
+        decision = self.policy.decide(entry)
+        if decision.action != "admit":
+            with self._lock:
+                self._n["rejected"] += 1
+            return PutOutcome(decision, "rejected")
+        nbytes = entry.nbytes
+        with self._lock:
+            st = self._state(entry.index_key)
+            if seen_seq > st.seq:
+                raise ValueError(f"seen_seq {seen_seq} is ahead of the index ({st.seq})")
+            if not st.enabled:
+                return PutOutcome(decision, "disabled")
+            verdict = self._recheck(st, entry, seen_seq)
+            if verdict is not None:
+                self._n["stale_puts"] += 1
+                return PutOutcome(decision, verdict)
+            if nbytes > self.budget_bytes:
+                return PutOutcome(decision, "too-large")
+            self._remove(entry.key)
+            index = st.index
+            if index is None or index.metric != entry.metric or index.dim != entry.vector.size:
+                self._drop_entries(entry.index_key)  # none expected: a reset comes first
+                index = st.index = InvalidationIndex(
+                    entry.metric, int(entry.vector.size), max_clusters=self._max_clusters)
+            index.add(entry.key, entry.vector, entry.kth_score, entry.filter, entry.ids)
+            self._lru[entry.key] = _Slot(replace(entry, admission=decision, hit_count=0),
+                                         nbytes)
+            self._bytes += nbytes
+            self._n["puts"] += 1
+            while self._bytes > self.budget_bytes:
+                self._remove(next(iter(self._lru)))  # the least recently used
+                self._n["evictions"] += 1
+            return PutOutcome(decision, "stored")
+
+    def _recheck(self, st: _IndexState, entry: CachedResult, seen_seq: int) -> str | None:
+        """None if no batch after ``seen_seq`` changes ``entry``, else why not storable."""
+        if seen_seq < st.floor:
+            return "unverifiable"
+        ids = set(entry.ids)
+        kth = entry.kth_score
+        for writes in reversed(st.ring):
+            if writes.seq <= seen_seq:
+                break
+            if writes.reset or not ids.isdisjoint(writes.ids):
+                return "stale"
+            if not writes.rows:
+                continue
+            vectors = np.stack([r.vector for r in writes.rows])
+            if vectors.shape[1] != entry.vector.size:
+                return "stale"
+            enters = would_enter(entry.metric, entry.vector, kth, vectors)
+            for row, enter in zip(writes.rows, enters.tolist(), strict=True):
+                if enter and (entry.filter is None
+                              or entry.filter.matches(row.tags, row.numeric)):
+                    return "stale"
+        return None
+
+    # -- invalidation (the applier) ----------------------------------------------------
+
+    def invalidate(
+        self, index_key: str, rows: Sequence[UpsertRow], deleted_ids: Iterable[str] = ()
+    ) -> int:
+        """Report one applied batch of ``index_key``: ``rows`` upserted (new ids and
+        updates), ``deleted_ids`` deleted. Drops every entry they change and remembers
+        them for in-flight puts; returns the number of entries dropped."""
+        ids = frozenset(deleted_ids) | {r.id for r in rows}
+        if not ids:
+            return 0
+        with self._lock:
+            st = self._state(index_key)
+            st.seq += 1
+            self._remember(st, _Writes(st.seq, ids, tuple(rows)))
+            index = st.index
+            if index is None or not len(index):
+                return 0
+            keys = index.affected_by_ids(ids)
+            if rows:
+                if any(r.vector.shape != (index.dim,) for r in rows):
+                    keys = {k for k, s in self._lru.items() if s.entry.index_key == index_key}
+                else:
+                    keys |= index.affected_by_upserts(
+                        np.stack([r.vector for r in rows]),
+                        [r.tags for r in rows], [r.numeric for r in rows])
+            for key in keys:
+                self._remove(key)
+            self._n["invalidations"] += len(keys)
+            return len(keys)
+
+    def invalidate_upserts(self, index_key: str, rows: Sequence[UpsertRow]) -> int:
+        return self.invalidate(index_key, rows)
+
+    def invalidate_ids(self, index_key: str, ids: Iterable[str]) -> int:
+        return self.invalidate(index_key, (), ids)
+
+    def reset_index(self, index_key: str) -> int:
+        """The index was dropped or (re)created: drop its entries and refuse puts of
+        searches that began before; returns the number dropped."""
+        with self._lock:
+            st = self._state(index_key)
+            st.seq += 1
+            self._remember(st, _Writes(st.seq, frozenset(), (), reset=True))
+            n = self._drop_entries(index_key)
+            st.index = None
+            self._n["invalidations"] += n
+            return n
+
+    def _remember(self, st: _IndexState, writes: _Writes) -> None:
+        st.ring.append(writes)
+        st.ring_rows += writes.size
+        while st.ring_rows > self._ring_limit and len(st.ring) > 1:
+            old = st.ring.popleft()
+            st.ring_rows -= old.size
+            st.floor = old.seq
+
+    # -- bookkeeping -------------------------------------------------------------------
+
+    def _remove(self, key: QueryKey) -> None:
+        slot = self._lru.pop(key, None)
+        if slot is None:
+            return
+        self._bytes -= slot.nbytes
+        st = self._indexes.get(slot.entry.index_key)
+        if st is not None and st.index is not None:
+            st.index.remove(key)
+
+    def _drop_entries(self, index_key: str) -> int:
+        keys = [k for k, s in self._lru.items() if s.entry.index_key == index_key]
+        for key in keys:
+            self._remove(key)
+        return len(keys)
+
+    def record_verification(self, false_hit: bool) -> None:
+        """Count one hit re-checked against a fresh search (``false_hit``: they differed)."""
+        with self._lock:
+            self._n["verified"] += 1
+            self._n["false_hits"] += int(false_hit)
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            return CacheStats(entries=len(self._lru), bytes=self._bytes,
+                              budget_bytes=self.budget_bytes, **self._n)
+
+    def pruning(self, index_key: str) -> tuple[int, int]:
+        """(pairs tested exactly, pairs a full scan would have tested) by upsert
+        invalidation of ``index_key`` so far."""
+        with self._lock:
+            st = self._indexes.get(index_key)
+            if st is None or st.index is None:
+                return 0, 0
+            return st.index.checked_pairs, st.index.scanned_pairs
+
+
+class CacheInvalidator:
+    """The indexer's change listener for a :class:`ResultCache`: buffers the upserts,
+    deletes and index resets of the batch being applied and reports them when the
+    indexer says the batch is applied (after the index took it, before the applied
+    positions advance). Called from the applier thread only."""
+
+    def __init__(self, cache: ResultCache) -> None:
+        self.cache = cache
+        self._rows: dict[str, list[UpsertRow]] = {}
+        self._deleted: dict[str, list[str]] = {}
+        self._resets: list[str] = []
+
+    def upserted(
+        self,
+        index_key: str,
+        id: str,
+        vector: Vector,
+        tags: Sequence[str],
+        numeric: Mapping[str, float],
+    ) -> None:
+        self._rows.setdefault(index_key, []).append(
+            UpsertRow(id, vector, tuple(tags), dict(numeric)))
+
+    def deleted(self, index_key: str, id: str) -> None:
+        self._deleted.setdefault(index_key, []).append(id)
+
+    def reset(self, index_key: str) -> None:
+        self._resets.append(index_key)
+
+    def applied(self) -> None:
+        rows, deleted, resets = self._rows, self._deleted, self._resets
+        self._rows, self._deleted, self._resets = {}, {}, []
+        for index_key in rows.keys() | deleted.keys():
+            self.cache.invalidate(index_key, rows.get(index_key, ()), deleted.get(index_key, ()))
+        for index_key in resets:
+            self.cache.reset_index(index_key)
