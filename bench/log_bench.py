@@ -507,6 +507,10 @@ def run_kafka(cfg: BenchConfig, work: Workload, rep: Reporter) -> list[Result]:
             results.extend(bench_reads(log, "kafka", "acks=all", topic, ends, cfg, rep))
         finally:
             log.close()
+            # KafkaLog.close() leaves its AdminClient to the garbage collector; free it
+            # while the broker is still up, or librdkafka logs refused reconnects.
+            del log
+            gc.collect()
     return results
 
 
