@@ -231,6 +231,96 @@ def tail(
         _fail(exc)
 
 
+policy_app = typer.Typer(help="cache policy: simulate, bound and compare admission policies.")
+app.add_typer(policy_app, name="policy")
+
+
+@policy_app.command("eval")
+def policy_eval(
+    workload: Annotated[
+        str, typer.Option(help="zipf | latest | sessions | neardup | all")
+    ] = "all",
+    requests: Annotated[
+        int, typer.Option("--requests", min=1, help="requests per generated trace")
+    ] = 100_000,
+    budget_bytes: Annotated[
+        int | None,
+        typer.Option("--budget-bytes", min=1,
+                     help="cache budget (default: --budget-fraction of each trace's footprint)"),
+    ] = None,
+    budget_fraction: Annotated[
+        float, typer.Option("--budget-fraction", min=1e-6, max=1.0)
+    ] = 0.05,
+    trace: Annotated[
+        Path | None, typer.Option("--trace", help="replay this JSON-lines trace instead")
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="also write the reports here as JSON")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="generator seed")] = 0,
+    bound: Annotated[
+        str, typer.Option(help="lp (LP relaxation, HiGHS) | knapsack (looser, cheaper)")
+    ] = "lp",
+) -> None:
+    """Replay traces through LRU, LFU, GDSF, the rules and the learned policy at equal
+    memory, and compare the proxy cost each saves with the offline bound."""
+    from streams.policy import (
+        POLICIES,
+        WORKLOADS,
+        PolicyError,
+        Request,
+        WorkloadReport,
+        default_budget,
+        evaluate_trace,
+        generate,
+        read_trace,
+        reports_to_json,
+    )
+
+    if workload != "all" and workload not in WORKLOADS:
+        raise typer.BadParameter(f"one of {[*WORKLOADS, 'all']}", param_hint="--workload")
+    if bound not in ("lp", "knapsack"):
+        raise typer.BadParameter("lp or knapsack", param_hint="--bound")
+    names = [*WORKLOADS] if workload == "all" else [workload]
+    given: list[Request] = []
+    if trace is not None:
+        try:
+            given = read_trace(trace)
+        except PolicyError as exc:
+            _fail(exc)
+        names = [trace.stem]
+    total = len(POLICIES) * (len(given) if trace is not None else requests * len(names))
+    reports: list[WorkloadReport] = []
+    with Progress(console=err, transient=True) as progress:
+        task = progress.add_task("cache policies", total=total)
+        for name in names:
+            progress.update(task, description=f"{name}: generating")
+            reqs = given if trace is not None else generate(name, requests, seed)
+            reports.append(evaluate_trace(
+                name, reqs, budget_bytes or default_budget(reqs, budget_fraction),
+                bound="knapsack" if bound == "knapsack" else "lp",
+                progress=lambda n: progress.advance(task, n),
+                stage=lambda text: progress.update(task, description=text),
+            ))
+    for rep in reports:
+        b, k = rep.bound, rep.knapsack
+        table = Table(
+            "policy", "hit ratio", "cost saved", "share of bound", "vs LRU", "mean MiB",
+            title=f"{rep.workload}: {rep.requests:,} requests, budget "
+            f"{rep.budget_bytes / 2**20:.1f} MiB "
+            f"({rep.budget_bytes / rep.footprint_bytes:.1%} of footprint)",
+            caption=f"bound ({b.method}): {b.savings / b.total_cost:.1%} of proxy cost "
+            f"saved; knapsack bound {k.savings / k.total_cost:.1%}",
+        )
+        for r in rep.rows:
+            table.add_row(r.policy, f"{r.hit_ratio:.3f}", f"{r.saved_share:.1%}",
+                          f"{r.bound_share:.1%}", f"{r.vs_lru:.2f}x",
+                          f"{r.mean_bytes / 2**20:.1f}")
+        console.print(table)
+    if json_out is not None:
+        json_out.write_text(json.dumps(reports_to_json(reports), indent=2))
+        console.print(f"wrote {json_out}")
+
 def main() -> None:
     app()
 

@@ -1,0 +1,76 @@
+"""The cache-policy simulator, baselines, offline bounds and the learned admission policy.
+
+Domain code: no I/O except reading and writing traces (:mod:`.trace`). The pieces:
+
+- :mod:`.trace` requests and their JSON-lines files; :mod:`.workloads` seeded generators.
+- :mod:`.simulator` the replay loop; :mod:`.policies` LRU, LFU, GDSF, the rules.
+- :mod:`.context` what the hot path sees and its bucket; :mod:`.join` decisions joined with
+  outcomes; :mod:`.learned` the VW bandit and its exported table.
+- :mod:`.bounds` Belady and the LP / knapsack upper bounds; :mod:`.evaluate` all of it.
+"""
+
+from __future__ import annotations
+
+from streams.policy.bounds import Bound, belady_hits, knapsack_bound, lp_bound
+from streams.policy.evaluate import (
+    POLICIES,
+    PolicyRow,
+    WorkloadReport,
+    default_budget,
+    evaluate_trace,
+    evaluate_workloads,
+    reports_to_json,
+)
+from streams.policy.exceptions import BoundUnavailable, PolicyError, TraceFormatError
+from streams.policy.learned import (
+    LearnerConfig,
+    PolicyLearner,
+    PolicyTable,
+    TablePolicy,
+    replay_learned,
+)
+from streams.policy.policies import (
+    ControlledCache,
+    GDSFCache,
+    LFUCache,
+    LRUCache,
+    RuleAdmission,
+)
+from streams.policy.simulator import Decision, SimResult, replay
+from streams.policy.trace import Request, read_trace, write_trace
+from streams.policy.workloads import WORKLOADS, generate
+
+__all__ = [
+    "POLICIES",
+    "WORKLOADS",
+    "Bound",
+    "BoundUnavailable",
+    "ControlledCache",
+    "Decision",
+    "GDSFCache",
+    "LFUCache",
+    "LRUCache",
+    "LearnerConfig",
+    "PolicyError",
+    "PolicyLearner",
+    "PolicyRow",
+    "PolicyTable",
+    "Request",
+    "RuleAdmission",
+    "SimResult",
+    "TablePolicy",
+    "TraceFormatError",
+    "WorkloadReport",
+    "belady_hits",
+    "default_budget",
+    "evaluate_trace",
+    "evaluate_workloads",
+    "generate",
+    "knapsack_bound",
+    "lp_bound",
+    "read_trace",
+    "replay",
+    "replay_learned",
+    "reports_to_json",
+    "write_trace",
+]

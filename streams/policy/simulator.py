@@ -1,0 +1,158 @@
+"""The replay loop shared by every cache simulator: byte accounting, the decision log.
+
+A simulator is an on-demand result cache with a byte budget (see :mod:`bounds` for the
+model). :meth:`CacheSimulator.access` serves one request and returns whether it was a hit;
+on a miss the policy decides, and the decision (action, TTL, probability of that action
+under the policy that took it) is logged, as the hot path logs it to ``query-log``. After
+every call ``used_bytes <= budget_bytes`` holds.
+
+The log (:class:`ReplayLog`) is what the production learner reads: per request, hit or miss;
+per miss, the decision and the context bucket it was taken in. :func:`replay` runs a whole
+trace and summarises it as a :class:`SimResult`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from streams.policy.trace import Request
+
+__all__ = [
+    "CacheSimulator", "Decision", "LoggedDecision", "Meter", "ReplayLog", "SimResult", "replay",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the policy did on a miss. ``ttl_s`` is an idle timeout (None: no expiry);
+    ``probability`` is the probability the policy gave this action (1.0: deterministic)."""
+
+    action: str
+    admitted: bool
+    ttl_s: float | None = None
+    probability: float = 1.0
+    bucket: str = ""  # the context bucket the decision was taken in ("" if none)
+
+
+ADMIT = Decision("admit", True)
+BYPASS_TOO_BIG = Decision("bypass", False)
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedDecision:
+    """A decision with the index of the request that triggered it."""
+
+    index: int
+    decision: Decision
+
+
+@dataclass(slots=True)
+class ReplayLog:
+    """What a replay leaves in the query-log: hits (one flag per request), decisions."""
+
+    hits: bytearray = field(default_factory=bytearray)
+    decisions: list[LoggedDecision] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class SimResult:
+    """Totals of one policy over one trace at one budget."""
+
+    policy: str
+    requests: int
+    hits: int
+    saved_cost: float
+    total_cost: float
+    budget_bytes: int
+    peak_bytes: int
+    mean_bytes: float
+    admitted: int
+    bypassed: int
+
+    @property
+    def hit_ratio(self) -> float:
+        return self.hits / self.requests if self.requests else 0.0
+
+    @property
+    def saved_share(self) -> float:
+        """Share of the trace's proxy cost that hits saved."""
+        return self.saved_cost / self.total_cost if self.total_cost else 0.0
+
+
+class CacheSimulator(ABC):
+    """Base of the simulators: subclasses implement :meth:`_lookup` and :meth:`_on_miss`.
+
+    ``_on_miss`` must leave ``used_bytes <= budget_bytes`` (it evicts first, then admits);
+    requests larger than the budget never reach it (they are bypassed here).
+    """
+
+    name = "base"
+
+    def __init__(self, budget_bytes: int) -> None:
+        if budget_bytes <= 0:
+            raise ValueError("budget_bytes must be > 0")
+        self.budget_bytes = budget_bytes
+        self.used_bytes = 0
+        self.log = ReplayLog()
+
+    @abstractmethod
+    def _lookup(self, index: int, req: Request) -> bool:
+        """Serve ``req`` from the cache if held (updating recency/frequency); True on a hit."""
+
+    @abstractmethod
+    def _on_miss(self, index: int, req: Request) -> Decision:
+        """Decide on the missed ``req``; evict and admit as decided; return the decision."""
+
+    def access(self, index: int, req: Request) -> bool:
+        """Serve request number ``index``; True on a hit. Logs the decision on a miss."""
+        hit = self._lookup(index, req)
+        self.log.hits.append(hit)
+        if not hit:
+            decision = BYPASS_TOO_BIG if req.size > self.budget_bytes else self._on_miss(
+                index, req)
+            self.log.decisions.append(LoggedDecision(index, decision))
+        return hit
+
+
+class Meter:
+    """Accumulates a :class:`SimResult` request by request (hits, savings, occupancy)."""
+
+    def __init__(self) -> None:
+        self.requests = self.hits = self.peak = 0
+        self.saved = self.total = self.byte_sum = 0.0
+
+    def record(self, req: Request, hit: bool, used_bytes: int) -> None:
+        self.requests += 1
+        self.total += req.cost
+        if hit:
+            self.hits += 1
+            self.saved += req.cost
+        self.byte_sum += used_bytes
+        self.peak = max(self.peak, used_bytes)
+
+    def result(self, sim: CacheSimulator) -> SimResult:
+        admitted = sum(1 for d in sim.log.decisions if d.decision.admitted)
+        return SimResult(
+            sim.name, self.requests, self.hits, self.saved, self.total, sim.budget_bytes,
+            self.peak, self.byte_sum / self.requests if self.requests else 0.0, admitted,
+            len(sim.log.decisions) - admitted,
+        )
+
+
+def replay(
+    sim: CacheSimulator,
+    requests: Sequence[Request],
+    progress: Callable[[int], None] | None = None,
+) -> SimResult:
+    """Run ``requests`` (numbered from 0) through a fresh ``sim``; ``progress(n)`` is called
+    with the number of requests done since its last call, every 10^4 and at the end."""
+    meter = Meter()
+    for i, req in enumerate(requests):
+        meter.record(req, sim.access(i, req), sim.used_bytes)
+        if progress is not None and (i + 1) % 10_000 == 0:
+            progress(10_000)
+    if progress is not None and len(requests) % 10_000:
+        progress(len(requests) % 10_000)
+    return meter.result(sim)
