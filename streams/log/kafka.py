@@ -54,6 +54,7 @@ from streams.log.port import (
     Subscription,
     TopicSpec,
 )
+from streams.log.subscription import PositionTracking
 
 __all__ = ["KafkaLog"]
 
@@ -416,8 +417,10 @@ class KafkaLog(Log):
             self._group_clients.clear()
 
 
-class _KafkaSubscription(Subscription):
+class _KafkaSubscription(PositionTracking):
     """Every partition of ``topics`` assigned to one consumer; no group membership."""
+
+    _log: KafkaLog
 
     def __init__(
         self, log: KafkaLog, topics: Sequence[str], group: str | None, from_start: bool
@@ -452,20 +455,10 @@ class _KafkaSubscription(Subscription):
             out.append(rec)
         return out
 
-    def positions(self) -> dict[tuple[str, int], int]:
-        return dict(self._pos)
-
     def seek(self, topic: str, partition: int, offset: int) -> None:
-        if (topic, partition) not in self._pos:
-            raise KeyError(f"not subscribed to {topic}[{partition}]")
-        self._pos[(topic, partition)] = offset
+        super().seek(topic, partition, offset)
         # Re-assigning is valid in every consumer state (seek is not, before the first fetch).
         self._consumer.assign([TopicPartition(t, p, o) for (t, p), o in self._pos.items()])
-
-    def commit(self) -> None:
-        if self._group is None:
-            raise ValueError("a subscription without a group has nothing to commit to")
-        self._log.commit(self._group, self._pos)
 
     def close(self) -> None:
         self._consumer.close()

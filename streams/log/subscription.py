@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 
 from streams.log.port import Log, StoredRecord, Subscription
 
-__all__ = ["PollingSubscription"]
+__all__ = ["PollingSubscription", "PositionTracking"]
 
 
 @runtime_checkable
@@ -23,7 +23,29 @@ class _Wakeable(Protocol):
     ) -> bool: ...
 
 
-class PollingSubscription(Subscription):
+class PositionTracking(Subscription):
+    """Positions per (topic, partition) and group commits, shared by the subscriptions of
+    every transport. Subclasses fill ``_pos`` and implement ``poll`` and ``close``."""
+
+    _log: Log
+    _group: str | None
+    _pos: dict[tuple[str, int], int]
+
+    def positions(self) -> dict[tuple[str, int], int]:
+        return dict(self._pos)
+
+    def seek(self, topic: str, partition: int, offset: int) -> None:
+        if (topic, partition) not in self._pos:
+            raise KeyError(f"not subscribed to {topic}[{partition}]")
+        self._pos[(topic, partition)] = offset
+
+    def commit(self) -> None:
+        if self._group is None:
+            raise ValueError("a subscription without a group has nothing to commit to")
+        self._log.commit(self._group, self._pos)
+
+
+class PollingSubscription(PositionTracking):
     def __init__(
         self, log: Log, topics: Sequence[str], group: str | None, *, from_start: bool = True
     ) -> None:
@@ -67,19 +89,6 @@ class PollingSubscription(Subscription):
                     self._next = (self._next + i + 1) % n
                     break
         return out
-
-    def positions(self) -> dict[tuple[str, int], int]:
-        return dict(self._pos)
-
-    def seek(self, topic: str, partition: int, offset: int) -> None:
-        if (topic, partition) not in self._pos:
-            raise KeyError(f"not subscribed to {topic}[{partition}]")
-        self._pos[(topic, partition)] = offset
-
-    def commit(self) -> None:
-        if self._group is None:
-            raise ValueError("a subscription without a group has nothing to commit to")
-        self._log.commit(self._group, self._pos)
 
     def close(self) -> None:
         self._pos.clear()
