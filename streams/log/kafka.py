@@ -415,6 +415,10 @@ class KafkaLog(Log):
                     c.close()
             self._reader = None
             self._group_clients.clear()
+        # Destroy the librdkafka handles now, not at garbage collection: a handle that
+        # outlives its broker keeps reconnecting and logging to stderr.
+        self._producer.close()
+        del self._admin
 
 
 class _KafkaSubscription(PositionTracking):
