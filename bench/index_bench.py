@@ -4,7 +4,7 @@ Run from the repository root::
 
     .venv/bin/python bench/index_bench.py                  # 100k x 384 (3-7 minutes, 2 cores)
     .venv/bin/python bench/index_bench.py --quick          # smoke run (15 seconds)
-    .venv/bin/python bench/index_bench.py --million        # 1M x 384: memory + start (~20 min)
+    .venv/bin/python bench/index_bench.py --million        # 1M x 384: memory + start (12-21 min)
     .venv/bin/python bench/index_bench.py --scale-n 300000 # the same figures at 300k (~3 min)
     .venv/bin/python bench/index_bench.py --json out.json
 
