@@ -74,7 +74,6 @@ and records the commit (and changed files under ``streams/``) it measured.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import ctypes
 import gc
@@ -114,7 +113,7 @@ from streams.schemas.log_registry import LogRegistry
 from streams.service.api import SearchRequest
 from streams.service.metrics import ServiceMetrics
 from streams.service.query_node import QueryNode
-from streams.service.resp import RespServer
+from streams.service.resp import RespServer, serve_in_thread
 from streams.topics import Topics
 
 __all__ = ["BenchConfig", "main", "run"]
@@ -369,40 +368,10 @@ def ef_search(ef: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def resp_server(node: QueryNode) -> Iterator[RespServer]:
-    """A RespServer on a free loopback port, in a thread with its own event loop (as
-    tests/test_resp.py ``running()``)."""
-    server = RespServer(node.service, "127.0.0.1", 0, metrics=ServiceMetrics())
-    started = threading.Event()
-    failure: list[BaseException] = []
-    holder: dict[str, Any] = {}
-
-    async def main() -> None:
-        holder["loop"] = asyncio.get_running_loop()
-        holder["task"] = asyncio.current_task()
-        try:
-            await server.start()
-        except BaseException as exc:
-            failure.append(exc)
-            raise
-        finally:
-            started.set()
-        await server.serve()
-
-    def run() -> None:
-        with contextlib.suppress(asyncio.CancelledError):
-            asyncio.run(main())
-
-    thread = threading.Thread(target=run, daemon=True, name="resp")
-    thread.start()
-    if not started.wait(10):
-        raise RuntimeError("RESP server did not start")
-    if failure:
-        raise failure[0]
-    try:
+    """A RespServer on a free loopback port, in a thread with its own event loop."""
+    with serve_in_thread(RespServer(node.service, "127.0.0.1", 0,
+                                    metrics=ServiceMetrics())) as server:
         yield server
-    finally:
-        holder["loop"].call_soon_threadsafe(holder["task"].cancel)
-        thread.join(10)
 
 
 def child_resp_client(spec: dict[str, Any]) -> dict[str, Any]:

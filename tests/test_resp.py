@@ -9,12 +9,9 @@ with the write's token, never through timing.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import shutil
 import socket
 import subprocess
-import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -28,7 +25,7 @@ from hypothesis import strategies as st
 from streams.log.port import LogPosition
 from streams.service.api import DataPlane
 from streams.service.metrics import ServiceMetrics
-from streams.service.resp import RespServer
+from streams.service.resp import RespServer, serve_in_thread
 from streams.service.resp_wire import (
     ErrorReply,
     ParserLimits,
@@ -43,39 +40,7 @@ TENANT = "acme"
 
 
 # -- fixtures -----------------------------------------------------------------------------
-@contextlib.contextmanager
-def running(server: RespServer) -> Iterator[RespServer]:
-    """Run ``server`` in a thread with its own event loop until the block exits."""
-    started = threading.Event()
-    failure: list[BaseException] = []
-    holder: dict[str, Any] = {}
-
-    async def main() -> None:
-        holder["loop"] = asyncio.get_running_loop()
-        holder["task"] = asyncio.current_task()
-        try:
-            await server.start()
-        except BaseException as exc:
-            failure.append(exc)
-            raise
-        finally:
-            started.set()
-        await server.serve()
-
-    def run() -> None:
-        with contextlib.suppress(asyncio.CancelledError):
-            asyncio.run(main())
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert started.wait(10), "RESP server did not start"
-    if failure:
-        raise failure[0]
-    try:
-        yield server
-    finally:
-        holder["loop"].call_soon_threadsafe(holder["task"].cancel)
-        thread.join(10)
+running = serve_in_thread
 
 
 @pytest.fixture

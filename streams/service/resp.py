@@ -48,6 +48,7 @@ import itertools
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -81,7 +82,7 @@ from streams.service.resp_wire import (
     printable,
 )
 
-__all__ = ["Offload", "RespServer", "serve_resp"]
+__all__ = ["Offload", "RespServer", "serve_in_thread", "serve_resp"]
 
 log = logging.getLogger(__name__)
 
@@ -563,3 +564,41 @@ async def serve_resp(dataplane: DataPlane, host: str, port: int) -> asyncio.Serv
     pool; returns the listening server. Use :class:`RespServer` directly to also close
     client connections and the pool on shutdown."""
     return await RespServer(dataplane, host, port).start()
+
+
+@contextlib.contextmanager
+def serve_in_thread(server: RespServer) -> Iterator[RespServer]:
+    """Run ``server`` in a background thread with its own event loop until the block
+    exits (tests, benchmarks, embedding in a synchronous program); ``server.port`` is set
+    when the block starts."""
+    started = threading.Event()
+    failure: list[BaseException] = []
+    holder: dict[str, Any] = {}
+
+    async def main() -> None:
+        holder["loop"] = asyncio.get_running_loop()
+        holder["task"] = asyncio.current_task()
+        try:
+            await server.start()
+        except BaseException as exc:
+            failure.append(exc)
+            raise
+        finally:
+            started.set()
+        await server.serve()
+
+    def run() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            asyncio.run(main())
+
+    thread = threading.Thread(target=run, daemon=True, name="resp-server")
+    thread.start()
+    if not started.wait(10):
+        raise RuntimeError("RESP server did not start")
+    if failure:
+        raise failure[0]
+    try:
+        yield server
+    finally:
+        holder["loop"].call_soon_threadsafe(holder["task"].cancel)
+        thread.join(10)
