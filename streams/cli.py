@@ -321,6 +321,132 @@ def policy_eval(
         json_out.write_text(json.dumps(reports_to_json(reports), indent=2))
         console.print(f"wrote {json_out}")
 
+Url = Annotated[str, typer.Option("--url", help="HTTP API of a running node")]
+_DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+def _http(method: str, url: str, body: dict[str, Any] | None = None) -> Any:
+    """One call to a running node's HTTP API; its VEC_ERR_* error becomes exit code 2."""
+    import httpx
+
+    try:
+        reply = httpx.request(method, url, json=body, timeout=30.0)
+    except httpx.HTTPError as exc:
+        err.print(f"[red]cannot reach {url}[/red]: {exc} (is `streamvec up` running?)")
+        raise typer.Exit(2) from None
+    data = reply.json() if reply.content else {}
+    if reply.status_code >= 400:
+        e = data.get("error", {}) if isinstance(data, dict) else {}
+        err.print(f"[red]{e.get('code', reply.status_code)}[/red] {e.get('message', reply.text)}")
+        raise typer.Exit(2)
+    return data
+
+
+@app.command()
+def search(
+    tenant: Annotated[str, typer.Argument(help="tenant id")],
+    index: Annotated[str, typer.Argument(help="index name")],
+    vector: Annotated[str | None, typer.Option(help="comma-separated numbers")] = None,
+    text: Annotated[str | None, typer.Option(help="query text (text indexes)")] = None,
+    k: Annotated[int, typer.Option("--k", "-k", help="how many hits")] = 10,
+    filter: Annotated[str | None, typer.Option(help="filter expression")] = None,
+    consistency: Annotated[str, typer.Option(help="eventual|session|bounded|strong")] = "eventual",
+    mode: Annotated[str, typer.Option(help="text queries: dense|keyword|hybrid")] = "hybrid",
+    url: Url = _DEFAULT_URL,
+    as_json: Annotated[bool, typer.Option("--json", help="print the raw reply")] = False,
+) -> None:
+    """Search a running node over its HTTP API (a vector, or text on a text index)."""
+    if (vector is None) == (text is None):
+        err.print("[red]VEC_ERR_INVALID[/red] give exactly one of --vector and --text")
+        raise typer.Exit(2)
+    base = f"{url.rstrip('/')}/v1/indexes/{tenant}/{index}"
+    body: dict[str, Any] = {"k": k, "filter": filter, "consistency": consistency}
+    if vector is not None:
+        try:
+            body["vector"] = [float(x) for x in vector.split(",") if x.strip()]
+        except ValueError:
+            err.print("[red]VEC_ERR_INVALID[/red] --vector must be comma-separated numbers")
+            raise typer.Exit(2) from None
+        reply = _http("POST", f"{base}/search", body)
+    else:
+        body.update(text=text, mode=mode)
+        reply = _http("POST", f"{base}/query", body)
+    if as_json:
+        print(json.dumps(reply, indent=2))
+        return
+    table = Table(title=f"{tenant}/{index}: {len(reply['hits'])} hits")
+    for col in ("#", "id", "score", "meta"):
+        table.add_column(col)
+    for i, hit in enumerate(reply["hits"], 1):
+        meta = json.dumps(hit.get("meta"))
+        table.add_row(str(i), hit["id"], f"{hit['score']:.4f}",
+                      meta if len(meta) <= 80 else meta[:77] + "...")
+    console.print(table)
+    dbg = reply.get("debug", {})
+    console.print(f"layer={dbg.get('layer')} cache_hit={dbg.get('cache_hit')} "
+                  f"latency_ms={dbg.get('latency_ms')}")
+
+
+@app.command()
+def snapshot(url: Url = _DEFAULT_URL) -> None:
+    """Ask a running node to write a snapshot now (start-up then replays only what follows)."""
+    console.print_json(data=_http("POST", f"{url.rstrip('/')}/v1/snapshot"))
+
+
+@app.command()
+def replay(
+    data_dir: DataDir = None,
+    kafka: Kafka = None,
+    timeout_s: Annotated[float, typer.Option(help="give up after this many seconds")] = 3600.0,
+) -> None:
+    """Rebuild the query node from the log alone (no snapshot), then write a fresh snapshot.
+
+    Run it with the node stopped. The old node directory is kept beside the new one
+    (``node.replaced-<time>``), never deleted: remove it yourself once the rebuild is checked.
+    """
+    import time
+
+    from streams.service.query_node import QueryNode
+
+    try:
+        settings = _settings(data_dir, kafka)
+        node_dir = settings.data_dir / "node"
+        with open_node(settings) as node:
+            if node_dir.exists():
+                kept = node_dir.with_name(f"node.replaced-{time.strftime('%Y%m%dT%H%M%S')}")
+                node_dir.rename(kept)
+                console.print(f"kept the old node directory as {kept}")
+            query = QueryNode(node.log, node.topics, node.codec, node_dir,
+                              head_capacity=settings.head_capacity, cache_enabled=False)
+            targets: dict[tuple[str, int], int] = {}
+            for topic in (node.topics.indexes, node.topics.vectors):
+                for p, end in node.log.end_offsets(topic).items():
+                    targets[(topic, p)] = end
+            total = sum(targets.values())
+            query.start()
+            try:
+                deadline = time.monotonic() + timeout_s
+                with Progress(console=console) as bar:
+                    task = bar.add_task("replaying", total=max(total, 1))
+                    while True:
+                        done = query.applied.snapshot()
+                        bar.update(task, completed=sum(min(done.get(tp, 0), end)
+                                                       for tp, end in targets.items()))
+                        if query.applied.reached(targets):
+                            break
+                        if time.monotonic() > deadline:
+                            err.print("[red]VEC_ERR_BUSY[/red] replay did not finish in time")
+                            raise typer.Exit(2)
+                        time.sleep(0.2)
+                query.indexer.drain_builds()
+                info = query.service.snapshot()
+            finally:
+                query.close()
+            console.print(f"replayed {total} records; snapshot {info.get('snapshot', info)}")
+    except StreamvecError as exc:
+        _fail(exc)
+
+
 def main() -> None:
     app()
 
