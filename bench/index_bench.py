@@ -27,9 +27,11 @@ What is measured, per dtype:
 * **raw FAISS** (in a subprocess, so its memory is its own): build rate (adds/s), peak RSS
   added by the index; then in this process the efSearch curve (``--ef-values``): recall@10
   and single-query latency, ``index.search(q[None], 10)``.
-* **ingest through the log until searchable**: Avro VectorRecords encoded with the node's
-  codec and appended with ``log.append_batch`` (``--batch`` records per call, the producer
-  path), while a running query node applies them; the clock stops when
+* **ingest through the log until searchable**: Avro VectorRecords encoded as
+  ``VectorService.upsert_many`` encodes them (the node's codec without fastavro's record
+  check: the records are built from the schema) and appended with ``log.append_batch``
+  (``--batch`` records per call, the producer path), while a running query node applies
+  them; the clock stops when
   ``QueryNode.catch_up()`` returns (every record applied, so searchable) and, separately,
   when the background seals/merges into HNSW Tail segments have settled.
 * **search**, uncached (the node's L0 result cache is off: the curve repeats every query):
@@ -40,11 +42,13 @@ What is measured, per dtype:
   time after warm-up queries that are not measured; the efSearch curve
   in-process; at the chosen efSearch (per dtype, the smallest of ``--ef-values`` giving
   streamvec recall@10 >= 0.99, else the smallest on the recall plateau; or ``--ef``)
-  p50/p99, recall@10 and the ratio to raw FAISS and to Chroma. The query node has no
-  per-request efSearch: the bench sets ``segment.DEFAULT_EF_SEARCH``, the value every node
-  search uses. The Head is about empty after ingest, so its exact scan, which every search
-  pays while it fills, is timed apart on a ``HeadIndex`` of 1/4, 1/2 and all of
-  ``--head-capacity`` rows.
+  p50/p99, recall@10 and the ratio to raw FAISS and to Chroma. The bench sets
+  ``segment.DEFAULT_EF_SEARCH`` (what a search without ``EF n`` uses) rather than the
+  per-request knob, so RESP requests stay the plain ``VEC.SEARCH`` a client sends. For int8
+  (SQ8) the node re-ranks 4 x k candidates with the fp32 vectors of its state store
+  (``VectorIndex.refine_factor``); raw FAISS has no such step. The Head is about empty
+  after ingest, so its exact scan, which every search pays while it fills, is timed apart
+  on a ``HeadIndex`` of 1/4, 1/2 and all of ``--head-capacity`` rows.
 * **freshness** (first dtype): one ``VectorService.upsert`` at a time on the loaded node
   (idle, then with one thread searching continuously); ack latency, and ack -> searchable
   (``applied.wait`` for the write's position, then eventual searches until the id is
@@ -58,14 +62,18 @@ What is measured, per dtype:
   still held at the end after ``malloc_trim(0)`` (live memory, not allocator slack).
 
 Once (first dtype's data): ``VectorService.upsert`` from ``--upsert-threads`` (8) threads
-(group commit) on a fresh log, and Chroma (``chromadb``, ``PersistentClient``, HNSW space
+(group commit) on a fresh log; ``VectorService.upsert_many`` (``--batch`` per call: validate,
+encode, one ``append_batch``) from one thread on another fresh log, all ``--n`` vectors,
+until searchable; and Chroma (``chromadb``, ``PersistentClient``, HNSW space
 cosine, its defaults otherwise): batched ``collection.add`` rate, single-query p50/p99 and
 recall@10.
 
 ``--million`` (or ``--scale-n N``) runs only the memory and start figures at 1M (N)
 vectors of the first dtype: records are appended to the log, then a subprocess replays them
-into a node (peak RSS, recall at each efSearch, snapshot), another starts from the snapshot,
-and raw FAISS builds the same recipe in a third.
+into a node (peak RSS, recall at each efSearch, snapshot), another starts from the snapshot
+and runs the same queries (peak RSS with the searches' state reads included), and raw FAISS
+builds the same recipe in a third. "Settled" waits for the merges an idle node runs too
+(``VectorIndex.compact_rows``).
 
 The machine must be otherwise idle: the run prints a warning when the load average is high,
 and records the commit (and changed files under ``streams/``) it measured.
@@ -106,7 +114,7 @@ from bench.log_bench import Reporter, fdatasync_probe, filesystem_of, percentile
 from streams.index.head import HeadIndex, prepare
 from streams.index.model import Dtype, IndexConfig, Metric, VectorUpsert
 from streams.log.embedded import EmbeddedLog
-from streams.log.port import Record, now_ms
+from streams.log.port import LogPosition, Record, now_ms
 from streams.schemas import catalog
 from streams.schemas.codec import AvroCodec
 from streams.schemas.log_registry import LogRegistry
@@ -134,7 +142,6 @@ RSS_PER_MILLION_MB = 1000.0
 RSS_RECALL = 0.95
 
 Matrix = npt.NDArray[np.float32]
-
 
 
 # -- configuration ------------------------------------------------------------------------
@@ -197,8 +204,10 @@ def make_dataset(cfg: BenchConfig, n: int, rep: Reporter) -> Dataset:
             tick(e - s)
         done("")
     base, queries = out[:n], out[n : n + cfg.queries]
-    warm, more = out[n + cfg.queries : n + cfg.queries + WARMUP_QUERIES], \
-        out[n + cfg.queries + WARMUP_QUERIES :]
+    warm, more = (
+        out[n + cfg.queries : n + cfg.queries + WARMUP_QUERIES],
+        out[n + cfg.queries + WARMUP_QUERIES :],
+    )
     with rep.task("ground truth (exact, IndexFlatIP)", 1) as (_tick, done):
         faiss.omp_set_num_threads(len(os.sched_getaffinity(0)))  # brute force: all cores
         flat = faiss.IndexFlatIP(cfg.dim)
@@ -217,15 +226,22 @@ def recall_at_k(found: Sequence[Sequence[int]], truth: npt.NDArray[np.int64]) ->
 
 def latency_ms(lat_ns: list[int]) -> dict[str, float]:
     s = sorted(lat_ns)
-    return {"p50_ms": percentile(s, 0.50) / 1000, "p99_ms": percentile(s, 0.99) / 1000,
-            "mean_ms": sum(s) / len(s) / 1e6 if s else math.nan}
+    return {
+        "p50_ms": percentile(s, 0.50) / 1000,
+        "p99_ms": percentile(s, 0.99) / 1000,
+        "mean_ms": sum(s) / len(s) / 1e6 if s else math.nan,
+    }
 
 
-def timed_queries(search: Callable[[Matrix], list[int]], queries: Matrix,
-                  truth: npt.NDArray[np.int64], warmup: Matrix | None = None) -> dict[str, Any]:
+def timed_queries(
+    search: Callable[[Matrix], list[int]],
+    queries: Matrix,
+    truth: npt.NDArray[np.int64],
+    warmup: Matrix | None = None,
+) -> dict[str, Any]:
     """One query at a time after a warm-up (``warmup`` queries, else the last
     WARMUP_QUERIES reversed): latency percentiles and recall@K."""
-    for q in (queries[::-1][:WARMUP_QUERIES] if warmup is None else warmup):
+    for q in queries[::-1][:WARMUP_QUERIES] if warmup is None else warmup:
         search(q)
     clock = time.perf_counter_ns
     lat: list[int] = []
@@ -279,27 +295,52 @@ class Stack:
         self.log = EmbeddedLog(path, durability=durability)
         self.log.ensure_topics(self.topics.specs())
         self.codec = AvroCodec(LogRegistry(self.log, self.topics))
+        # records built field by field from the schema, as VectorService.upsert_many encodes
+        # them: without fastavro's own record check (3/4 of the encode time)
+        self.record_codec = AvroCodec(self.codec.registry, validate=False)
         self.subject = catalog.subject_for(self.topics.vectors)
         self.schema = catalog.load_schema(catalog.TOPIC_VALUE_SCHEMA["vectors"])
 
     def node(self, path: Path, head_capacity: int) -> QueryNode:
         # Searches are measured uncached: the curve repeats each query at every efSearch,
         # which the L0 result cache would answer.
-        return QueryNode(self.log, self.topics, self.codec, path, head_capacity=head_capacity,
-                         faiss_threads=FAISS_THREADS, cache_enabled=False).start()
+        return QueryNode(
+            self.log,
+            self.topics,
+            self.codec,
+            path,
+            head_capacity=head_capacity,
+            faiss_threads=FAISS_THREADS,
+            cache_enabled=False,
+        ).start()
 
     def records(self, start: int, vectors: Matrix) -> list[Record]:
-        """VectorRecords for ids ``start..``, encoded as VectorService encodes them."""
-        topic, encode, subject, schema = self.topics.vectors, self.codec.encode, self.subject, \
-            self.schema
+        """VectorRecords for ids ``start..``, encoded as VectorService.upsert_many does."""
+        topic, encode, subject, schema = (
+            self.topics.vectors,
+            self.record_codec.encode,
+            self.subject,
+            self.schema,
+        )
         ts = now_ms()
         out = []
         for i, vec in enumerate(vectors, start):
-            value = encode(subject, schema, {
-                "tenant": TENANT, "index": INDEX, "id": str(i), "vector": vec.tobytes(),
-                "dtype": "fp32", "meta": None, "tags": [], "numeric": {}, "version": 1,
-                "timestamp": ts,
-            })
+            value = encode(
+                subject,
+                schema,
+                {
+                    "tenant": TENANT,
+                    "index": INDEX,
+                    "id": str(i),
+                    "vector": vec.tobytes(),
+                    "dtype": "fp32",
+                    "meta": None,
+                    "tags": [],
+                    "numeric": {},
+                    "version": 1,
+                    "timestamp": ts,
+                },
+            )
             out.append(Record.of(topic, f"{KEY}/{i}", value))
         return out
 
@@ -308,15 +349,15 @@ class Stack:
 
 
 def create_index(node: QueryNode, dim: int, dtype: str) -> None:
-    node.service.create_index(IndexConfig(TENANT, INDEX, dim, metric=Metric.COSINE,
-                                          dtype=Dtype(dtype), recipe=RECIPE))
+    node.service.create_index(
+        IndexConfig(TENANT, INDEX, dim, metric=Metric.COSINE, dtype=Dtype(dtype), recipe=RECIPE)
+    )
     wait_caught_up(node)
 
 
 def wait_caught_up(node: QueryNode, timeout_s: float = 3600.0) -> None:
     if not node.catch_up(timeout_s):
-        raise RuntimeError(f"query node not caught up after {timeout_s} s: "
-                           f"{node.service.health()}")
+        raise RuntimeError(f"query node not caught up after {timeout_s} s: {node.service.health()}")
 
 
 def settle(node: QueryNode, timeout_s: float = 3600.0) -> None:
@@ -329,8 +370,9 @@ def settle(node: QueryNode, timeout_s: float = 3600.0) -> None:
             raise RuntimeError(f"indexer failed: {ix.error!r}")
         vi = ix.indexes.get(KEY)
         builds = ix._builds  # no public "builds in flight" accessor
-        if vi is not None and not (builds.seal or builds.merge or vi.needs_seal()
-                                   or vi.needs_merge()):
+        if vi is not None and not (
+            builds.seal or builds.merge or vi.needs_seal() or vi.needs_merge(idle=True)
+        ):
             return
         time.sleep(0.05)
     raise RuntimeError(f"seals/merges not settled after {timeout_s} s")
@@ -338,10 +380,13 @@ def settle(node: QueryNode, timeout_s: float = 3600.0) -> None:
 
 def index_shape(node: QueryNode) -> dict[str, Any]:
     stats = node.indexer.indexes[KEY].stats()
-    return {"live": stats["live"], "head_rows": stats["head_rows"],
-            "segments": [s["rows"] for s in stats["segments"]],
-            "recipes": sorted({s["recipe_used"] for s in stats["segments"]}),
-            "bytes_estimate": stats["bytes"]}
+    return {
+        "live": stats["live"],
+        "head_rows": stats["head_rows"],
+        "segments": [s["rows"] for s in stats["segments"]],
+        "recipes": sorted({s["recipe_used"] for s in stats["segments"]}),
+        "bytes_estimate": stats["bytes"],
+    }
 
 
 def service_search(node: QueryNode) -> Callable[[Matrix], list[int]]:
@@ -369,8 +414,9 @@ def ef_search(ef: int) -> Iterator[None]:
 @contextlib.contextmanager
 def resp_server(node: QueryNode) -> Iterator[RespServer]:
     """A RespServer on a free loopback port, in a thread with its own event loop."""
-    with serve_in_thread(RespServer(node.service, "127.0.0.1", 0,
-                                    metrics=ServiceMetrics())) as server:
+    with serve_in_thread(
+        RespServer(node.service, "127.0.0.1", 0, metrics=ServiceMetrics())
+    ) as server:
         yield server
 
 
@@ -386,7 +432,8 @@ def child_resp_client(spec: dict[str, Any]) -> dict[str, Any]:
 
     def search(q: Matrix) -> list[int]:
         hits, _debug = client.execute_command(
-            "VEC.SEARCH", TENANT, INDEX, "TOPK", K, "VECTOR", q.astype("<f4").tobytes())
+            "VEC.SEARCH", TENANT, INDEX, "TOPK", K, "VECTOR", q.astype("<f4").tobytes()
+        )
         return [int(h[0]) for h in hits]
 
     payload = queries[0].astype("<f4").tobytes()
@@ -395,9 +442,11 @@ def child_resp_client(spec: dict[str, Any]) -> dict[str, Any]:
         client.execute_command("ECHO", payload)
         return []
 
-    out = {"search": timed_queries(search, queries, truth),
-           "echo": timed_queries(echo, queries, truth), "protocol": client.get_connection_kwargs()
-           .get("protocol", "default")}
+    out = {
+        "search": timed_queries(search, queries, truth),
+        "echo": timed_queries(echo, queries, truth),
+        "protocol": client.get_connection_kwargs().get("protocol", "default"),
+    }
     client.close()
     return out
 
@@ -408,12 +457,20 @@ def run_child(spec: dict[str, Any], root: Path) -> dict[str, Any]:
     spec_path = root / f"child-{spec['kind']}-{time.monotonic_ns()}.json"
     out_path = spec_path.with_suffix(".out.json")
     spec_path.write_text(json.dumps(spec))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path),
-           "--child-out", str(out_path)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        str(spec_path),
+        "--child-out",
+        str(out_path),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"child {spec['kind']} failed ({proc.returncode}):\n"
-                           f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(
+            f"child {spec['kind']} failed ({proc.returncode}):\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     result: dict[str, Any] = json.loads(out_path.read_text())
     return result
 
@@ -436,8 +493,12 @@ def child_node(spec: dict[str, Any]) -> dict[str, Any]:
     t_open = time.perf_counter()
     wait_caught_up(node)
     t_searchable = time.perf_counter()
-    out: dict[str, Any] = {"restored_from": node.restored_from, "restore_s": node.restore_s,
-                           "open_s": t_open - t0, "searchable_s": t_searchable - t0}
+    out: dict[str, Any] = {
+        "restored_from": node.restored_from,
+        "restore_s": node.restore_s,
+        "open_s": t_open - t0,
+        "searchable_s": t_searchable - t0,
+    }
     out["vm_searchable"] = vm_status()
     if spec.get("settle"):
         settle(node)
@@ -453,6 +514,7 @@ def child_node(spec: dict[str, Any]) -> dict[str, Any]:
         for ef in spec["ef_values"]:
             with ef_search(ef):
                 out["curve"][str(ef)] = timed_queries(service_search(node), queries, truth)
+        out["vm_end"] = vm_status()  # after the searches (re-ranking reads the state)
     if spec.get("snapshot"):
         t = time.perf_counter()
         node.service.snapshot()
@@ -476,8 +538,9 @@ def child_faiss(spec: dict[str, Any]) -> dict[str, Any]:
     queries, truth = _child_queries(spec)
 
     def rows(start: int, count: int) -> Matrix:
-        return np.fromfile(path, dtype=np.float32, count=count * dim,
-                           offset=start * row_bytes).reshape(count, dim)
+        return np.fromfile(
+            path, dtype=np.float32, count=count * dim, offset=start * row_bytes
+        ).reshape(count, dim)
 
     gc.collect()
     base = vm_status()
@@ -489,8 +552,12 @@ def child_faiss(spec: dict[str, Any]) -> dict[str, Any]:
         index.add(rows(s, min(segment.CHUNK_ROWS, n - s)))
     build_s = time.perf_counter() - t0
     gc.collect()
-    out: dict[str, Any] = {"vm_base": base, "vm_after": vm_status(), "build_s": build_s,
-                           "adds_per_s": n / build_s}
+    out: dict[str, Any] = {
+        "vm_base": base,
+        "vm_after": vm_status(),
+        "build_s": build_s,
+        "adds_per_s": n / build_s,
+    }
     malloc_trim()
     out["vm_trimmed"] = vm_status()
     if queries is not None and truth is not None:
@@ -516,6 +583,11 @@ def peak_mb(child: dict[str, Any]) -> float:
     return float(child["vm_after"]["VmHWM"] - child["vm_base"]["VmHWM"])
 
 
+def peak_end_mb(child: dict[str, Any]) -> float:
+    """Peak RSS over the baseline including the searches the child ran."""
+    return float(child.get("vm_end", child["vm_after"])["VmHWM"] - child["vm_base"]["VmHWM"])
+
+
 def steady_mb(child: dict[str, Any]) -> float:
     """RSS added and still held at the end, after ``malloc_trim``."""
     return float(child["vm_trimmed"]["VmRSS"] - child["vm_base"]["VmRSS"])
@@ -523,25 +595,44 @@ def steady_mb(child: dict[str, Any]) -> float:
 
 # -- the phases ------------------------------------------------------------------------------
 def write_files(data: Dataset, root: Path) -> dict[str, str]:
-    files = {"vectors_file": str(root / "base.f32"), "queries_file": str(root / "queries.npy"),
-             "truth_file": str(root / "truth.npy")}
+    files = {
+        "vectors_file": str(root / "base.f32"),
+        "queries_file": str(root / "queries.npy"),
+        "truth_file": str(root / "truth.npy"),
+    }
     data.base.tofile(files["vectors_file"])
     np.save(files["queries_file"], data.queries)
     np.save(files["truth_file"], data.truth)
     return files
 
 
-def bench_raw_faiss(cfg: BenchConfig, dtype: str, n: int, files: dict[str, str], root: Path,
-                    rep: Reporter, *, curve: bool = False) -> tuple[dict[str, Any], Any]:
+def bench_raw_faiss(
+    cfg: BenchConfig,
+    dtype: str,
+    n: int,
+    files: dict[str, str],
+    root: Path,
+    rep: Reporter,
+    *,
+    curve: bool = False,
+) -> tuple[dict[str, Any], Any]:
     """Build in a subprocess: adds/s, memory, and with ``curve`` the efSearch curve there
     (the index is then dropped); else the built index is read back for this process."""
     used = segment.plan_recipe(RECIPE, Dtype(dtype), n)
     index_file = root / f"raw-{dtype}.faiss"
-    spec: dict[str, Any] = {"kind": "faiss", "n": n, "dim": cfg.dim, "recipe_used": used,
-                            "vectors_file": files["vectors_file"]}
+    spec: dict[str, Any] = {
+        "kind": "faiss",
+        "n": n,
+        "dim": cfg.dim,
+        "recipe_used": used,
+        "vectors_file": files["vectors_file"],
+    }
     if curve:
-        spec.update(ef_values=list(cfg.ef_values), queries_file=files["queries_file"],
-                    truth_file=files["truth_file"])
+        spec.update(
+            ef_values=list(cfg.ef_values),
+            queries_file=files["queries_file"],
+            truth_file=files["truth_file"],
+        )
     else:
         spec["index_file"] = str(index_file)
     with rep.task(f"raw FAISS {used}: build {n:,} (subprocess)", 1) as (_t, done):
@@ -554,8 +645,9 @@ def bench_raw_faiss(cfg: BenchConfig, dtype: str, n: int, files: dict[str, str],
     return {"recipe_used": used, **child}, index
 
 
-def ingest_log(stack: Stack, node: QueryNode, data: Matrix, batch: int,
-               rep: Reporter, label: str) -> dict[str, Any]:
+def ingest_log(
+    stack: Stack, node: QueryNode, data: Matrix, batch: int, rep: Reporter, label: str
+) -> dict[str, Any]:
     n = len(data)
     gc.collect()
     with rep.task(label, n) as (tick, done):
@@ -576,17 +668,21 @@ def ingest_log(stack: Stack, node: QueryNode, data: Matrix, batch: int,
         t_settled = time.perf_counter()
         done(f"{t_settled - t_searchable:.1f} s")
     return {
-        "vectors": n, "batch": batch,
-        "append_s": t_appended - t0, "encode_s": encode_s,
-        "searchable_s": t_searchable - t0, "settled_s": t_settled - t0,
+        "vectors": n,
+        "batch": batch,
+        "append_s": t_appended - t0,
+        "encode_s": encode_s,
+        "searchable_s": t_searchable - t0,
+        "settled_s": t_settled - t0,
         "append_per_s": n / (t_appended - t0),
         "searchable_per_s": n / (t_searchable - t0),
         "settled_per_s": n / (t_settled - t0),
     }
 
 
-def bench_upsert_threads(cfg: BenchConfig, data: Matrix, dtype: str, root: Path,
-                         rep: Reporter) -> dict[str, Any]:
+def bench_upsert_threads(
+    cfg: BenchConfig, data: Matrix, dtype: str, root: Path, rep: Reporter
+) -> dict[str, Any]:
     """``VectorService.upsert`` from several threads on a fresh log and node."""
     stack = Stack(root / "log-upsert", cfg.durability)
     node = stack.node(root / "node-upsert", cfg.head_capacity)
@@ -616,8 +712,10 @@ def bench_upsert_threads(cfg: BenchConfig, data: Matrix, dtype: str, root: Path,
                 errors.append(exc)
 
         with rep.task(f"upsert x{nthreads} threads (group commit)", count) as (tick, done):
-            workers = [threading.Thread(target=worker, args=(t, tick), daemon=True)
-                       for t in range(nthreads)]
+            workers = [
+                threading.Thread(target=worker, args=(t, tick), daemon=True)
+                for t in range(nthreads)
+            ]
             for w in workers:
                 w.start()
             gc.collect()
@@ -632,10 +730,16 @@ def bench_upsert_threads(cfg: BenchConfig, data: Matrix, dtype: str, root: Path,
             t_searchable = time.perf_counter()
             done(f"{count / (t_searchable - t0):,.0f}/s")
         ack = latency_ms([x for lat in lats for x in lat])
-        return {"vectors": count, "threads": nthreads, "acked_s": t_acked - t0,
-                "searchable_s": t_searchable - t0, "acked_per_s": count / (t_acked - t0),
-                "searchable_per_s": count / (t_searchable - t0),
-                "ack_p50_ms": ack["p50_ms"], "ack_p99_ms": ack["p99_ms"]}
+        return {
+            "vectors": count,
+            "threads": nthreads,
+            "acked_s": t_acked - t0,
+            "searchable_s": t_searchable - t0,
+            "acked_per_s": count / (t_acked - t0),
+            "searchable_per_s": count / (t_searchable - t0),
+            "ack_p50_ms": ack["p50_ms"],
+            "ack_p99_ms": ack["p99_ms"],
+        }
     finally:
         node.close()
         stack.close()
@@ -643,8 +747,54 @@ def bench_upsert_threads(cfg: BenchConfig, data: Matrix, dtype: str, root: Path,
         shutil.rmtree(root / "node-upsert", ignore_errors=True)
 
 
-def bench_freshness(node: QueryNode, vectors: Matrix, prefix: str, loaded_by: Matrix | None,
-                    rep: Reporter) -> dict[str, Any]:
+def bench_upsert_many(
+    cfg: BenchConfig, data: Matrix, dtype: str, root: Path, rep: Reporter
+) -> dict[str, Any]:
+    """``VectorService.upsert_many`` (validate, encode, one ``append_batch``) from one
+    thread on a fresh log and node, ``cfg.batch`` records a call, until searchable."""
+    stack = Stack(root / "log-many", cfg.durability)
+    node = stack.node(root / "node-many", cfg.head_capacity)
+    try:
+        create_index(node, cfg.dim, dtype)
+        many = node.service.upsert_many
+        many([VectorUpsert(TENANT, INDEX, f"warm{i}", data[i]) for i in range(100)])
+        wait_caught_up(node)
+        n = len(data)
+        gc.collect()
+        with rep.task(f"upsert_many({cfg.batch}) -> searchable", n) as (tick, done):
+            t0 = time.perf_counter()
+            for s in range(0, n, cfg.batch):
+                out = many(
+                    [
+                        VectorUpsert(TENANT, INDEX, str(i), data[i])
+                        for i in range(s, min(n, s + cfg.batch))
+                    ]
+                )
+                if not all(isinstance(p, LogPosition) for p in out):
+                    raise RuntimeError(f"upsert_many refused: {out[:3]}")
+                tick(len(out))
+            t_acked = time.perf_counter()
+            wait_caught_up(node)
+            t_searchable = time.perf_counter()
+            done(f"{n / (t_searchable - t0):,.0f}/s")
+        return {
+            "vectors": n,
+            "batch": cfg.batch,
+            "acked_s": t_acked - t0,
+            "searchable_s": t_searchable - t0,
+            "acked_per_s": n / (t_acked - t0),
+            "searchable_per_s": n / (t_searchable - t0),
+        }
+    finally:
+        node.close()
+        stack.close()
+        shutil.rmtree(root / "log-many", ignore_errors=True)
+        shutil.rmtree(root / "node-many", ignore_errors=True)
+
+
+def bench_freshness(
+    node: QueryNode, vectors: Matrix, prefix: str, loaded_by: Matrix | None, rep: Reporter
+) -> dict[str, Any]:
     """One upsert at a time: ack latency and ack -> searchable (id returned by an eventual
     search). ``loaded_by``: queries one background thread searches with meanwhile."""
     service, applied = node.service, node.applied
@@ -695,10 +845,16 @@ def bench_freshness(node: QueryNode, vectors: Matrix, prefix: str, loaded_by: Ma
         if loader is not None:
             loader.join()
     ack, vis = latency_ms(acks), latency_ms(visible)
-    out = {"writes": len(vectors), "ack_p50_ms": ack["p50_ms"], "ack_p99_ms": ack["p99_ms"],
-           "visible_p50_ms": vis["p50_ms"], "visible_p99_ms": vis["p99_ms"],
-           "visible_max_ms": max(visible) / 1e6, "extra_polls": extra_polls,
-           "loaded": loader is not None}
+    out = {
+        "writes": len(vectors),
+        "ack_p50_ms": ack["p50_ms"],
+        "ack_p99_ms": ack["p99_ms"],
+        "visible_p50_ms": vis["p50_ms"],
+        "visible_p99_ms": vis["p99_ms"],
+        "visible_max_ms": max(visible) / 1e6,
+        "extra_polls": extra_polls,
+        "loaded": loader is not None,
+    }
     if loader is not None:
         out["background_searches_per_s"] = searches[0] / (time.perf_counter() - t_start)
     return out
@@ -752,16 +908,26 @@ def choose_ef(cfg: BenchConfig, curve: dict[str, dict[str, Any]]) -> int:
     return next(ef for ef in efs if curve[str(ef)]["recall"] >= best - 0.002)
 
 
-def bench_streamvec(cfg: BenchConfig, dtype: str, data: Dataset, files: dict[str, str],
-                    raw_index: Any, root: Path, rep: Reporter, *, primary: bool) -> dict[str, Any]:
+def bench_streamvec(
+    cfg: BenchConfig,
+    dtype: str,
+    data: Dataset,
+    files: dict[str, str],
+    raw_index: Any,
+    root: Path,
+    rep: Reporter,
+    *,
+    primary: bool,
+) -> dict[str, Any]:
     out: dict[str, Any] = {"dtype": dtype}
     log_dir, node_dir = root / f"log-{dtype}", root / f"node-{dtype}"
     stack = Stack(log_dir, cfg.durability)
     node = stack.node(node_dir, cfg.head_capacity)
     try:
         create_index(node, cfg.dim, dtype)
-        out["ingest"] = ingest_log(stack, node, data.base, cfg.batch, rep,
-                                   f"streamvec {dtype}: append_batch -> searchable")
+        out["ingest"] = ingest_log(
+            stack, node, data.base, cfg.batch, rep, f"streamvec {dtype}: append_batch -> searchable"
+        )
         out["shape"] = index_shape(node)
         # the efSearch curve, streamvec and raw FAISS side by side
         curve: dict[str, Any] = {}
@@ -782,17 +948,25 @@ def bench_streamvec(cfg: BenchConfig, dtype: str, data: Dataset, files: dict[str
             with ef_search(ef):
                 curve[str(ef)] = {
                     "streamvec": measure(service_search(node), data),
-                    "faiss": measure(raw_search(raw_index), data)}
-        out["search"] = {"faiss": curve[str(ef)]["faiss"],
-                         "inproc": curve[str(ef)]["streamvec"]}
+                    "faiss": measure(raw_search(raw_index), data),
+                }
+        out["search"] = {"faiss": curve[str(ef)]["faiss"], "inproc": curve[str(ef)]["streamvec"]}
         with ef_search(ef):
             out["breakdown_ms"] = debug_breakdown(node, data.queries[:200])
             if cfg.resp:
-                with rep.task(f"RESP VEC.SEARCH ({dtype}, ef {ef})", 1) as (_t, done), \
-                        resp_server(node) as server:
-                    client = run_child({"kind": "resp-client", "port": server.port,
-                                        "queries_file": files["queries_file"],
-                                        "truth_file": files["truth_file"]}, root)
+                with (
+                    rep.task(f"RESP VEC.SEARCH ({dtype}, ef {ef})", 1) as (_t, done),
+                    resp_server(node) as server,
+                ):
+                    client = run_child(
+                        {
+                            "kind": "resp-client",
+                            "port": server.port,
+                            "queries_file": files["queries_file"],
+                            "truth_file": files["truth_file"],
+                        },
+                        root,
+                    )
                     out["search"]["resp"] = client["search"]
                     out["resp_echo"] = client["echo"]
                     done(f"p99 {out['search']['resp']['p99_ms']:.2f} ms")
@@ -800,8 +974,9 @@ def bench_streamvec(cfg: BenchConfig, dtype: str, data: Dataset, files: dict[str
                 half = cfg.freshness
                 out["freshness"] = [
                     bench_freshness(node, data.extra[:half], "fresh", None, rep),
-                    bench_freshness(node, data.extra[half : 2 * half], "fresh-load",
-                                    data.queries, rep),
+                    bench_freshness(
+                        node, data.extra[half : 2 * half], "fresh-load", data.queries, rep
+                    ),
                 ]
         with rep.task("snapshot", 1) as (_t, done):
             t = time.perf_counter()
@@ -813,8 +988,13 @@ def bench_streamvec(cfg: BenchConfig, dtype: str, data: Dataset, files: dict[str
         node.close()
         stack.close()
     out["log_mb"] = dir_mb(log_dir)
-    spec = {"kind": "node", "log_dir": str(log_dir), "node_dir": str(node_dir),
-            "durability": cfg.durability, "head_capacity": cfg.head_capacity}
+    spec = {
+        "kind": "node",
+        "log_dir": str(log_dir),
+        "node_dir": str(node_dir),
+        "durability": cfg.durability,
+        "head_capacity": cfg.head_capacity,
+    }
     with rep.task(f"start from snapshot ({dtype}, subprocess)", 1) as (_t, done):
         out["start_snapshot"] = run_child(spec, root)
         done(f"{out['start_snapshot']['searchable_s']:.2f} s")
@@ -832,10 +1012,12 @@ def bench_chroma(cfg: BenchConfig, data: Dataset, root: Path, rep: Reporter) -> 
     from chromadb.config import Settings as ChromaSettings
 
     path = root / "chroma"
-    client = chromadb.PersistentClient(path=str(path),
-                                       settings=ChromaSettings(anonymized_telemetry=False))
-    col = client.create_collection("bench", configuration={"hnsw": {"space": "cosine"}},
-                                   embedding_function=None)
+    client = chromadb.PersistentClient(
+        path=str(path), settings=ChromaSettings(anonymized_telemetry=False)
+    )
+    col = client.create_collection(
+        "bench", configuration={"hnsw": {"space": "cosine"}}, embedding_function=None
+    )
     n = len(data.base)
     batch = min(cfg.chroma_batch, client.get_max_batch_size())
     gc.collect()
@@ -858,9 +1040,16 @@ def bench_chroma(cfg: BenchConfig, data: Dataset, root: Path, rep: Reporter) -> 
         q = measure(search, data)
         done(f"p99 {q['p99_ms']:.2f} ms")
     config = col.configuration_json.get("hnsw") if hasattr(col, "configuration_json") else None
-    out = {"version": chromadb.__version__, "vectors": n, "batch": batch,
-           "add_s": t_added - t0, "add_per_s": n / (t_added - t0),
-           "first_query_s": t_searchable - t_added, "search": q, "hnsw": config}
+    out = {
+        "version": chromadb.__version__,
+        "vectors": n,
+        "batch": batch,
+        "add_s": t_added - t0,
+        "add_per_s": n / (t_added - t0),
+        "first_query_s": t_searchable - t_added,
+        "search": q,
+        "hnsw": config,
+    }
     with contextlib.suppress(Exception):  # releasing the client is best effort
         client.clear_system_cache()
     shutil.rmtree(path, ignore_errors=True)
@@ -882,8 +1071,12 @@ def bench_scale(cfg: BenchConfig, n: int, root: Path, rep: Reporter) -> dict[str
     try:
         with rep.task(f"append {n:,} VectorRecords (no node)", n) as (tick, done):
             t0 = time.perf_counter()
-            _append_config(stack, IndexConfig(TENANT, INDEX, cfg.dim, metric=Metric.COSINE,
-                                              dtype=Dtype(dtype), recipe=RECIPE))
+            _append_config(
+                stack,
+                IndexConfig(
+                    TENANT, INDEX, cfg.dim, metric=Metric.COSINE, dtype=Dtype(dtype), recipe=RECIPE
+                ),
+            )
             for s in range(0, n, cfg.batch):
                 recs = stack.records(s, data.base[s : s + cfg.batch])
                 stack.log.append_batch(recs)
@@ -895,16 +1088,23 @@ def bench_scale(cfg: BenchConfig, n: int, root: Path, rep: Reporter) -> dict[str
     del data
     gc.collect()
     out["log_mb"] = dir_mb(log_dir)
-    spec = {"kind": "node", "log_dir": str(log_dir), "node_dir": str(node_dir),
-            "durability": cfg.durability, "head_capacity": cfg.head_capacity,
-            "ef_values": list(cfg.ef_values)}
+    spec = {
+        "kind": "node",
+        "log_dir": str(log_dir),
+        "node_dir": str(node_dir),
+        "durability": cfg.durability,
+        "head_capacity": cfg.head_capacity,
+        "ef_values": list(cfg.ef_values),
+    }
     with rep.task(f"replay {n:,} into a node (subprocess)", 1) as (_t, done):
         out["start_replay"] = run_child({**spec, "settle": True, "snapshot": True, **files}, root)
-        done(f"searchable {out['start_replay']['searchable_s']:.0f} s, settled "
-             f"{out['start_replay']['settled_s']:.0f} s")
+        done(
+            f"searchable {out['start_replay']['searchable_s']:.0f} s, settled "
+            f"{out['start_replay']['settled_s']:.0f} s"
+        )
     out["snapshot_mb"] = dir_mb(node_dir / "snapshots")
-    with rep.task("start from snapshot (subprocess)", 1) as (_t, done):
-        out["start_snapshot"] = run_child(spec, root)
+    with rep.task("start from snapshot, then the queries (subprocess)", 1) as (_t, done):
+        out["start_snapshot"] = run_child({**spec, **files}, root)
         done(f"{out['start_snapshot']['searchable_s']:.2f} s")
     shutil.rmtree(log_dir, ignore_errors=True)
     shutil.rmtree(node_dir, ignore_errors=True)
@@ -916,11 +1116,21 @@ def _append_config(stack: Stack, config: IndexConfig) -> None:
     """The IndexConfig record, encoded as VectorService.create_index encodes it."""
     subject = catalog.subject_for(stack.topics.indexes)
     schema = catalog.load_schema(catalog.TOPIC_VALUE_SCHEMA["indexes"])
-    value = stack.codec.encode(subject, schema, {
-        "tenant": config.tenant, "index": config.index, "dim": config.dim,
-        "metric": config.metric.value, "dtype": config.dtype.value, "recipe": config.recipe,
-        "version": config.version, "filter_fields": [], "created_ms": now_ms(),
-    })
+    value = stack.codec.encode(
+        subject,
+        schema,
+        {
+            "tenant": config.tenant,
+            "index": config.index,
+            "dim": config.dim,
+            "metric": config.metric.value,
+            "dtype": config.dtype.value,
+            "recipe": config.recipe,
+            "version": config.version,
+            "filter_fields": [],
+            "created_ms": now_ms(),
+        },
+    )
     stack.log.append(stack.topics.indexes, config.key, value)
 
 
@@ -942,13 +1152,22 @@ def machine_info(root: Path) -> dict[str, Any]:
                 break
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {
-        "nproc": len(os.sched_getaffinity(0)), "cpu": cpu, "mem_gb": round(mem_gb, 1),
-        "python": platform.python_version(), "platform": platform.platform(),
-        "loadavg_at_start": os.getloadavg()[0], "data_dir": str(root),
-        "filesystem": filesystem_of(root), "fdatasync_1k": fdatasync_probe(root),
-        "faiss": faiss.__version__, "numpy": np.__version__, "chromadb": ver("chromadb"),
-        "redis_py": ver("redis"), "rocksdict": ver("rocksdict"),
-        "faiss_threads": FAISS_THREADS, "result_cache": "off",
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu": cpu,
+        "mem_gb": round(mem_gb, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "loadavg_at_start": os.getloadavg()[0],
+        "data_dir": str(root),
+        "filesystem": filesystem_of(root),
+        "fdatasync_1k": fdatasync_probe(root),
+        "faiss": faiss.__version__,
+        "numpy": np.__version__,
+        "chromadb": ver("chromadb"),
+        "redis_py": ver("redis"),
+        "rocksdict": ver("rocksdict"),
+        "faiss_threads": FAISS_THREADS,
+        "result_cache": "off",
         "git": git_state(),
     }
 
@@ -959,13 +1178,17 @@ def git_state() -> dict[str, Any]:
 
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True,
-                                  check=False, timeout=10).stdout.strip()
+            return subprocess.run(
+                ["git", *args], cwd=repo, capture_output=True, text=True, check=False, timeout=10
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    dirty = [line[3:] for line in git("status", "--porcelain").splitlines()
-             if line[3:].startswith("streams/")]
+    dirty = [
+        line[3:]
+        for line in git("status", "--porcelain").splitlines()
+        if line[3:].startswith("streams/")
+    ]
     return {"commit": git("rev-parse", "--short", "HEAD"), "streams_changed": dirty}
 
 
@@ -982,12 +1205,18 @@ def run(cfg: BenchConfig, console: Console | None = None) -> dict[str, Any]:
             f"(omp threads {FAISS_THREADS} everywhere), chromadb {machine['chromadb']}; data dir "
             f"on {machine['filesystem']}; fdatasync p50 "
             f"{machine['fdatasync_1k']['p50_us']:.0f} µs; commit {machine['git']['commit']}"
-            + (f" + uncommitted {', '.join(machine['git']['streams_changed'])}"
-               if machine["git"]["streams_changed"] else ""))
+            + (
+                f" + uncommitted {', '.join(machine['git']['streams_changed'])}"
+                if machine["git"]["streams_changed"]
+                else ""
+            )
+        )
         if machine["loadavg_at_start"] > 0.25 * machine["nproc"]:
-            console.print(f"[yellow]warning[/]: 1-minute load average "
-                          f"{machine['loadavg_at_start']:.2f} on {machine['nproc']} CPUs: other "
-                          "work is running, numbers will be low/noisy")
+            console.print(
+                f"[yellow]warning[/]: 1-minute load average "
+                f"{machine['loadavg_at_start']:.2f} on {machine['nproc']} CPUs: other "
+                "work is running, numbers will be low/noisy"
+            )
         out: dict[str, Any] = {"machine": machine, "config": asdict(cfg)}
         with Reporter(console, cfg.progress) as rep:
             if cfg.scale_n:
@@ -998,20 +1227,22 @@ def run(cfg: BenchConfig, console: Console | None = None) -> dict[str, Any]:
                 out["runs"] = []
                 for i, dtype in enumerate(cfg.dtypes):
                     raw, index = bench_raw_faiss(cfg, dtype, cfg.n, files, root, rep)
-                    sv = bench_streamvec(cfg, dtype, data, files, index, root, rep,
-                                         primary=i == 0)
+                    sv = bench_streamvec(cfg, dtype, data, files, index, root, rep, primary=i == 0)
                     out["runs"].append({"faiss": raw, **sv})
                     del index
                 out["head_scan"] = bench_head_scan(cfg, data, rep)
                 if cfg.upsert_vectors > 0:
-                    out["upsert_threads"] = bench_upsert_threads(cfg, data.base, cfg.dtypes[0],
-                                                                 root, rep)
+                    out["upsert_threads"] = bench_upsert_threads(
+                        cfg, data.base, cfg.dtypes[0], root, rep
+                    )
+                    out["upsert_many"] = bench_upsert_many(cfg, data.base, cfg.dtypes[0], root, rep)
                 if cfg.chroma:
                     try:
                         out["chroma"] = bench_chroma(cfg, data, root, rep)
                     except ImportError:
-                        rep.log("chromadb is not installed (pip install -e '.[bench]'): "
-                                "skipping Chroma")
+                        rep.log(
+                            "chromadb is not installed (pip install -e '.[bench]'): skipping Chroma"
+                        )
     machine["loadavg_at_end"] = os.getloadavg()[0]
     return out
 
@@ -1043,104 +1274,219 @@ def report(out: dict[str, Any], console: Console) -> None:
     runs: list[dict[str, Any]] = out["runs"]
     chroma = out.get("chroma")
 
-    t = _table(f"Ingest, {n:,} x {cfg['dim']} (vectors/s)", [
-        ("system", "left"), ("path", "left"), ("vectors/s", "right"), ("seconds", "right"),
-        ("note", "left")])
+    t = _table(
+        f"Ingest, {n:,} x {cfg['dim']} (vectors/s)",
+        [
+            ("system", "left"),
+            ("path", "left"),
+            ("vectors/s", "right"),
+            ("seconds", "right"),
+            ("note", "left"),
+        ],
+    )
     for r in runs:
         ing, d = r["ingest"], r["dtype"]
-        t.add_row(f"streamvec {d}", f"encode + append_batch({ing['batch']})",
-                  _f(ing["append_per_s"], 0), _f(ing["append_s"], 1),
-                  f"encode {ing['encode_s']:.1f} s of it; node applying meanwhile")
-        t.add_row(f"streamvec {d}", "... until searchable (catch_up)",
-                  _f(ing["searchable_per_s"], 0), _f(ing["searchable_s"], 1), "Head + Tail")
-        t.add_row(f"streamvec {d}", "... until seals/merges settled",
-                  _f(ing["settled_per_s"], 0), _f(ing["settled_s"], 1), str(r["shape"]["segments"]))
-        t.add_row(f"raw FAISS {d}", f"index.add ({r['faiss']['recipe_used']})",
-                  _f(r["faiss"]["adds_per_s"], 0), _f(r["faiss"]["build_s"], 1),
-                  "1 thread, efConstruction " + str(segment.EF_CONSTRUCTION))
+        t.add_row(
+            f"streamvec {d}",
+            f"encode + append_batch({ing['batch']})",
+            _f(ing["append_per_s"], 0),
+            _f(ing["append_s"], 1),
+            f"encode {ing['encode_s']:.1f} s of it; node applying meanwhile",
+        )
+        t.add_row(
+            f"streamvec {d}",
+            "... until searchable (catch_up)",
+            _f(ing["searchable_per_s"], 0),
+            _f(ing["searchable_s"], 1),
+            "Head + Tail",
+        )
+        t.add_row(
+            f"streamvec {d}",
+            "... until seals/merges settled",
+            _f(ing["settled_per_s"], 0),
+            _f(ing["settled_s"], 1),
+            str(r["shape"]["segments"]),
+        )
+        t.add_row(
+            f"raw FAISS {d}",
+            f"index.add ({r['faiss']['recipe_used']})",
+            _f(r["faiss"]["adds_per_s"], 0),
+            _f(r["faiss"]["build_s"], 1),
+            "1 thread, efConstruction " + str(segment.EF_CONSTRUCTION),
+        )
     up = out.get("upsert_threads")
     if up:
-        t.add_row(f"streamvec {cfg['dtypes'][0]}", f"VectorService.upsert x{up['threads']} "
-                  "threads, until acked", _f(up["acked_per_s"], 0), _f(up["acked_s"], 1),
-                  f"{up['vectors']:,} vectors; ack p50 {up['ack_p50_ms']:.2f} ms, "
-                  f"p99 {up['ack_p99_ms']:.2f} ms")
-        t.add_row("", "... until searchable", _f(up["searchable_per_s"], 0),
-                  _f(up["searchable_s"], 1), "")
+        t.add_row(
+            f"streamvec {cfg['dtypes'][0]}",
+            f"VectorService.upsert x{up['threads']} threads, until acked",
+            _f(up["acked_per_s"], 0),
+            _f(up["acked_s"], 1),
+            f"{up['vectors']:,} vectors; ack p50 {up['ack_p50_ms']:.2f} ms, "
+            f"p99 {up['ack_p99_ms']:.2f} ms",
+        )
+        t.add_row(
+            "", "... until searchable", _f(up["searchable_per_s"], 0), _f(up["searchable_s"], 1), ""
+        )
+    um = out.get("upsert_many")
+    if um:
+        t.add_row(
+            f"streamvec {cfg['dtypes'][0]}",
+            f"VectorService.upsert_many({um['batch']}), 1 thread, until acked",
+            _f(um["acked_per_s"], 0),
+            _f(um["acked_s"], 1),
+            f"{um['vectors']:,} vectors, fresh node",
+        )
+        t.add_row(
+            "", "... until searchable", _f(um["searchable_per_s"], 0), _f(um["searchable_s"], 1), ""
+        )
     if chroma:
-        t.add_row(f"Chroma {chroma['version']}", f"collection.add({chroma['batch']})",
-                  _f(chroma["add_per_s"], 0), _f(chroma["add_s"], 1),
-                  f"first query after: {chroma['first_query_s']:.2f} s")
+        t.add_row(
+            f"Chroma {chroma['version']}",
+            f"collection.add({chroma['batch']})",
+            _f(chroma["add_per_s"], 0),
+            _f(chroma["add_s"], 1),
+            f"first query after: {chroma['first_query_s']:.2f} s",
+        )
     console.print(t)
 
-    t = _table("efSearch curve: recall@10 and single-query latency (in-process)", [
-        ("dtype", "left"), ("efSearch", "right"), ("streamvec recall", "right"),
-        ("p50 ms", "right"), ("p99 ms", "right"), ("raw FAISS recall", "right"),
-        ("p50 ms", "right"), ("p99 ms", "right")])
+    t = _table(
+        "efSearch curve: recall@10 and single-query latency (in-process)",
+        [
+            ("dtype", "left"),
+            ("efSearch", "right"),
+            ("streamvec recall", "right"),
+            ("p50 ms", "right"),
+            ("p99 ms", "right"),
+            ("raw FAISS recall", "right"),
+            ("p50 ms", "right"),
+            ("p99 ms", "right"),
+        ],
+    )
     for r in runs:
         for ef, c in r["curve"].items():
             s, f = c["streamvec"], c["faiss"]
-            t.add_row(r["dtype"], ef, _f(s["recall"], 4), _f(s["p50_ms"], 3), _f(s["p99_ms"], 3),
-                      _f(f["recall"], 4), _f(f["p50_ms"], 3), _f(f["p99_ms"], 3))
+            t.add_row(
+                r["dtype"],
+                ef,
+                _f(s["recall"], 4),
+                _f(s["p50_ms"], 3),
+                _f(s["p99_ms"], 3),
+                _f(f["recall"], 4),
+                _f(f["p50_ms"], 3),
+                _f(f["p99_ms"], 3),
+            )
     console.print(t)
 
-    t = _table("Search at the chosen efSearch, one query at a time", [
-        ("system", "left"), ("efSearch", "right"), ("recall@10", "right"), ("p50 ms", "right"),
-        ("p99 ms", "right"), ("p50 x FAISS", "right"), ("p99 x FAISS", "right"),
-        ("p99 x Chroma", "right")])
+    t = _table(
+        "Search at the chosen efSearch, one query at a time",
+        [
+            ("system", "left"),
+            ("efSearch", "right"),
+            ("recall@10", "right"),
+            ("p50 ms", "right"),
+            ("p99 ms", "right"),
+            ("p50 x FAISS", "right"),
+            ("p99 x FAISS", "right"),
+            ("p99 x Chroma", "right"),
+        ],
+    )
     cp99 = chroma["search"]["p99_ms"] if chroma else None
     for r in runs:
         f = r["search"]["faiss"]
-        for name, label in (("faiss", "raw FAISS"), ("inproc", "streamvec in-process"),
-                            ("resp", "streamvec RESP")):
+        for name, label in (
+            ("faiss", "raw FAISS"),
+            ("inproc", "streamvec in-process"),
+            ("resp", "streamvec RESP"),
+        ):
             s = r["search"].get(name)
             if s is None:
                 continue
-            t.add_row(f"{label} {r['dtype']}", str(r["ef"]), _f(s["recall"], 4),
-                      _f(s["p50_ms"], 3), _f(s["p99_ms"], 3), _f(s["p50_ms"] / f["p50_ms"], 1),
-                      _f(s["p99_ms"] / f["p99_ms"], 1),
-                      _f(s["p99_ms"] / cp99, 2) if cp99 else "-")
+            t.add_row(
+                f"{label} {r['dtype']}",
+                str(r["ef"]),
+                _f(s["recall"], 4),
+                _f(s["p50_ms"], 3),
+                _f(s["p99_ms"], 3),
+                _f(s["p50_ms"] / f["p50_ms"], 1),
+                _f(s["p99_ms"] / f["p99_ms"], 1),
+                _f(s["p99_ms"] / cp99, 2) if cp99 else "-",
+            )
     if chroma:
         s = chroma["search"]
         f = runs[0]["search"]["faiss"]
-        t.add_row(f"Chroma {chroma['version']}", str((chroma.get("hnsw") or {}).get(
-            "ef_search", "default")), _f(s["recall"], 4), _f(s["p50_ms"], 3),
-            _f(s["p99_ms"], 3), _f(s["p50_ms"] / f["p50_ms"], 1),
-            _f(s["p99_ms"] / f["p99_ms"], 1), "1.00")
+        t.add_row(
+            f"Chroma {chroma['version']}",
+            str((chroma.get("hnsw") or {}).get("ef_search", "default")),
+            _f(s["recall"], 4),
+            _f(s["p50_ms"], 3),
+            _f(s["p99_ms"], 3),
+            _f(s["p50_ms"] / f["p50_ms"], 1),
+            _f(s["p99_ms"] / f["p99_ms"], 1),
+            "1.00",
+        )
     console.print(t)
     for r in runs:
         b = r["breakdown_ms"]
-        console.print(f"  streamvec {r['dtype']} in-process breakdown (mean ms): " + ", ".join(
-            f"{k} {v:.3f}" for k, v in b.items()))
+        console.print(
+            f"  streamvec {r['dtype']} in-process breakdown (mean ms): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in b.items())
+        )
 
     for h in out.get("head_scan", []):
-        console.print(f"  Head scan (exact fp32, added to every search): {h['rows']:,} rows p50 "
-                      f"{h['p50_ms']:.3f} ms, p99 {h['p99_ms']:.3f} ms")
+        console.print(
+            f"  Head scan (exact fp32, added to every search): {h['rows']:,} rows p50 "
+            f"{h['p50_ms']:.3f} ms, p99 {h['p99_ms']:.3f} ms"
+        )
     for r in runs:
         if "resp_echo" in r:
             e = r["resp_echo"]
-            console.print(f"  RESP floor ({r['dtype']} run): ECHO of 1.5 KB from redis-py p50 "
-                          f"{e['p50_ms']:.3f} ms, p99 {e['p99_ms']:.3f} ms")
+            console.print(
+                f"  RESP floor ({r['dtype']} run): ECHO of 1.5 KB from redis-py p50 "
+                f"{e['p50_ms']:.3f} ms, p99 {e['p99_ms']:.3f} ms"
+            )
     for r in runs:
         for fr in r.get("freshness", []):
             console.print(
                 f"freshness {r['dtype']} ({'1 thread searching' if fr['loaded'] else 'idle'}, "
                 f"{fr['writes']} writes): ack p50 {fr['ack_p50_ms']:.2f} / p99 "
                 f"{fr['ack_p99_ms']:.2f} ms; ack -> searchable p50 {fr['visible_p50_ms']:.2f} / "
-                f"p99 {fr['visible_p99_ms']:.2f} / max {fr['visible_max_ms']:.2f} ms")
+                f"p99 {fr['visible_p99_ms']:.2f} / max {fr['visible_max_ms']:.2f} ms"
+            )
 
-    t = _table(f"Start and memory, {n:,} x {cfg['dim']}", [
-        ("system", "left"), ("start", "left"), ("searchable s", "right"), ("settled s", "right"),
-        ("peak RSS MiB", "right"), ("MiB / 1M vectors", "right"),
-        ("held MiB (trimmed)", "right")])
+    t = _table(
+        f"Start and memory, {n:,} x {cfg['dim']}",
+        [
+            ("system", "left"),
+            ("start", "left"),
+            ("searchable s", "right"),
+            ("settled s", "right"),
+            ("peak RSS MiB", "right"),
+            ("MiB / 1M vectors", "right"),
+            ("held MiB (trimmed)", "right"),
+        ],
+    )
     for r in runs:
         for key, label in (("start_snapshot", "from snapshot"), ("start_replay", "full replay")):
             c = r[key]
-            t.add_row(f"streamvec {r['dtype']}", label, _f(c["searchable_s"]),
-                      _f(c.get("settled_s")), _f(peak_mb(c), 0),
-                      _f(per_million(peak_mb(c), n), 0), _f(steady_mb(c), 0))
+            t.add_row(
+                f"streamvec {r['dtype']}",
+                label,
+                _f(c["searchable_s"]),
+                _f(c.get("settled_s")),
+                _f(peak_mb(c), 0),
+                _f(per_million(peak_mb(c), n), 0),
+                _f(steady_mb(c), 0),
+            )
         f = r["faiss"]
-        t.add_row(f"raw FAISS {r['dtype']}", "build", _f(f["build_s"]), "-", _f(peak_mb(f), 0),
-                  _f(per_million(peak_mb(f), n), 0), _f(steady_mb(f), 0))
+        t.add_row(
+            f"raw FAISS {r['dtype']}",
+            "build",
+            _f(f["build_s"]),
+            "-",
+            _f(peak_mb(f), 0),
+            _f(per_million(peak_mb(f), n), 0),
+            _f(steady_mb(f), 0),
+        )
     console.print(t)
     for line in target_lines(out):
         console.print("  " + line)
@@ -1148,29 +1494,85 @@ def report(out: dict[str, Any], console: Console) -> None:
 
 def report_scale(s: dict[str, Any], console: Console) -> None:
     n = s["n"]
-    t = _table(f"Memory and start at {n:,} vectors ({s['dtype']})", [
-        ("system", "left"), ("what", "left"), ("seconds", "right"), ("peak RSS MiB", "right"),
-        ("MiB / 1M", "right"), ("held MiB (trimmed)", "right")])
+    t = _table(
+        f"Memory and start at {n:,} vectors ({s['dtype']})",
+        [
+            ("system", "left"),
+            ("what", "left"),
+            ("seconds", "right"),
+            ("peak RSS MiB", "right"),
+            ("MiB / 1M", "right"),
+            ("held MiB (trimmed)", "right"),
+        ],
+    )
     rep, snap, f = s["start_replay"], s["start_snapshot"], s["faiss"]
     t.add_row("streamvec", "append to log (no node)", _f(n / s["append_per_s"], 1), "-", "-", "-")
     t.add_row("streamvec", "full replay: searchable", _f(rep["searchable_s"], 1), "-", "-", "-")
-    t.add_row("streamvec", "full replay: settled", _f(rep["settled_s"], 1), _f(peak_mb(rep), 0),
-              _f(per_million(peak_mb(rep), n), 0), _f(steady_mb(rep), 0))
-    t.add_row("streamvec", "start from snapshot", _f(snap["searchable_s"], 2),
-              _f(peak_mb(snap), 0), _f(per_million(peak_mb(snap), n), 0), _f(steady_mb(snap), 0))
-    t.add_row("raw FAISS", f"build {f['recipe_used']}", _f(f["build_s"], 1), _f(peak_mb(f), 0),
-              _f(per_million(peak_mb(f), n), 0), _f(steady_mb(f), 0))
+    t.add_row(
+        "streamvec",
+        "full replay: settled",
+        _f(rep["settled_s"], 1),
+        _f(peak_mb(rep), 0),
+        _f(per_million(peak_mb(rep), n), 0),
+        _f(steady_mb(rep), 0),
+    )
+    t.add_row(
+        "streamvec",
+        "start from snapshot",
+        _f(snap["searchable_s"], 2),
+        _f(peak_mb(snap), 0),
+        _f(per_million(peak_mb(snap), n), 0),
+        _f(steady_mb(snap), 0),
+    )
+    if "curve" in snap:
+        t.add_row(
+            "streamvec",
+            "... then the queries below",
+            "-",
+            _f(peak_end_mb(snap), 0),
+            _f(per_million(peak_end_mb(snap), n), 0),
+            "-",
+        )
+    t.add_row(
+        "raw FAISS",
+        f"build {f['recipe_used']}",
+        _f(f["build_s"], 1),
+        _f(peak_mb(f), 0),
+        _f(per_million(peak_mb(f), n), 0),
+        _f(steady_mb(f), 0),
+    )
     console.print(t)
-    t = _table("recall@10 by efSearch", [("efSearch", "right"), ("streamvec", "right"),
-                                         ("p99 ms", "right"), ("raw FAISS", "right"),
-                                         ("p99 ms", "right")])
+    t = _table(
+        "recall@10 by efSearch",
+        [
+            ("efSearch", "right"),
+            ("streamvec", "right"),
+            ("p50 ms", "right"),
+            ("p99 ms", "right"),
+            ("from snapshot", "right"),
+            ("raw FAISS", "right"),
+            ("p50 ms", "right"),
+            ("p99 ms", "right"),
+        ],
+    )
     for ef, c in rep["curve"].items():
         fc = f["curve"][ef]
-        t.add_row(ef, _f(c["recall"], 4), _f(c["p99_ms"], 3), _f(fc["recall"], 4),
-                  _f(fc["p99_ms"], 3))
+        sc = snap.get("curve", {}).get(ef)
+        t.add_row(
+            ef,
+            _f(c["recall"], 4),
+            _f(c["p50_ms"], 3),
+            _f(c["p99_ms"], 3),
+            _f(sc["recall"], 4) if sc else "-",
+            _f(fc["recall"], 4),
+            _f(fc["p50_ms"], 3),
+            _f(fc["p99_ms"], 3),
+        )
     console.print(t)
-    console.print(f"  segments {rep['shape']['segments']}, snapshot {s['snapshot_mb']:.0f} MiB, "
-                  f"log {s['log_mb']:.0f} MiB")
+    console.print(
+        f"  segments {rep['shape']['segments']}, snapshot {s['snapshot_mb']:.0f} MiB, "
+        f"log {s['log_mb']:.0f} MiB"
+    )
 
 
 def target_lines(out: dict[str, Any]) -> list[str]:
@@ -1184,31 +1586,51 @@ def target_lines(out: dict[str, Any]) -> list[str]:
 
     for fr in first.get("freshness", []):
         p99 = fr["visible_p99_ms"]
-        lines.append(f"freshness p99 < {FRESHNESS_P99_MS:.0f} ms "
-                     f"({'loaded' if fr['loaded'] else 'idle'}): {p99:.1f} ms: "
-                     + verdict(p99 < FRESHNESS_P99_MS, f"x{p99 / FRESHNESS_P99_MS:.1f}"))
+        lines.append(
+            f"freshness p99 < {FRESHNESS_P99_MS:.0f} ms "
+            f"({'loaded' if fr['loaded'] else 'idle'}): {p99:.1f} ms: "
+            + verdict(p99 < FRESHNESS_P99_MS, f"x{p99 / FRESHNESS_P99_MS:.1f}")
+        )
     for r in out["runs"]:
         s = r["search"].get("resp")
         if s is not None:
             ok = s["p99_ms"] < SEARCH_P99_MS and s["recall"] >= RECALL_GOAL
-            lines.append(f"search p99 < {SEARCH_P99_MS} ms over RESP at recall >= {RECALL_GOAL} "
-                         f"({r['dtype']}, {n:,}): {s['p99_ms']:.2f} ms at recall "
-                         f"{s['recall']:.3f}: "
-                         + verdict(ok, f"x{s['p99_ms'] / SEARCH_P99_MS:.1f} the latency"
-                                   if s["recall"] >= RECALL_GOAL else "recall short"))
+            lines.append(
+                f"search p99 < {SEARCH_P99_MS} ms over RESP at recall >= {RECALL_GOAL} "
+                f"({r['dtype']}, {n:,}): {s['p99_ms']:.2f} ms at recall "
+                f"{s['recall']:.3f}: "
+                + verdict(
+                    ok,
+                    f"x{s['p99_ms'] / SEARCH_P99_MS:.1f} the latency"
+                    if s["recall"] >= RECALL_GOAL
+                    else "recall short",
+                )
+            )
         rate = r["ingest"]["searchable_per_s"]
-        lines.append(f"ingest through the log >= {INGEST_PER_S:,}/s ({r['dtype']}): "
-                     f"{rate:,.0f}/s: " + verdict(rate >= INGEST_PER_S,
-                                                  f"{rate / INGEST_PER_S:.0%} of it"))
+        lines.append(
+            f"ingest through the log >= {INGEST_PER_S:,}/s ({r['dtype']}): "
+            f"{rate:,.0f}/s: " + verdict(rate >= INGEST_PER_S, f"{rate / INGEST_PER_S:.0%} of it")
+        )
+        if r is out["runs"][0] and out.get("upsert_many"):
+            rate = out["upsert_many"]["searchable_per_s"]
+            lines.append(
+                f"ingest via upsert_many >= {INGEST_PER_S:,}/s ({r['dtype']}): "
+                f"{rate:,.0f}/s: "
+                + verdict(rate >= INGEST_PER_S, f"{rate / INGEST_PER_S:.0%} of it")
+            )
         snap = r["start_snapshot"]["searchable_s"]
-        lines.append(f"start from snapshot < {SNAPSHOT_START_S:.0f} s at 1M ({r['dtype']}): "
-                     f"{snap:.2f} s at {n:,} (x{1_000_000 / n:.0f} linear: "
-                     f"{snap * 1_000_000 / n:.1f} s)")
+        lines.append(
+            f"start from snapshot < {SNAPSHOT_START_S:.0f} s at 1M ({r['dtype']}): "
+            f"{snap:.2f} s at {n:,} (x{1_000_000 / n:.0f} linear: "
+            f"{snap * 1_000_000 / n:.1f} s)"
+        )
         mb = per_million(peak_mb(r["start_replay"]), n)
-        lines.append(f"< {RSS_PER_MILLION_MB:.0f} MB per 1M x 384 ({r['dtype']}): replay peak "
-                     f"{mb:,.0f} MiB/1M, from snapshot "
-                     f"{per_million(peak_mb(r['start_snapshot']), n):,.0f} MiB/1M (linear "
-                     "extrapolation from this run)")
+        lines.append(
+            f"< {RSS_PER_MILLION_MB:.0f} MB per 1M x 384 ({r['dtype']}): replay peak "
+            f"{mb:,.0f} MiB/1M, from snapshot "
+            f"{per_million(peak_mb(r['start_snapshot']), n):,.0f} MiB/1M (linear "
+            "extrapolation from this run)"
+        )
     return lines
 
 
@@ -1219,29 +1641,44 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, str | No
     p.add_argument("--n", type=int, default=d.n, help="vectors (%(default)s)")
     p.add_argument("--dim", type=int, default=d.dim)
     p.add_argument("--clusters", type=int, default=d.clusters)
-    p.add_argument("--spread", type=float, default=d.spread,
-                   help="cluster spread (noise norm relative to the unit centre)")
+    p.add_argument(
+        "--spread",
+        type=float,
+        default=d.spread,
+        help="cluster spread (noise norm relative to the unit centre)",
+    )
     p.add_argument("--queries", type=int, default=d.queries)
-    p.add_argument("--dtypes", default=",".join(d.dtypes), help="int8,fp16,fp32 (first: "
-                   "freshness, upserts, --million)")
-    p.add_argument("--ef-values", default=",".join(map(str, d.ef_values)),
-                   help="efSearch values of the curve")
-    p.add_argument("--ef", type=int, default=None,
-                   help="efSearch for the comparisons (default: smallest reaching recall 0.99)")
+    p.add_argument(
+        "--dtypes",
+        default=",".join(d.dtypes),
+        help="int8,fp16,fp32 (first: freshness, upserts, --million)",
+    )
+    p.add_argument(
+        "--ef-values", default=",".join(map(str, d.ef_values)), help="efSearch values of the curve"
+    )
+    p.add_argument(
+        "--ef",
+        type=int,
+        default=None,
+        help="efSearch for the comparisons (default: smallest reaching recall 0.99)",
+    )
     p.add_argument("--batch", type=int, default=d.batch, help="records per append_batch")
     p.add_argument("--head-capacity", type=int, default=d.head_capacity)
     p.add_argument("--durability", default=d.durability, choices=("sync", "group", "none"))
-    p.add_argument("--freshness", type=int, default=d.freshness,
-                   help="writes per freshness scenario")
+    p.add_argument(
+        "--freshness", type=int, default=d.freshness, help="writes per freshness scenario"
+    )
     p.add_argument("--upsert-vectors", type=int, default=d.upsert_vectors)
     p.add_argument("--upsert-threads", type=int, default=d.upsert_threads)
     p.add_argument("--no-chroma", action="store_true")
     p.add_argument("--chroma-batch", type=int, default=d.chroma_batch)
     p.add_argument("--no-resp", action="store_true")
-    p.add_argument("--million", action="store_true",
-                   help="memory and snapshot-start figures only, at 1M vectors")
-    p.add_argument("--scale-n", type=int, default=None,
-                   help="like --million at this many vectors")
+    p.add_argument(
+        "--million",
+        action="store_true",
+        help="memory and snapshot-start figures only, at 1M vectors",
+    )
+    p.add_argument("--scale-n", type=int, default=None, help="like --million at this many vectors")
     p.add_argument("--dir", default=None, help="parent of the temporary data dir (system tmp)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--quick", action="store_true", help="small smoke run")
@@ -1255,21 +1692,39 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, str | No
         if x not in {m.value for m in Dtype}:
             p.error(f"unknown dtype {x!r}")
     cfg = BenchConfig(
-        n=a.n, dim=a.dim, clusters=a.clusters, spread=a.spread, queries=a.queries,
-        dtypes=dtypes, ef_values=tuple(int(x) for x in a.ef_values.split(",")), ef=a.ef,
-        batch=a.batch, head_capacity=a.head_capacity, durability=a.durability,
-        freshness=a.freshness, upsert_vectors=a.upsert_vectors,
-        upsert_threads=a.upsert_threads, chroma=not a.no_chroma,
-        chroma_batch=a.chroma_batch, resp=not a.no_resp,
-        scale_n=1_000_000 if a.million else a.scale_n, data_dir=a.dir, seed=a.seed,
+        n=a.n,
+        dim=a.dim,
+        clusters=a.clusters,
+        spread=a.spread,
+        queries=a.queries,
+        dtypes=dtypes,
+        ef_values=tuple(int(x) for x in a.ef_values.split(",")),
+        ef=a.ef,
+        batch=a.batch,
+        head_capacity=a.head_capacity,
+        durability=a.durability,
+        freshness=a.freshness,
+        upsert_vectors=a.upsert_vectors,
+        upsert_threads=a.upsert_threads,
+        chroma=not a.no_chroma,
+        chroma_batch=a.chroma_batch,
+        resp=not a.no_resp,
+        scale_n=1_000_000 if a.million else a.scale_n,
+        data_dir=a.dir,
+        seed=a.seed,
         progress=not a.no_progress,
     )
     if a.quick:
-        cfg = replace(cfg, n=min(cfg.n, 10_000), queries=min(cfg.queries, 200),
-                      clusters=min(cfg.clusters, 100), head_capacity=min(cfg.head_capacity, 2000),
-                      freshness=min(cfg.freshness, 30), upsert_vectors=min(cfg.upsert_vectors,
-                                                                             2000),
-                      scale_n=min(cfg.scale_n, 20_000) if cfg.scale_n else None)
+        cfg = replace(
+            cfg,
+            n=min(cfg.n, 10_000),
+            queries=min(cfg.queries, 200),
+            clusters=min(cfg.clusters, 100),
+            head_capacity=min(cfg.head_capacity, 2000),
+            freshness=min(cfg.freshness, 30),
+            upsert_vectors=min(cfg.upsert_vectors, 2000),
+            scale_n=min(cfg.scale_n, 20_000) if cfg.scale_n else None,
+        )
     return cfg, a.json_path, a
 
 

@@ -66,6 +66,10 @@ def up(
             query = node.start_query_node()
             console.print(f"query node: restored from {query.restored_from or 'nothing'} "
                           f"in {query.restore_s:.2f} s; replaying the log")
+            if settings.ingest_enabled:
+                node.start_ingest()
+            if settings.policy_enabled and settings.policy_learner:
+                node.start_policy_learner()  # query-log -> policy, applied live
             if demo:
                 _load_demo(node)
             _print_banner(node)
@@ -320,6 +324,68 @@ def policy_eval(
     if json_out is not None:
         json_out.write_text(json.dumps(reports_to_json(reports), indent=2))
         console.print(f"wrote {json_out}")
+
+
+@policy_app.command("learn")
+def policy_learn(
+    data_dir: DataDir = None,
+    kafka: Kafka = None,
+    follow: Annotated[bool, typer.Option(help="keep learning as events arrive")] = False,
+    update_every: Annotated[
+        int, typer.Option("--update-every", min=1, help="trained decisions per new version")
+    ] = 5_000,
+    canary: Annotated[
+        float, typer.Option("--canary", min=0.0, max=1.0, help="canary share of tenants")
+    ] = 1.0,
+) -> None:
+    """Train the cache policy from query-log and publish PolicyUpdates to policy (the
+    learner `streamvec up` runs on a thread; with the embedded log, stop the node first)."""
+    import time
+
+    from streams.policy.learner import OnlineLearner
+
+    try:
+        settings = _settings(data_dir, kafka)
+        with open_node(settings) as node:
+            learner = OnlineLearner(node.log, node.topics, node.codec,
+                                    budget_bytes=settings.cache_budget_bytes,
+                                    update_every=update_every,
+                                    guardrails={"canary_share": canary})
+            try:
+                published = learner.run_to_end()
+                while follow:
+                    published += learner.step(timeout_s=1.0)
+                    time.sleep(0.1)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                learner.close()
+    except StreamvecError as exc:
+        _fail(exc)
+    stats = learner.stats()
+    console.print(f"{stats['events']:,} events, {stats['decisions']:,} decisions, "
+                  f"{stats['events_per_s']:,.0f} events/s")
+    for rec in published:
+        console.print(f"published {rec['tenant']}/{rec['index']} v{rec['version']} "
+                      f"(parent {rec['parent_version']}): {len(rec['table'])} buckets")
+
+
+@policy_app.command("rollback")
+def policy_rollback(
+    tenant: str, index: str, version: int, data_dir: DataDir = None, kafka: Kafka = None,
+) -> None:
+    """Publish a new version of tenant/index's cache policy with the content of VERSION;
+    query nodes apply it without a restart."""
+    from streams.policy.learner import publish_policy, read_policies, rollback_record
+
+    try:
+        with open_node(_settings(data_dir, kafka)) as node:
+            record = rollback_record(read_policies(node.log, node.topics, node.codec),
+                                     tenant, index, version)
+            publish_policy(node.log, node.topics, node.codec, record)
+    except StreamvecError as exc:
+        _fail(exc)
+    console.print(f"{tenant}/{index}: v{record['version']} restores v{version}")
 
 Url = Annotated[str, typer.Option("--url", help="HTTP API of a running node")]
 _DEFAULT_URL = "http://127.0.0.1:8080"

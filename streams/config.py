@@ -40,6 +40,34 @@ class Settings(BaseSettings):
     cache_enabled: bool = True
     cache_budget_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
     cache_verify_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    # cache layers of an index without IndexConfig.cache (L1/L2 are tolerant: opt in),
+    # L2's cosine distance, each tenant's share of the budget, store misses in a thread
+    cache_layers: tuple[Literal["L0", "L1", "L2"], ...] = ("L0",)
+    cache_l2_threshold: float = Field(default=0.003, ge=0.0, le=2.0)
+    cache_tenant_budget_bytes: int | None = Field(default=None, ge=0)
+    cache_background_offers: bool = False
+    # the cache policy loop: hot-path policy and query log, the policy learner's thread in
+    # `streamvec up` (a PolicyUpdate per index every N trained decisions), idle prefetch
+    policy_enabled: bool = True
+    policy_learner: bool = True
+    policy_update_every: int = Field(default=5_000, ge=1)
+    prefetch_enabled: bool = False
+
+    # the embedder processor (documents -> chunks -> vectors): chunk windows in the model's
+    # tokens, chat Sources chunked per message or per turn, provider retries with backoff
+    ingest_enabled: bool = True
+    chunk_tokens: int = Field(default=128, ge=8, le=8192)
+    chunk_overlap_tokens: int = Field(default=32, ge=0, le=4096)
+    chat_chunking: Literal["message", "turn"] = "message"
+    ingest_batch_sources: int = Field(default=32, ge=1, le=10_000)
+    embed_attempts: int = Field(default=3, ge=1, le=20)
+    embed_backoff_s: float = Field(default=0.05, ge=0.0, le=60.0)
+    # bearer key of OpenAI-compatible embedders (openai:<model>@<url>); OPENAI_API_KEY if unset
+    embed_api_key: SecretStr | None = None
+    # streams.ingest.vectorize: importance/novelty decisions per chunk (off: index every
+    # chunk now); streams.capacity: budget ticks of the query node (0: only on demand)
+    smart_vectorize: bool = False
+    capacity_interval_s: float = Field(default=5.0, ge=0.0)
 
     host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=0, le=65535)

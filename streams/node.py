@@ -10,11 +10,13 @@ import asyncio
 import contextlib
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
 from streams.config import Settings
+from streams.ingest import ChatMode, Chunker, Embedders, IngestService, open_ingest
+from streams.ingest.service import TextSearcher
 from streams.log import Log, open_log
 from streams.schemas import catalog
 from streams.schemas.codec import AvroCodec
@@ -25,6 +27,9 @@ from streams.service.http import create_http_app
 from streams.service.query_node import QueryNode
 from streams.service.resp import RespServer
 from streams.topics import Topics
+
+if TYPE_CHECKING:
+    from streams.policy.learner import OnlineLearner
 
 __all__ = ["Node", "open_node"]
 
@@ -37,6 +42,8 @@ class Node:
     registry: SchemaRegistry
     codec: AvroCodec
     query: QueryNode | None = None
+    ingest: IngestService | None = None
+    learner: OnlineLearner | None = None
 
     def register_schemas(self) -> dict[str, int]:
         """Register each topic's value schema (idempotent); subject -> schema id."""
@@ -61,8 +68,48 @@ class Node:
             cache_enabled=self.settings.cache_enabled,
             cache_budget_bytes=self.settings.cache_budget_bytes,
             cache_verify_rate=self.settings.cache_verify_rate,
+            cache_layers=self.settings.cache_layers,
+            cache_l2_threshold=self.settings.cache_l2_threshold,
+            cache_tenant_budget_bytes=self.settings.cache_tenant_budget_bytes,
+            cache_background_offers=self.settings.cache_background_offers,
+            policy_loop=self.settings.policy_enabled,
+            prefetch=self.settings.prefetch_enabled,
+            capacity_interval_s=self.settings.capacity_interval_s or None,
         ).start()
         return self.query
+
+    def start_policy_learner(self) -> OnlineLearner:
+        """Run the policy learner (``query-log`` -> ``policy``) on a thread of this node."""
+        from streams.policy.learner import OnlineLearner
+
+        self.learner = OnlineLearner(
+            self.log, self.topics, self.codec, budget_bytes=self.settings.cache_budget_bytes,
+            update_every=self.settings.policy_update_every).start()
+        return self.learner
+
+    def start_ingest(
+        self, *, embedders: Embedders | None = None, text: TextSearcher | None = None,
+    ) -> IngestService:
+        """Start the embedder processor (``documents`` -> ``vectors``) on the query node,
+        finishing a batch a crash left in flight; Sources, text queries and
+        ``VEC.CREATE ... EMBEDDER`` are then served."""
+        assert self.query is not None, "start_query_node() first"
+        s = self.settings
+        vectorizer = None
+        if s.smart_vectorize:  # decisions shown in VEC.INFO; tightened by the budgets
+            from streams.ingest.vectorize import IndexNeighbours, SmartVectorizer
+
+            vectorizer = SmartVectorizer(
+                neighbours=IndexNeighbours(self.query.service),
+                utilisation=self.query.capacity.utilisation,
+            ).attach(self.query.service)
+        self.ingest = open_ingest(
+            self.query, s.data_dir / "ingest", embedders=embedders, text=text,
+            vectorizer=vectorizer,
+            chunker=Chunker(s.chunk_tokens, s.chunk_overlap_tokens, ChatMode(s.chat_chunking)),
+            batch_sources=s.ingest_batch_sources, attempts=s.embed_attempts,
+            backoff_s=s.embed_backoff_s)
+        return self.ingest
 
     async def serve(self) -> None:
         """Serve the registry, the HTTP API and RESP until cancelled."""
@@ -71,14 +118,15 @@ class Node:
         if s.schema_registry_url is None:
             apps.append((create_registry_app(self.registry), s.registry_port))
         if self.query is not None:
-            apps.append((create_http_app(self.query.service), s.http_port))
+            apps.append((create_http_app(self.query.service, ingest=self.ingest), s.http_port))
         tasks: list[Coroutine[Any, Any, None]] = [
             uvicorn.Server(uvicorn.Config(app, host=s.host, port=port, log_level="warning",
                                           lifespan="off")).serve()
             for app, port in apps
         ]
         if self.query is not None:
-            tasks.append(RespServer(self.query.service, s.host, s.resp_port).serve())
+            tasks.append(RespServer(self.query.service, s.host, s.resp_port,
+                                    ingest=self.ingest).serve())
         await asyncio.gather(*tasks)
 
 
@@ -102,6 +150,10 @@ def open_node(settings: Settings) -> Iterator[Node]:
         try:
             yield node
         finally:
+            if node.learner is not None:
+                node.learner.close()
+            if node.ingest is not None:  # before the query node: it reads the node's state
+                node.ingest.close()
             if node.query is not None:
                 node.query.close()
     finally:

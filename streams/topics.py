@@ -28,6 +28,9 @@ _CATALOGUE: dict[str, tuple[CleanupPolicy, int | None]] = {
     "usage": (_COMPACT, None),
     "audit": (_DELETE, 365 * DAY_MS),
     "dlq": (_DELETE, 30 * DAY_MS),
+    # vectors the capacity manager moved out of `vectors`, keyed tenant/index/id like
+    # `vectors`; a restore re-appends them there and tombstones the key here
+    "archive": (_COMPACT, None),
     "_schemas": (_COMPACT, None),
 }
 
@@ -81,6 +84,10 @@ class Topics:
     @property
     def dlq(self) -> str:
         return self.name("dlq")
+
+    @property
+    def archive(self) -> str:
+        return self.name("archive")
 
     @property
     def schemas(self) -> str:

@@ -58,12 +58,16 @@ class CachedResult:
             raise ValueError(f"k={self.k} with {n} hits")
         if any(not math.isfinite(s) for s in self.scores):
             raise ValueError("scores must be finite")
-        vec = np.array(self.vector, dtype=np.float32, copy=True)
-        if vec.ndim != 1:
-            raise ValueError("the query vector must be one-dimensional")
-        vec.flags.writeable = False
-        object.__setattr__(self, "vector", vec)
-        object.__setattr__(self, "metric", Metric(self.metric))
+        vec = self.vector
+        if not (isinstance(vec, np.ndarray) and vec.dtype == np.float32 and vec.ndim == 1
+                and vec.flags.owndata and not vec.flags.writeable):  # a copy made here
+            vec = np.array(self.vector, dtype=np.float32, copy=True)
+            if vec.ndim != 1:
+                raise ValueError("the query vector must be one-dimensional")
+            vec.flags.writeable = False
+            object.__setattr__(self, "vector", vec)
+        if not isinstance(self.metric, Metric):
+            object.__setattr__(self, "metric", Metric(self.metric))
 
     @property
     def fewer_than_k(self) -> bool:

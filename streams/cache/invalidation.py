@@ -120,6 +120,7 @@ class InvalidationIndex:
         if dim < 1 or max_clusters < 1:
             raise ValueError("dim >= 1 and max_clusters >= 1")
         self.metric = Metric(metric)
+        self._higher = self.metric.higher_is_better
         self.dim = dim
         self.max_clusters = max_clusters
         self._g = score_margin(dim)
@@ -259,7 +260,7 @@ class InvalidationIndex:
         cn = np.linalg.norm(cen, axis=1)[:, None]
         vn = np.sqrt(vsq)[None, :]
         cv = cen @ v.T
-        if self.metric.higher_is_better:
+        if self._higher:
             bound = cv + r * vn + self._g * m * vn
             slack = _SLACK * (cn + r + m) * vn + _TINY
             out: Bools = bound + slack >= w
@@ -279,7 +280,7 @@ class InvalidationIndex:
         self._centres = np.array(centres, dtype=np.float64).reshape(c, self.dim)
         self._radius = np.zeros(c, dtype=np.float64)
         self._maxnorm = np.zeros(c, dtype=np.float64)
-        worst = math.inf if self.metric.higher_is_better else -math.inf
+        worst = math.inf if self._higher else -math.inf
         self._weakest = np.full(c, worst, dtype=np.float64)
         self._members: list[set[int]] = [set() for _ in range(c)]
         self._member_arrays: list[I64 | None] = [None] * c
@@ -315,23 +316,31 @@ class InvalidationIndex:
         self._centres = np.vstack([self._centres, centre[None, :]])
         self._radius = np.append(self._radius, 0.0)
         self._maxnorm = np.append(self._maxnorm, 0.0)
-        worst = math.inf if self.metric.higher_is_better else -math.inf
+        worst = math.inf if self._higher else -math.inf
         self._weakest = np.append(self._weakest, worst)
         self._members.append(set())
         self._member_arrays.append(None)
 
     def _join(self, c: int, slots: list[int]) -> None:
-        idx = np.array(slots, dtype=np.int64)
-        q = self._q[idx]
-        radius = float(np.linalg.norm(q - self._centres[c], axis=1).max())
-        norm = float(np.sqrt(self._qsq[idx]).max())
+        if len(slots) == 1:  # the search path's add: scalar arithmetic, no reductions
+            s = slots[0]
+            d = self._q[s] - self._centres[c]
+            radius = math.sqrt(float(d @ d))
+            norm = math.sqrt(float(self._qsq[s]))
+            low = high = float(self._thr[s])
+        else:
+            idx = np.array(slots, dtype=np.int64)
+            q = self._q[idx]
+            radius = float(np.linalg.norm(q - self._centres[c], axis=1).max())
+            norm = float(np.sqrt(self._qsq[idx]).max())
+            thr = self._thr[idx]
+            low, high = float(thr.min()), float(thr.max())
         self._radius[c] = max(self._radius[c], radius * (1 + _SLACK) + _TINY)
         self._maxnorm[c] = max(self._maxnorm[c], norm * (1 + _SLACK) + _TINY)
-        thr = self._thr[idx]
-        if self.metric.higher_is_better:
-            self._weakest[c] = min(self._weakest[c], float(thr.min()))
+        if self._higher:
+            self._weakest[c] = min(self._weakest[c], low)
         else:
-            self._weakest[c] = max(self._weakest[c], float(thr.max()))
+            self._weakest[c] = max(self._weakest[c], high)
         self._members[c].update(slots)
         self._member_arrays[c] = None
         for s in slots:

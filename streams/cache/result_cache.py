@@ -20,15 +20,20 @@ index before the search read it.
 
 Threads: one lock guards everything. Searchers ``get``/``put``; the applier invalidates;
 the exact invalidation work is done under the lock, so a large batch briefly delays
-lookups of the node. Eviction is LRU within ``budget_bytes``, across all indexes; the
-admission policy (:class:`AdmissionPolicy`) is asked before a put takes the lock.
+lookups of the node. Eviction is LRU within ``budget_bytes``, across all indexes, and
+within each tenant's budget (``tenant_budget_bytes``, :meth:`ResultCache.set_tenant_budget`)
+and each index's (:meth:`ResultCache.set_index_budget`, from ``IndexConfig.cache``): a
+tenant over its budget evicts its own least recently used entries, never another
+tenant's. The admission policy (:class:`AdmissionPolicy`) is asked before a put takes the
+lock. Removal hooks (:meth:`ResultCache.add_removal_hook`) hear of every entry that leaves
+(invalidated, evicted, replaced, dropped); they run under the lock and must only record.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -136,9 +141,12 @@ class ResultCache:
         enabled: bool = True,
         ring_rows: int = 4096,
         max_clusters: int = 64,
+        tenant_budget_bytes: int | None = None,
     ) -> None:
         if budget_bytes < 0 or ring_rows < 1:
             raise ValueError("budget_bytes >= 0 and ring_rows >= 1")
+        if tenant_budget_bytes is not None and tenant_budget_bytes < 0:
+            raise ValueError("tenant_budget_bytes >= 0")
         self.budget_bytes = budget_bytes
         self.policy: AdmissionPolicy = policy or AdmitAll()
         self._default_enabled = enabled
@@ -148,6 +156,11 @@ class ResultCache:
         self._lru: OrderedDict[QueryKey, _Slot] = OrderedDict()
         self._indexes: dict[str, _IndexState] = {}
         self._bytes = 0
+        self._tenant_default = tenant_budget_bytes
+        self._budgets: dict[str, int] = {}  # scope ("t:tenant" / "i:tenant/index") -> bytes
+        self._scopes: dict[str, OrderedDict[QueryKey, None]] = {}
+        self._scope_bytes: dict[str, int] = {}
+        self._hooks: list[Callable[[QueryKey], None]] = []
         self._n = dict.fromkeys(("hits", "misses", "puts", "rejected", "stale_puts",
                                  "invalidations", "evictions", "verified", "false_hits"), 0)
 
@@ -172,6 +185,47 @@ class ResultCache:
             if not enabled:
                 self._drop_entries(index_key)
 
+    def set_tenant_budget(self, tenant: str, budget_bytes: int | None) -> None:
+        """Bound the bytes of ``tenant``'s entries (None: the default); evicts its least
+        recently used entries at once if it is over."""
+        self._set_budget("t:" + tenant, budget_bytes if budget_bytes is not None
+                         else self._tenant_default)
+
+    def set_index_budget(self, index_key: str, budget_bytes: int | None) -> None:
+        """Bound the bytes of one index's entries (None: no bound of its own)."""
+        self._set_budget("i:" + index_key, budget_bytes)
+
+    def _set_budget(self, scope: str, budget_bytes: int | None) -> None:
+        if budget_bytes is not None and budget_bytes < 0:
+            raise ValueError("a budget must be >= 0")
+        with self._lock:
+            if budget_bytes is None:
+                self._budgets.pop(scope, None)
+            else:
+                self._budgets[scope] = budget_bytes
+                self._evict_scope(scope)
+
+    def budget_of(self, scope: str) -> int | None:
+        """The budget of ``t:<tenant>`` or ``i:<tenant>/<index>`` (None: unbounded)."""
+        if scope.startswith("t:") and scope not in self._budgets:
+            return self._tenant_default
+        return self._budgets.get(scope)
+
+    def scope_bytes(self, scope: str) -> int:
+        """Bytes held by ``t:<tenant>`` or ``i:<tenant>/<index>``."""
+        with self._lock:
+            return self._scope_bytes.get(scope, 0)
+
+    def add_removal_hook(self, hook: Callable[[QueryKey], None]) -> None:
+        """Call ``hook(key)`` whenever an entry leaves the cache (under the cache's lock:
+        the hook must be quick and must not call back into the cache)."""
+        with self._lock:
+            self._hooks.append(hook)
+
+    @staticmethod
+    def _scopes_of(index_key: str) -> tuple[str, str]:
+        return "t:" + index_key.partition("/")[0], "i:" + index_key
+
     # -- lookups -----------------------------------------------------------------------
 
     def get_seq(self, index_key: str) -> int:
@@ -188,10 +242,42 @@ class ResultCache:
             if slot is None:
                 self._n["misses"] += 1
                 return None
-            self._lru.move_to_end(key)
-            slot.hits += 1
+            self._touch(key, slot)
             self._n["hits"] += 1
             return replace(slot.entry, hit_count=slot.hits)
+
+    def fetch(self, key: QueryKey) -> CachedResult | None:
+        """Like :meth:`get` for a tolerant layer's lookup: refreshes the LRU place and the
+        entry's hit count but leaves the L0 hit/miss counters alone."""
+        found = self.hit(key, l0=False)
+        return None if found is None else replace(found[0], hit_count=found[1])
+
+    def hit(self, key: QueryKey, *, l0: bool = True) -> tuple[CachedResult, int] | None:
+        """The hot path's :meth:`get` (``l0``) or :meth:`fetch`: the stored entry itself
+        (its ``hit_count`` is not this one's) and its hit count with this hit, without
+        copying the entry."""
+        with self._lock:
+            slot = self._lru.get(key)
+            if slot is None:
+                if l0:
+                    self._n["misses"] += 1
+                return None
+            self._touch(key, slot)
+            if l0:
+                self._n["hits"] += 1
+            return slot.entry, slot.hits
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._lru
+
+    def _touch(self, key: QueryKey, slot: _Slot) -> None:
+        self._lru.move_to_end(key)
+        for scope in self._scopes_of(slot.entry.index_key):
+            lru = self._scopes.get(scope)
+            if lru is not None:
+                lru.move_to_end(key)
+        slot.hits += 1
 
     def peek(self, key: QueryKey) -> CachedResult | None:
         """Like :meth:`get` without counting or touching the LRU order."""
@@ -201,12 +287,16 @@ class ResultCache:
 
     # -- puts --------------------------------------------------------------------------
 
-    def put(self, entry: CachedResult, seen_seq: int) -> PutOutcome:
+    def put(
+        self, entry: CachedResult, seen_seq: int, decision: AdmissionDecision | None = None
+    ) -> PutOutcome:
         """Offer a fresh result whose search began at ``seen_seq`` (from :meth:`get_seq`).
         Stored only if the policy admits it, its index is enabled, it fits the budget
         and no write reported since ``seen_seq`` changes it (module docstring). Raises
-        ``ValueError`` for a ``seen_seq`` the index has not reached."""
-        decision = self.policy.decide(entry)
+        ``ValueError`` for a ``seen_seq`` the index has not reached. ``decision``: the
+        policy's decision taken earlier (a deferred put applies the logged one)."""
+        if decision is None:
+            decision = self.policy.decide(entry)
         if decision.action != "admit":
             with self._lock:
                 self._n["rejected"] += 1
@@ -222,7 +312,9 @@ class ResultCache:
             if verdict is not None:
                 self._n["stale_puts"] += 1
                 return PutOutcome(decision, verdict)
-            if nbytes > self.budget_bytes:
+            scopes = self._scopes_of(entry.index_key)
+            if nbytes > self.budget_bytes or any(
+                    nbytes > self._budgets.get(s, self._default_budget(s)) for s in scopes):
                 return PutOutcome(decision, "too-large")
             self._remove(entry.key)
             index = st.index
@@ -234,11 +326,29 @@ class ResultCache:
             self._lru[entry.key] = _Slot(replace(entry, admission=decision, hit_count=0),
                                          nbytes)
             self._bytes += nbytes
+            for scope in scopes:
+                self._scopes.setdefault(scope, OrderedDict())[entry.key] = None
+                self._scope_bytes[scope] = self._scope_bytes.get(scope, 0) + nbytes
             self._n["puts"] += 1
             while self._bytes > self.budget_bytes:
                 self._remove(next(iter(self._lru)))  # the least recently used
                 self._n["evictions"] += 1
+            for scope in scopes:
+                self._evict_scope(scope)
             return PutOutcome(decision, "stored")
+
+    def _default_budget(self, scope: str) -> float:
+        if scope.startswith("t:") and self._tenant_default is not None:
+            return self._tenant_default
+        return float("inf")
+
+    def _evict_scope(self, scope: str) -> None:
+        """Evict the scope's least recently used entries until it fits its budget."""
+        budget = self._budgets.get(scope, self._default_budget(scope))
+        lru = self._scopes.get(scope)
+        while lru and self._scope_bytes.get(scope, 0) > budget:
+            self._remove(next(iter(lru)))
+            self._n["evictions"] += 1
 
     def _recheck(self, st: _IndexState, entry: CachedResult, seen_seq: int) -> str | None:
         """None if no batch after ``seen_seq`` changes ``entry``, else why not storable."""
@@ -327,9 +437,17 @@ class ResultCache:
         if slot is None:
             return
         self._bytes -= slot.nbytes
+        for scope in self._scopes_of(slot.entry.index_key):
+            lru = self._scopes.get(scope)
+            if lru is not None and lru.pop(key, 0) is None:
+                self._scope_bytes[scope] -= slot.nbytes
+                if not lru:
+                    del self._scopes[scope], self._scope_bytes[scope]
         st = self._indexes.get(slot.entry.index_key)
         if st is not None and st.index is not None:
             st.index.remove(key)
+        for hook in self._hooks:
+            hook(key)
 
     def _drop_entries(self, index_key: str) -> int:
         keys = [k for k, s in self._lru.items() if s.entry.index_key == index_key]

@@ -22,11 +22,15 @@ _WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 
 class EmbedderError(StreamvecError):
     """An embedder failed (bad input, provider down, wrong reply). ``retryable`` says whether a
-    retry with backoff can help."""
+    retry with backoff can help; ``retry_after_s`` is the provider's own hint (HTTP
+    ``Retry-After``), when it gave one."""
 
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
+    def __init__(
+        self, message: str, *, retryable: bool = False, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.retry_after_s = retry_after_s
 
 
 class Embedder(ABC):

@@ -17,7 +17,7 @@ Vectors are stored as the metric scores them (unit length for cosine, see
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -183,6 +183,7 @@ class HeadIndex:
 
     def _grow(self) -> None:
         cap = 2 * self._labels.shape[0]
+        # A row must be written before _n passes it; growing ahead of a batch is fine.
         # Buffers are swapped before _n moves past their old size, so readers holding
         # an old buffer only ever index rows it has.
         self._vectors = _grown(self._vectors, cap, self._n, 0.0)
@@ -232,6 +233,55 @@ class HeadIndex:
         self._row_of[int(label)] = row
         self._n = row + 1
         self._live += 1
+
+    def add_many(
+        self,
+        labels: Labels,
+        vectors: Matrix,
+        tags: Sequence[Iterable[str]] | None = None,
+        numeric: Sequence[Mapping[str, float] | None] | None = None,
+    ) -> None:
+        """Append ``len(labels)`` rows at once: the batch form of :meth:`add` (one
+        normalisation and one store per buffer instead of one per row). ``vectors`` are raw
+        (n x dim); ``tags``/``numeric`` are per row. Searchers see no row of the batch
+        until all are written. Raises as :meth:`add`, before changing anything."""
+        labels = np.asarray(labels, dtype=np.int64)
+        n = int(labels.shape[0])
+        if self._frozen:
+            raise ValueError("the Head is frozen")
+        mat = np.asarray(vectors, dtype=np.float32)
+        if mat.ndim != 2 or mat.shape[1] != self.dim or mat.shape[0] != n:
+            raise DimensionMismatch(self.dim, int(mat.shape[-1]) if mat.ndim else 0)
+        if n == 0:
+            return
+        label_list = labels.tolist()
+        if len(set(label_list)) != n or any(label in self._row_of for label in label_list):
+            raise ValueError("labels must be unique and new to the Head")
+        start = self._n
+        while start + n > self._labels.shape[0]:
+            self._grow()
+        end = start + n
+        v = prepare(mat, self.metric)
+        self._vectors[start:end] = v
+        self._sqnorms[start:end] = np.einsum("ij,ij->i", v, v)
+        self._labels[start:end] = labels
+        for i, values in enumerate(numeric or ()):
+            for name, value in (values or {}).items():
+                col = self._numeric.get(name)
+                if col is None:
+                    col = np.full(self._labels.shape[0], np.nan, dtype=np.float64)
+                    self._numeric[name] = col
+                col[start + i] = value
+        for i, row_tags in enumerate(tags or ()):
+            for term in {tag_term(t) for t in row_tags}:
+                rows = self._tags.get(term)
+                if rows is None:
+                    rows = self._tags[term] = _RowList()
+                rows.append(start + i)
+        self._alive[start:end] = True
+        self._row_of.update(zip(label_list, range(start, end), strict=True))
+        self._n = end
+        self._live += n
 
     def delete(self, label: int) -> bool:
         """Mark ``label`` deleted; False if the Head has no live row with it."""
@@ -294,9 +344,7 @@ class HeadIndex:
         return SegmentRows(self._labels[order], self._vectors[order], columns)
 
     @classmethod
-    def from_rows(
-        cls, rows: SegmentRows, metric: Metric
-    ) -> HeadIndex:
+    def from_rows(cls, rows: SegmentRows, metric: Metric) -> HeadIndex:
         """A Head holding ``rows`` (already prepared, e.g. from :meth:`export`), all live."""
         n, dim = rows.vectors.shape
         head = cls(int(dim), metric, initial_capacity=max(1024, int(n)))

@@ -21,12 +21,14 @@ from streams.index.exceptions import DimensionMismatch, InvalidRequest
 
 __all__ = [
     "LIMITS",
+    "CacheSettings",
     "Consistency",
     "Dtype",
     "FieldKind",
     "FilterField",
     "Hit",
     "IndexConfig",
+    "IndexQuotas",
     "Limits",
     "Metric",
     "Vector",
@@ -81,6 +83,7 @@ class Limits:
     max_tag_bytes: int = 128
     max_numeric: int = 64
     max_k: int = 1000
+    max_source_bytes: int = 1024 * 1024  # text of one Source (UTF-8), before chunking
 
 
 LIMITS = Limits()
@@ -102,6 +105,70 @@ class FilterField:
 
 
 @dataclass(frozen=True, slots=True)
+class IndexQuotas:
+    """Limits of one index (``IndexQuotas`` in IndexConfig.avsc); ``None``: no limit.
+    ``max_vectors``/``max_bytes`` are the capacity budgets of ``streams.capacity``."""
+
+    max_vectors: int | None = None
+    max_bytes: int | None = None
+    qps: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_vectors", "max_bytes"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise InvalidRequest(f"quota {name} must be a positive integer", field=name)
+        if self.qps is not None and not (isinstance(self.qps, (int, float)) and self.qps > 0):
+            raise InvalidRequest("quota qps must be positive", field="qps")
+
+
+CACHE_LAYERS = ("L0", "L1", "L2")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    """Search-cache settings of one index (``CacheSettings`` in IndexConfig.avsc).
+    ``layers``: the layers looked up, of ``L0`` (exact), ``L1`` (tolerant key), ``L2``
+    (semantic); ``NONE`` is dropped; empty: no caching. ``memory_budget_bytes``: most bytes
+    this index's entries may hold (None: the node's default). ``l2_threshold``: the largest
+    cosine distance at which L2 reuses a cached result (None: the node's default)."""
+
+    layers: tuple[str, ...] = CACHE_LAYERS
+    memory_budget_bytes: int | None = None
+    l2_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        layers = tuple(dict.fromkeys(x for x in self.layers if x != "NONE"))
+        if any(x not in CACHE_LAYERS for x in layers):
+            raise InvalidRequest(f"cache layers must be of {', '.join(CACHE_LAYERS)}, NONE",
+                                 field="cache.layers")
+        object.__setattr__(self, "layers", layers)
+        budget = self.memory_budget_bytes
+        if budget is not None and (not isinstance(budget, int) or budget < 0):
+            raise InvalidRequest("cache memory_budget_bytes must be >= 0",
+                                 field="cache.memory_budget_bytes")
+        thr = self.l2_threshold
+        if thr is not None and not (isinstance(thr, (int, float)) and 0.0 <= thr <= 2.0):
+            raise InvalidRequest("cache l2_threshold must be in [0, 2]",
+                                 field="cache.l2_threshold")
+
+    def as_avro(self) -> dict[str, object]:
+        return {"layers": list(self.layers), "memory_budget_bytes": self.memory_budget_bytes,
+                "l2_threshold": self.l2_threshold}
+
+    @classmethod
+    def from_avro(cls, d: Mapping[str, object] | None) -> CacheSettings | None:
+        if not d:
+            return None
+        layers = d.get("layers", CACHE_LAYERS)
+        budget, thr = d.get("memory_budget_bytes"), d.get("l2_threshold")
+        return cls(tuple(str(x) for x in layers) if isinstance(layers, (list, tuple))
+                   else CACHE_LAYERS,
+                   int(budget) if isinstance(budget, int) else None,
+                   float(thr) if isinstance(thr, (int, float)) else None)
+
+
+@dataclass(frozen=True, slots=True)
 class IndexConfig:
     """One index. ``recipe`` is the FAISS factory string of its Tail segments; ``fields``
     the allow-list of filterable fields (tag fields match tags ``name:value``; numeric
@@ -116,6 +183,9 @@ class IndexConfig:
     fields: tuple[FilterField, ...] = ()
     version: int = 1
     created_ms: int = 0
+    quotas: IndexQuotas | None = None
+    embedder: str | None = None  # text indexes: the embedder's registry name (VEC.QUERY)
+    cache: CacheSettings | None = None  # None: the node's cache defaults
 
     def __post_init__(self) -> None:
         check_name(self.tenant, "tenant")
@@ -183,11 +253,14 @@ class VectorUpsert:
     tags: tuple[str, ...] = ()
     numeric: Mapping[str, float] = field(default_factory=dict)
     version: int = 1
+    ttl_ms: int | None = None  # a temporary vector: expires ttl_ms after it is written
 
     def validate(self, config: IndexConfig) -> VectorUpsert:
         """Raise :class:`InvalidRequest`/:class:`DimensionMismatch` unless this record
         may be appended to ``config``'s index."""
         check_id(self.id)
+        if self.ttl_ms is not None and (not isinstance(self.ttl_ms, int) or self.ttl_ms < 1):
+            raise InvalidRequest("ttl_ms must be a positive integer", field="ttl_ms")
         parse_vector(self.vector, config.dim)
         if self.meta is not None:
             if len(self.meta.encode()) > LIMITS.max_meta_bytes:

@@ -94,6 +94,7 @@ RowSource = Callable[[npt.NDArray[np.int64]], Matrix]
 _IVF_RE = re.compile(r"IVF(\d+)")
 _PQ_RE = re.compile(r"PQ(\d+)(?:x(\d+))?(?:fs|np)?$")
 _SCALAR = {Dtype.FP16: "SQfp16", Dtype.INT8: "SQ8"}
+_LOSSY_RE = re.compile(r"SQ[468]|PQ\d.*|RQ\d.*|LSQ\d.*")
 
 
 class SegmentCorrupt(StreamvecError):
@@ -155,7 +156,9 @@ def check_recipe(recipe: str, dtype: Dtype, dim: int, metric: Metric) -> None:
         # merges after a restart need to reconstruct.
         raise InvalidRequest(
             f"recipe {recipe!r}: fast-scan PQ cannot be merged after a reload; "
-            "use PQ{m}x4 or PQ{m}", field="recipe")
+            "use PQ{m}x4 or PQ{m}",
+            field="recipe",
+        )
     try:
         faiss.index_factory(dim, plan_recipe(recipe, dtype, 1 << 40), _faiss_metric(metric))
     except RuntimeError as exc:  # FAISS's factory reports unparsable strings this way
@@ -279,13 +282,13 @@ class TailSegment:
             self._storage, _plain_params(probe), self.dim
         )
         self.faiss_bytes = _faiss_bytes(index)
+        # storage that loses order between near neighbours: worth an exact re-rank
+        self.lossy = bool(_LOSSY_RE.fullmatch(recipe_used.split(",")[-1]))
 
     # -- building ---------------------------------------------------------------------
 
     @classmethod
-    def build(
-        cls, rows: SegmentRows, *, recipe: str, dtype: Dtype, metric: Metric
-    ) -> TailSegment:
+    def build(cls, rows: SegmentRows, *, recipe: str, dtype: Dtype, metric: Metric) -> TailSegment:
         """Index ``rows`` (prepared for ``metric``, sorted by label) with ``recipe``."""
         n = len(rows)
         used = plan_recipe(recipe, dtype, n)
@@ -293,8 +296,13 @@ class TailSegment:
         index = _build_index(n, dim, lambda r: rows.vectors[r], used, metric)
         alive = np.ones(n, dtype=np.bool_)
         return cls(
-            index, rows.labels.copy(), alive, rows.columns,
-            recipe=recipe, recipe_used=used, metric=metric,
+            index,
+            rows.labels.copy(),
+            alive,
+            rows.columns,
+            recipe=recipe,
+            recipe_used=used,
+            metric=metric,
         )
 
     # -- rows and deletes -------------------------------------------------------------
@@ -326,6 +334,14 @@ class TailSegment:
             return False
         row = self._row(int(label))
         return row >= 0 and bool(self.alive[row])
+
+    def contains_any(self, labels: Labels) -> bool:
+        """Whether any of ``labels`` is a live row here."""
+        if labels.size == 0 or self.labels.size == 0:
+            return False
+        pos = np.searchsorted(self.labels, labels).clip(0, self.labels.size - 1)
+        hit = self.labels[pos] == labels
+        return bool(np.any(self.alive[pos[hit]]))
 
     def delete(self, label: int) -> bool:
         """Mark ``label`` deleted; False if no live row has it."""
@@ -411,7 +427,12 @@ class TailSegment:
         return best_rows, best
 
     def _search_level(
-        self, query: Vector, k: int, bits: npt.NDArray[np.uint8] | None, ef: int, nprobe: int,
+        self,
+        query: Vector,
+        k: int,
+        bits: npt.NDArray[np.uint8] | None,
+        ef: int,
+        nprobe: int,
         exhaustive: bool,
     ) -> tuple[Labels, Any]:
         # The selector points into ``bits``; both stay referenced until the search returns.
@@ -502,8 +523,12 @@ class TailSegment:
         with open(directory / "rows.npz", "wb") as f:
             np.savez(f, **arrays)
         meta = {
-            "format": FORMAT, "recipe": self.recipe, "recipe_used": self.recipe_used,
-            "metric": self.metric.value, "dim": self.dim, "rows": self.n_rows,
+            "format": FORMAT,
+            "recipe": self.recipe,
+            "recipe_used": self.recipe_used,
+            "metric": self.metric.value,
+            "dim": self.dim,
+            "rows": self.n_rows,
         }
         (directory / "meta.json").write_text(json.dumps(meta))
         for name in ("index.faiss", "rows.npz", "meta.json"):
@@ -581,6 +606,11 @@ def merge(
         parts.append((seg.columns, new_of_old))
     columns = RowColumns.gather(parts, n)
     return TailSegment(
-        index, labels, np.ones(n, dtype=np.bool_), columns,
-        recipe=recipe, recipe_used=used, metric=metric,
+        index,
+        labels,
+        np.ones(n, dtype=np.bool_),
+        columns,
+        recipe=recipe,
+        recipe_used=used,
+        metric=metric,
     )

@@ -24,7 +24,7 @@ import os
 import shutil
 import threading
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ import numpy.typing as npt
 from streams.index.exceptions import DimensionMismatch, InvalidRequest
 from streams.index.filters import Filter, RowColumns
 from streams.index.head import HeadIndex, SegmentRows, prepare, top_k
-from streams.index.model import IndexConfig, Vector
+from streams.index.model import IndexConfig, Metric, Vector
 from streams.index.segment import (
     SegmentCorrupt,
     TailSegment,
@@ -44,9 +44,25 @@ from streams.index.segment import (
     merge,
 )
 
-__all__ = ["MergeJob", "SealJob", "SearchOutcome", "SegmentCorrupt", "VectorIndex"]
+__all__ = [
+    "DEFAULT_REFINE_FACTOR",
+    "ExactVectors",
+    "MergeJob",
+    "SealJob",
+    "SearchOutcome",
+    "SegmentCorrupt",
+    "VectorIndex",
+]
 
 FORMAT = 1
+# A search of a quantised segment (SQ8, PQ) takes this many times k candidates from it and
+# re-scores them exactly when the index has an ``exact`` source: SQ8 codes cannot order
+# neighbours whose cosines differ by ~0.002, the fp32 vectors can (recall@10 0.94 -> 0.99
+# at 1M x 384 in docs/benchmarks.md). 0 or 1: no re-ranking.
+DEFAULT_REFINE_FACTOR = 4
+
+ExactVectors = Callable[[list[int]], list[Vector | None]]
+"""labels -> their stored fp32 vectors (``None`` where unknown)."""
 _CURRENT = "CURRENT"
 
 
@@ -85,7 +101,8 @@ class SealJob:
         c = self.config
         self.segment = (
             TailSegment.build(rows, recipe=c.recipe, dtype=c.dtype, metric=c.metric)
-            if len(rows) else None
+            if len(rows)
+            else None
         )
         self.built = True
 
@@ -112,7 +129,11 @@ class VectorIndex:
     ``head_capacity``: rows after which :meth:`needs_seal` says yes. Merging is
     size-tiered: ``merge_factor`` segments of one size tier (live rows within a factor of
     ``merge_factor`` of each other, counted in ``head_capacity`` units) are merged, and
-    the smallest are merged whenever there are more than ``max_tail_segments``.
+    the smallest are merged whenever there are more than ``max_tail_segments``. When the
+    writer is idle (``idle=True``), segments under ``compact_rows`` live rows (default 10
+    Heads) are merged into one while they fit in it: a search then descends one graph where
+    a burst of writes left several (at 100k rows, 3 -> 1), and merges never compete with a
+    burst for the one builder thread.
     Raises :class:`InvalidRequest` (``field="recipe"``) for a recipe FAISS cannot build."""
 
     def __init__(
@@ -122,6 +143,7 @@ class VectorIndex:
         head_capacity: int = 20_000,
         merge_factor: int = 4,
         max_tail_segments: int = 8,
+        compact_rows: int | None = None,
     ) -> None:
         if head_capacity < 1 or merge_factor < 2 or max_tail_segments < 1:
             raise ValueError("head_capacity >= 1, merge_factor >= 2, max_tail_segments >= 1")
@@ -130,11 +152,16 @@ class VectorIndex:
         self.head_capacity = head_capacity
         self.merge_factor = merge_factor
         self.max_tail_segments = max_tail_segments
+        self.compact_rows = compact_rows if compact_rows is not None else 10 * head_capacity
         self._lock = threading.Lock()
         self._view = _View(self._new_head(), (), ())
         self._sealing: set[HeadIndex] = set()  # frozen Heads with a job out
         self._merging = False
         self._next_segment = 0
+        # Exact re-ranking of quantised segments' candidates (see ``search``): set by the
+        # owner, which keeps every row's fp32 vector elsewhere (the node's state store).
+        self.exact: ExactVectors | None = None
+        self.refine_factor = DEFAULT_REFINE_FACTOR
 
     def _new_head(self) -> HeadIndex:
         return HeadIndex(self.config.dim, self.config.metric)
@@ -178,6 +205,37 @@ class VectorIndex:
                 raise ValueError(f"label {label} is already in the index")
             self._view.head.add(label, vec, tags, numeric)
 
+    def upsert_many(
+        self,
+        labels: npt.NDArray[np.int64],
+        vectors: npt.NDArray[np.float32],
+        tags: Sequence[Iterable[str]] | None = None,
+        numeric: Sequence[Mapping[str, float] | None] | None = None,
+    ) -> None:
+        """Add ``len(labels)`` rows (``vectors`` n x dim, raw), all searchable when this
+        returns and none before: the batch form of :meth:`upsert`, with its errors, raised
+        before any row is added."""
+        labels = np.asarray(labels, dtype=np.int64)
+        mat = np.asarray(vectors, dtype=np.float32)
+        if mat.ndim != 2 or mat.shape[1] != self.config.dim:
+            raise DimensionMismatch(self.config.dim, int(mat.shape[-1]) if mat.ndim else 0)
+        if not np.isfinite(mat).all():
+            raise InvalidRequest("vector contains NaN or infinity", field="vector")
+        with self._lock:
+            v = self._view
+            for part in v.frozen:
+                if any(label in part for label in labels.tolist()):
+                    raise ValueError("a label is already in the index")
+            if any(s.contains_any(labels) for s in v.segments):
+                raise ValueError("a label is already in the index")
+            v.head.add_many(labels, mat, tags, numeric)
+
+    @property
+    def unsealed_rows(self) -> int:
+        """Rows in the Head and in frozen Heads not yet sealed (held as fp32)."""
+        v = self._view
+        return v.head.n_rows + sum(h.n_rows for h in v.frozen)
+
     def delete(self, label: int) -> bool:
         """Delete the row ``label``; False if there is no live row with it. A search
         that starts after this returns never returns it."""
@@ -213,28 +271,64 @@ class VectorIndex:
             raise InvalidRequest("vector contains NaN or infinity", field="vector")
         q = prepare(vec[None, :], self.config.metric)[0]
         v = self._view
+        exact, refine = self.exact, self.refine_factor
+        wide = k * refine if exact is not None and refine > 1 else k
         parts = [h.search(q, k, filter) for h in (v.head, *v.frozen)]
-        parts += [
-            s.search(q, k, filter, ef_search=ef_search, nprobe=nprobe) for s in v.segments
+        lossy = [
+            s.search(q, wide, filter, ef_search=ef_search, nprobe=nprobe)
+            for s in v.segments
+            if wide > k and s.lossy
         ]
-        matched = sum(p.matched for p in parts)
-        labels, scores = top_k(
-            np.concatenate([p.labels for p in parts]),
-            np.concatenate([p.scores for p in parts]),
-            k,
-            self.config.metric,
-        )
+        parts += [
+            s.search(q, k, filter, ef_search=ef_search, nprobe=nprobe)
+            for s in v.segments
+            if not (wide > k and s.lossy)
+        ]
+        matched = sum(p.matched for p in parts) + sum(p.matched for p in lossy)
+        all_labels = [p.labels for p in parts]
+        all_scores = [p.scores for p in parts]
+        if lossy and exact is not None:
+            cand, approx = top_k(
+                np.concatenate([p.labels for p in lossy]),
+                np.concatenate([p.scores for p in lossy]),
+                wide,
+                self.config.metric,
+            )
+            all_labels.append(cand)
+            all_scores.append(self._rescore(q, cand, approx, exact))
+        metric = self.config.metric
+        labels, scores = top_k(np.concatenate(all_labels), np.concatenate(all_scores), k, metric)
         widened = max((p.level for p in parts), default=0)
         return SearchOutcome(labels, scores, widened, matched < k, matched)
+
+    def _rescore(
+        self,
+        q: Vector,
+        labels: npt.NDArray[np.int64],
+        approx: npt.NDArray[np.float32],
+        exact: ExactVectors,
+    ) -> npt.NDArray[np.float32]:
+        """Exact scores of ``labels`` from their stored vectors; a label without one (its
+        state not committed yet, or replaced meanwhile) keeps its approximate score."""
+        if labels.size == 0:
+            return approx
+        found = exact(labels.tolist())
+        have = [i for i, x in enumerate(found) if x is not None]
+        if not have:
+            return approx
+        mat = prepare(np.stack([found[i] for i in have]), self.config.metric)  # type: ignore[misc]
+        l2 = self.config.metric is Metric.L2
+        exact_scores = ((mat - q) ** 2).sum(axis=1) if l2 else mat @ q
+        out = approx.copy()
+        out[have] = exact_scores
+        return out
 
     # -- seal and merge ---------------------------------------------------------------
 
     def needs_seal(self) -> bool:
         """The Head is full, or a frozen Head whose job was aborted waits for a new one."""
         v = self._view
-        return v.head.n_rows >= self.head_capacity or any(
-            h not in self._sealing for h in v.frozen
-        )
+        return v.head.n_rows >= self.head_capacity or any(h not in self._sealing for h in v.frozen)
 
     def begin_seal(self) -> SealJob | None:
         """Freeze the Head (it stays searchable) behind a fresh one and return the job to
@@ -277,7 +371,9 @@ class VectorIndex:
         with self._lock:
             self._sealing.discard(job.head)
 
-    def _pick_merge(self, segments: tuple[TailSegment, ...]) -> tuple[TailSegment, ...]:
+    def _pick_merge(
+        self, segments: tuple[TailSegment, ...], idle: bool = False
+    ) -> tuple[TailSegment, ...]:
         f = self.merge_factor
         tiers: dict[int, list[TailSegment]] = {}
         for s in segments:
@@ -291,17 +387,24 @@ class VectorIndex:
         mostly_dead = [s for s in segments if len(s) * 2 < s.n_rows]
         if mostly_dead:
             return (min(mostly_dead, key=len),)
+        if idle:
+            small = sorted((s for s in segments if len(s) < self.compact_rows), key=len)
+            while len(small) >= 2 and sum(len(s) for s in small) > self.compact_rows:
+                small.pop()  # the largest that does not fit
+            if len(small) >= 2:
+                return tuple(small)
         return ()
 
-    def needs_merge(self) -> bool:
-        return not self._merging and bool(self._pick_merge(self._view.segments))
+    def needs_merge(self, idle: bool = False) -> bool:
+        return not self._merging and bool(self._pick_merge(self._view.segments, idle))
 
-    def begin_merge(self) -> MergeJob | None:
-        """Pick segments to merge (one merge at a time); None if nothing needs it."""
+    def begin_merge(self, idle: bool = False) -> MergeJob | None:
+        """Pick segments to merge (one merge at a time; ``idle``: the writer has nothing to
+        apply, see the class docstring); None if nothing needs it."""
         with self._lock:
             if self._merging:
                 return None
-            sources = self._pick_merge(self._view.segments)
+            sources = self._pick_merge(self._view.segments, idle)
             if not sources:
                 return None
             self._merging = True
@@ -337,8 +440,12 @@ class VectorIndex:
         heads = (v.head, *v.frozen)
         segments: list[dict[str, Any]] = [
             {
-                "name": s.name, "rows": s.n_rows, "live": len(s),
-                "recipe": s.recipe, "recipe_used": s.recipe_used, "bytes": s.nbytes,
+                "name": s.name,
+                "rows": s.n_rows,
+                "live": len(s),
+                "recipe": s.recipe,
+                "recipe_used": s.recipe_used,
+                "bytes": s.nbytes,
             }
             for s in v.segments
         ]
@@ -388,9 +495,13 @@ class VectorIndex:
             seg.save(out / name, alive=live, link_index_from=link)
             names.append(name)
         manifest = {
-            "format": FORMAT, "dim": self.config.dim, "metric": self.config.metric.value,
-            "dtype": self.config.dtype.value, "recipe": self.config.recipe,
-            "segments": names, "next_segment": self._next_segment,
+            "format": FORMAT,
+            "dim": self.config.dim,
+            "metric": self.config.metric.value,
+            "dtype": self.config.dtype.value,
+            "recipe": self.config.recipe,
+            "segments": names,
+            "next_segment": self._next_segment,
         }
         (out / "manifest.json").write_text(json.dumps(manifest))
         for p in (out / "head.npz", out / "manifest.json", out):

@@ -54,6 +54,7 @@ TOPIC_VALUE_SCHEMA: Final[Mapping[str, str]] = MappingProxyType(
         "usage": "UsageRollup",
         "audit": "AuditEvent",
         "dlq": "DeadLetter",
+        "archive": "VectorRecord",
     }
 )
 

@@ -11,9 +11,11 @@ for consistency (servers call them off the event loop when they may wait) and th
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from streams.index.exceptions import VecError
 from streams.index.model import Consistency, Hit, IndexConfig, Vector, VectorUpsert
 from streams.log.port import LogPosition
 
@@ -31,6 +33,10 @@ class SearchRequest:
     tokens: tuple[str, ...] = ()  # position tokens a ``session`` search waits for
     bound_ms: int | None = None  # ``bounded``: maximum applied lag
     timeout_ms: int = 1000
+    session_id: str | None = None  # client session: the query log and prefetch read it
+    # HNSW efSearch of this search (1..MAX_EF; None: the segment default): recall against
+    # latency. A search that sets it bypasses the result cache (it would mix answers).
+    ef: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +72,21 @@ class DataPlane(abc.ABC):
     @abc.abstractmethod
     def add(self, record: VectorUpsert) -> LogPosition:
         """Like upsert, but the id must not exist (VEC.ADD)."""
+
+    def upsert_many(
+        self, records: Sequence[VectorUpsert], if_versions: Sequence[int | None] | None = None
+    ) -> list[LogPosition | VecError]:
+        """Many upserts (``if_versions[i]`` as ``upsert``'s ``if_version``; 0 = ``add``):
+        per item its position or the error that refused it. This default writes them one
+        by one; a data plane on a log appends the valid ones as one batch."""
+        conds = list(if_versions) if if_versions is not None else [None] * len(records)
+        out: list[LogPosition | VecError] = []
+        for record, cond in zip(records, conds, strict=True):
+            try:
+                out.append(self.upsert(record, if_version=cond))
+            except VecError as exc:
+                out.append(exc)
+        return out
 
     @abc.abstractmethod
     def delete(self, tenant: str, index: str, id: str) -> LogPosition: ...

@@ -5,12 +5,20 @@ Routes (all JSON)::
     POST   /v1/indexes                                          create an index -> 201 position
     GET    /v1/indexes[?tenant=]                                list configs
     GET    /v1/indexes/{tenant}/{index}                         stats (the port's ``info``)
+    GET    /v1/indexes/{tenant}/{index}/archive                 ids the capacity manager archived
+    POST   /v1/indexes/{tenant}/{index}/archive:restore         {"ids": [...]} -> positions
     PUT    /v1/indexes/{tenant}/{index}/vectors/{id}            upsert [if_version] -> position
     POST   /v1/indexes/{tenant}/{index}/vectors/{id}:add        add (id must be new) -> 201
     POST   /v1/indexes/{tenant}/{index}/vectors                 add, id in the body -> 201
+    POST   /v1/indexes/{tenant}/{index}/vectors:batch           upsert many, one log append
+                                                                -> per item position or error
     DELETE /v1/indexes/{tenant}/{index}/vectors/{id}            delete -> position
     GET    /v1/indexes/{tenant}/{index}/vectors/{id}[?consistency=&token=...]
     POST   /v1/indexes/{tenant}/{index}/search                  {"hits": [...], "debug": {...}}
+    POST   /v1/indexes/{tenant}/{index}/sources                 append a Source -> 201 position
+    DELETE /v1/indexes/{tenant}/{index}/sources/{source_id}     tombstone a Source -> position
+    POST   /v1/indexes/{tenant}/{index}/query                   search by text (hits carry
+                                                                source_id, chunk, text)
     POST   /v1/snapshot                                         write a snapshot now
     GET    /healthz                                             200, or 503 unless status is ok
     GET    /metrics                                             Prometheus exposition
@@ -33,7 +41,7 @@ import binascii
 import json
 import logging
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, FastAPI, Query, Request
@@ -45,21 +53,28 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from streams import __version__
-from streams.index.exceptions import InvalidRequest, VecError
+from streams.capacity import CapacityManager
+from streams.index.exceptions import InvalidRequest, NotFound, VecError
 from streams.index.model import (
+    CacheSettings,
     Consistency,
     Dtype,
     FieldKind,
     FilterField,
     IndexConfig,
+    IndexQuotas,
     Metric,
     Vector,
     VectorUpsert,
 )
+from streams.ingest.service import IngestService, QueryRequest
+from streams.ingest.source import ChatMessage, Source, SourceType
 from streams.service.api import DataPlane, SearchRequest, StoredVector
 from streams.service.metrics import METRICS, OK, ServiceMetrics
+from streams.text.neighbors import neighbors as graph_neighbors
 
 __all__ = [
+    "ChatMessageBody",
     "CreateIndexBody",
     "ErrorBody",
     "ErrorDetail",
@@ -67,9 +82,11 @@ __all__ = [
     "HitReply",
     "NewVectorBody",
     "PositionReply",
+    "QueryBody",
     "RecordBody",
     "SearchBody",
     "SearchReply",
+    "SourceBody",
     "UpsertBody",
     "VectorReply",
     "create_http_app",
@@ -90,14 +107,74 @@ class FieldSpec(_Body):
     kind: FieldKind
 
 
+class QuotasBody(_Body):
+    """Capacity budgets of an index (streams.capacity); null: no limit."""
+
+    max_vectors: int | None = Field(None, ge=1)
+    max_bytes: int | None = Field(None, ge=1)
+    qps: float | None = Field(None, gt=0)
+
+
+class CacheBody(_Body):
+    """Search-cache settings of an index (IndexConfig.cache); null fields: node defaults."""
+
+    layers: list[Literal["NONE", "L0", "L1", "L2"]] = ["L0", "L1", "L2"]
+    memory_budget_bytes: int | None = Field(None, ge=0)
+    l2_threshold: float | None = Field(None, ge=0.0, le=2.0)
+
+
+class RestoreBody(_Body):
+    ids: list[str] = Field(min_length=1, max_length=10_000)
+
+
 class CreateIndexBody(_Body):
     tenant: str
     index: str
-    dim: int
+    dim: int | None = Field(None, description="required unless embedder is given")
     metric: Metric = Metric.COSINE
     dtype: Dtype = Dtype.FP32
     recipe: str = "HNSW32"
     fields: list[FieldSpec] = []
+    embedder: str | None = Field(
+        None, description="a text index: dim from this embedder (e.g. wordllama)")
+    quotas: QuotasBody | None = None
+    cache: CacheBody | None = None
+
+
+class ChatMessageBody(_Body):
+    role: str
+    text: str
+    ts_ms: int
+    user_id: str | None = None
+
+
+class SourceBody(_Body):
+    """A Source (schemas/Source.avsc): exactly one of text, chunks, messages."""
+
+    id: str
+    text: str | None = None
+    chunks: list[str] | None = None
+    messages: list[ChatMessageBody] | None = None
+    type: SourceType = SourceType.OTHER
+    title: str | None = None
+    uri: str | None = None
+    channel_id: str | None = None
+    user_id: str | None = None
+    meta: dict[str, JsonValue] | None = None
+    if_version: int | None = Field(None, ge=0, description="refuse unless the current "
+                                   "version is this (0: must not exist)")
+
+
+class QueryBody(_Body):
+    text: str
+    k: int = 10
+    mode: Literal["dense", "keyword", "hybrid"] = "dense"
+    alpha: float | None = Field(None, ge=0, le=1)
+    filter: str | None = None
+    consistency: Consistency = Consistency.EVENTUAL
+    tokens: list[str] = Field([], description="positions to wait for, documents or vectors")
+    bound_ms: int | None = Field(None, ge=0)
+    timeout_ms: int = Field(1000, ge=1)
 
 
 class _VectorIn(_Body):
@@ -109,6 +186,7 @@ class RecordBody(_VectorIn):
     meta: JsonValue = Field(None, description="any JSON value; stored as its JSON text")
     tags: list[str] = []
     numeric: dict[str, float] = {}
+    ttl_ms: int | None = Field(None, ge=1, description="a temporary vector: expires after this")
 
 
 class UpsertBody(RecordBody):
@@ -121,6 +199,16 @@ class NewVectorBody(RecordBody):
     id: str
 
 
+class BatchItemBody(NewVectorBody):
+    if_version: int | None = Field(
+        None, ge=0, description="refuse unless the stored version is this (0: must not exist)"
+    )
+
+
+class BatchBody(_Body):
+    items: list[BatchItemBody] = Field(..., max_length=10_000)
+
+
 class SearchBody(_VectorIn):
     k: int = 10
     filter: str | None = None
@@ -128,6 +216,13 @@ class SearchBody(_VectorIn):
     tokens: list[str] = []
     bound_ms: int | None = Field(None, ge=0)
     timeout_ms: int = Field(1000, ge=1)
+    ef: int | None = Field(None, ge=1, description="HNSW efSearch of this search (uncached)")
+    session_id: str | None = Field(None, min_length=1, max_length=128,
+                                   description="client session (query log, prefetch)")
+
+
+class RollbackBody(_Body):
+    version: int = Field(ge=1, description="the policy version to restore")
 
 
 class ErrorDetail(BaseModel):
@@ -138,6 +233,15 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+class BatchItemReply(BaseModel):
+    position: str | None = None
+    error: ErrorDetail | None = None
+
+
+class BatchReply(BaseModel):
+    items: list[BatchItemReply]
 
 
 class PositionReply(BaseModel):
@@ -189,7 +293,7 @@ def _record(tenant: str, index: str, id: str, body: RecordBody) -> VectorUpsert:
         except ValueError:
             raise InvalidRequest("meta must be JSON (no NaN or infinity)", field="meta") from None
     return VectorUpsert(tenant, index, id, _vector(body), meta, tuple(body.tags),
-                        dict(body.numeric))
+                        dict(body.numeric), ttl_ms=body.ttl_ms)
 
 
 def _meta(text: str | None) -> JsonValue:
@@ -206,7 +310,11 @@ def _config_json(c: IndexConfig) -> dict[str, Any]:
     return {"tenant": c.tenant, "index": c.index, "dim": c.dim, "metric": c.metric.value,
             "dtype": c.dtype.value, "recipe": c.recipe, "version": c.version,
             "created_ms": c.created_ms,
-            "fields": [{"name": f.name, "kind": f.kind.value} for f in c.fields]}
+            "fields": [{"name": f.name, "kind": f.kind.value} for f in c.fields],
+            "quotas": None if c.quotas is None else {
+                "max_vectors": c.quotas.max_vectors, "max_bytes": c.quotas.max_bytes,
+                "qps": c.quotas.qps},
+            "cache": None if c.cache is None else c.cache.as_avro()}
 
 
 def _stored_json(v: StoredVector) -> VectorReply:
@@ -268,9 +376,11 @@ def _set_code(request: Request, code: str) -> None:
 
 
 # -- the app ------------------------------------------------------------------------------
-def create_http_app(dataplane: DataPlane, *, metrics: ServiceMetrics = METRICS) -> FastAPI:
+def create_http_app(dataplane: DataPlane, *, metrics: ServiceMetrics = METRICS,
+                    ingest: IngestService | None = None) -> FastAPI:
     """A FastAPI app serving ``dataplane``; ``metrics`` is what ``/metrics`` exposes (share
-    it with the RESP server so both are counted)."""
+    it with the RESP server so both are counted). ``ingest``: serve Sources and text
+    queries (without it those routes answer VEC_ERR_INVALID)."""
     app = FastAPI(title="streamvec data plane", version=__version__,
                   description="Vector search whose source of truth is a log.")
     errors: dict[int | str, dict[str, Any]] = {
@@ -309,9 +419,25 @@ def create_http_app(dataplane: DataPlane, *, metrics: ServiceMetrics = METRICS) 
     # -- indexes --------------------------------------------------------------------------
     @v1.post("/indexes", status_code=201, name="create_index")
     def create_index(body: CreateIndexBody) -> PositionReply:
+        if body.embedder is not None:
+            svc = _ingest()
+            if body.dim is not None and body.dim != svc.embedder(body.embedder).dim:
+                raise InvalidRequest(f"dim {body.dim} differs from embedder {body.embedder}",
+                                     field="dim")
+            return PositionReply(position=svc.create_text_index(
+                body.tenant, body.index, body.embedder, metric=body.metric, dtype=body.dtype,
+                recipe=body.recipe,
+                fields=tuple(FilterField(f.name, f.kind) for f in body.fields)).token)
+        if body.dim is None:
+            raise InvalidRequest("dim is required (or embedder)", field="dim")
         config = IndexConfig(
             body.tenant, body.index, body.dim, body.metric, body.dtype, body.recipe,
             tuple(FilterField(f.name, f.kind) for f in body.fields),
+            quotas=None if body.quotas is None else IndexQuotas(
+                body.quotas.max_vectors, body.quotas.max_bytes, body.quotas.qps),
+            cache=None if body.cache is None else CacheSettings(
+                tuple(body.cache.layers), body.cache.memory_budget_bytes,
+                body.cache.l2_threshold),
         )
         return PositionReply(position=dataplane.create_index(config).token)
 
@@ -324,6 +450,25 @@ def create_http_app(dataplane: DataPlane, *, metrics: ServiceMetrics = METRICS) 
         out: dict[str, Any] = jsonable_encoder(dataplane.info(tenant, index),
                                                custom_encoder=_NUMPY)
         return out
+
+    # -- the capacity manager's archive (streams.capacity) ---------------------------------
+    def _capacity() -> CapacityManager:
+        manager = getattr(dataplane, "admission", None)
+        if not isinstance(manager, CapacityManager):
+            raise NotFound("this node has no capacity manager (no archive)")
+        return manager
+
+    @v1.get("/indexes/{tenant}/{index}/archive", name="archived")
+    def archived(tenant: str, index: str) -> dict[str, list[str]]:
+        """Ids the capacity manager archived from this index (restorable)."""
+        return {"ids": _capacity().archived_ids(tenant, index)}
+
+    @v1.post("/indexes/{tenant}/{index}/archive:restore", name="restore")
+    def restore(tenant: str, index: str, body: RestoreBody) -> dict[str, dict[str, str]]:
+        """Re-append archived vectors (accepted over the budget); nothing is written when
+        an id is not archived (404) or exists again (409)."""
+        done = _capacity().restore(tenant, index, body.ids)
+        return {"positions": {id: pos.token for id, pos in done.items()}}
 
     # -- vectors --------------------------------------------------------------------------
     @v1.put("/indexes/{tenant}/{index}/vectors/{id:path}", name="upsert")
@@ -340,9 +485,49 @@ def create_http_app(dataplane: DataPlane, *, metrics: ServiceMetrics = METRICS) 
         record = _record(tenant, index, body.id, body)
         return PositionReply(position=dataplane.add(record).token)
 
+    @v1.post("/indexes/{tenant}/{index}/vectors:batch", name="upsert_batch")
+    def upsert_batch(tenant: str, index: str, body: BatchBody) -> BatchReply:
+        """Upsert many vectors as one log append; per item its position or its error (a
+        refused item writes nothing; the others are written)."""
+        replies: list[BatchItemReply | None] = []
+        records: list[VectorUpsert] = []
+        conds: list[int | None] = []
+        for item in body.items:
+            try:
+                records.append(_record(tenant, index, item.id, item))
+            except VecError as exc:
+                replies.append(BatchItemReply(error=ErrorDetail(
+                    code=exc.code, message=str(exc), field=getattr(exc, "field", None))))
+                continue
+            conds.append(item.if_version)
+            replies.append(None)
+        results = iter(dataplane.upsert_many(records, conds))
+        out: list[BatchItemReply] = []
+        for reply in replies:
+            if reply is None:
+                result = next(results)
+                reply = (BatchItemReply(error=ErrorDetail(
+                    code=result.code, message=str(result), field=getattr(result, "field", None)))
+                    if isinstance(result, VecError) else BatchItemReply(position=result.token))
+            out.append(reply)
+        return BatchReply(items=out)
+
     @v1.delete("/indexes/{tenant}/{index}/vectors/{id:path}", name="delete")
     def delete(tenant: str, index: str, id: str) -> PositionReply:
         return PositionReply(position=dataplane.delete(tenant, index, id).token)
+
+    # registered before ``get``: its ``{id:path}`` would take ".../neighbors" as an id
+    @v1.get("/indexes/{tenant}/{index}/vectors/{id:path}/neighbors", name="neighbors")
+    def neighbors(
+        tenant: str, index: str, id: str, hops: int = 1, k: int = 10,
+        consistency: Consistency = Consistency.EVENTUAL,
+        token: Annotated[list[str], Query(description="positions a session read waits for")] = [],  # noqa: B006
+    ) -> dict[str, Any]:
+        """The k nearest of a stored vector, expanded over ``hops`` (streams.text.neighbors)."""
+        found = graph_neighbors(dataplane, tenant, index, id, hops, k,
+                                consistency=consistency, tokens=tuple(token))
+        return {"neighbors": [{"id": n.id, "score": float(n.score), "hop": n.hop,
+                               "via": n.via, "meta": _meta(n.meta)} for n in found]}
 
     @v1.get("/indexes/{tenant}/{index}/vectors/{id:path}", name="get")
     def get(
@@ -357,9 +542,46 @@ def create_http_app(dataplane: DataPlane, *, metrics: ServiceMetrics = METRICS) 
     def search(tenant: str, index: str, body: SearchBody) -> SearchReply:
         request = SearchRequest(
             tenant, index, _vector(body), body.k, body.filter, body.consistency,
-            tuple(body.tokens), body.bound_ms, body.timeout_ms,
+            tuple(body.tokens), body.bound_ms, body.timeout_ms, ef=body.ef,
+            session_id=body.session_id,
         )
         response = dataplane.search(request)
+        hits = [HitReply(id=h.id, score=float(h.score), meta=_meta(h.meta))
+                for h in response.hits]
+        return SearchReply(hits=hits, debug=jsonable_encoder(response.debug,
+                                                             custom_encoder=_NUMPY))
+
+    # -- the knowledge-base path ----------------------------------------------------------
+    def _ingest() -> IngestService:
+        if ingest is None:
+            raise InvalidRequest("this node runs no embedder processor")
+        return ingest
+
+    @v1.post("/indexes/{tenant}/{index}/sources", status_code=201, name="put_source")
+    def put_source(tenant: str, index: str, body: SourceBody) -> PositionReply:
+        """Append a Source to ``documents``; its chunks become searchable once embedded
+        (query with ``consistency=session`` and this position to wait for them)."""
+        svc = _ingest()
+        source = Source(
+            tenant, index, body.id, body.text, body.type, body.channel_id, body.user_id,
+            body.title, body.uri,
+            None if body.meta is None else json.dumps(body.meta, separators=(",", ":")),
+            None if body.chunks is None else tuple(body.chunks),
+            None if body.messages is None else tuple(
+                ChatMessage(m.role, m.text, m.ts_ms, m.user_id) for m in body.messages),
+        ).validate()
+        return PositionReply(position=svc.put_source(source, if_version=body.if_version).token)
+
+    @v1.delete("/indexes/{tenant}/{index}/sources/{source_id:path}", name="delete_source")
+    def delete_source(tenant: str, index: str, source_id: str) -> PositionReply:
+        return PositionReply(position=_ingest().delete_source(tenant, index, source_id).token)
+
+    @v1.post("/indexes/{tenant}/{index}/query", name="query")
+    def query(tenant: str, index: str, body: QueryBody) -> SearchReply:
+        """Search by text; each hit's meta carries ``source_id``, ``chunk`` and ``text``."""
+        response = _ingest().query(QueryRequest(
+            tenant, index, body.text, body.k, body.mode, body.filter, body.consistency,
+            tuple(body.tokens), body.bound_ms, body.timeout_ms, body.alpha))
         hits = [HitReply(id=h.id, score=float(h.score), meta=_meta(h.meta))
                 for h in response.hits]
         return SearchReply(hits=hits, debug=jsonable_encoder(response.debug,
@@ -371,9 +593,27 @@ def create_http_app(dataplane: DataPlane, *, metrics: ServiceMetrics = METRICS) 
         out: dict[str, Any] = jsonable_encoder(dataplane.snapshot(), custom_encoder=_NUMPY)
         return out
 
+    # -- the cache policy (streams.policy.learner) -------------------------------------------
+    @v1.get("/indexes/{tenant}/{index}/policy", name="policy")
+    def policy(tenant: str, index: str) -> dict[str, Any]:
+        from streams.policy.learner import policy_status
+
+        out: dict[str, Any] = jsonable_encoder(policy_status(dataplane, tenant, index))
+        return out
+
+    @v1.post("/indexes/{tenant}/{index}/policy:rollback", name="policy_rollback")
+    def policy_rollback(tenant: str, index: str, body: RollbackBody) -> dict[str, Any]:
+        from streams.policy.learner import rollback_policy
+
+        return rollback_policy(dataplane, tenant, index, body.version)
+
     @app.get("/healthz", name="health")
     def health() -> Response:
         report = jsonable_encoder(dataplane.health(), custom_encoder=_NUMPY)
+        if ingest is not None:  # the embedder processor: counters, and whether it stopped
+            report["ingest"] = jsonable_encoder(ingest.stats())
+            if report["ingest"].get("error") is not None:
+                report["status"] = "failed"
         return JSONResponse(report, status_code=200 if report.get("status") == "ok" else 503)
 
     @app.get("/metrics", name="metrics")

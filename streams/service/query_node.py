@@ -10,6 +10,8 @@ Start (numbered as it happens):
    snapshot, and the log, not it, is the source of truth.
 3. Load every index saved in the snapshot; indexes created after it come from the replay.
 4. Start the indexer at the snapshot's positions (the beginning without a snapshot).
+5. With the policy loop: read the compacted ``policy`` topic to its end, so the newest
+   cache policy of every index is in force before the node serves.
 
 Both paths (snapshot + replay, or full replay) yield the same searchable state.
 """
@@ -24,16 +26,20 @@ from pathlib import Path
 
 import faiss
 
-from streams.cache import CacheInvalidator, ResultCache
+from streams.cache import CacheController, CacheInvalidator, ResultCache
+from streams.cache.semantic import DEFAULT_L2_THRESHOLD
+from streams.capacity import CapacityManager
 from streams.dlq import DeadLetterQueue
 from streams.index.vector_index import VectorIndex
 from streams.log.port import Log
+from streams.policy.learner import PolicyLoop
 from streams.schemas.codec import AvroCodec
 from streams.service.applied import AppliedPositions
 from streams.service.indexer import Indexer
 from streams.service.snapshot import SnapshotInfo, Snapshots
 from streams.service.state import StateStore
 from streams.service.vector_service import VectorService
+from streams.text import KeywordIndexes, KeywordListener, ListenerFanout, TextSearch
 from streams.topics import Topics
 
 __all__ = ["QueryNode"]
@@ -79,6 +85,13 @@ class QueryNode:
         cache_enabled: bool = True,
         cache_budget_bytes: int = DEFAULT_CACHE_BUDGET,
         cache_verify_rate: float = 0.0,
+        cache_layers: tuple[str, ...] = ("L0",),
+        cache_l2_threshold: float = DEFAULT_L2_THRESHOLD,
+        cache_tenant_budget_bytes: int | None = None,
+        cache_background_offers: bool = False,
+        policy_loop: bool = False,
+        prefetch: bool = False,
+        capacity_interval_s: float | None = None,
     ) -> None:
         # FAISS's OpenMP workers spin while waiting; beside many searcher threads on few
         # cores that turned millisecond segment builds into seconds (measured on 2 cores).
@@ -99,23 +112,47 @@ class QueryNode:
         self.restore_s = time.perf_counter() - t0
         self.applied = AppliedPositions(self.state.positions())
         self.dlq = DeadLetterQueue(log, topics, codec)
-        self.cache = ResultCache(cache_budget_bytes) if cache_enabled else None
+        self.cache = ResultCache(cache_budget_bytes, tenant_budget_bytes=cache_tenant_budget_bytes
+                                 ) if cache_enabled else None
+        # L0/L1/L2 over the cache; an index's IndexConfig.cache overrides these defaults
+        layers = CacheController(
+            self.cache, default_layers=cache_layers, l2_threshold=cache_l2_threshold,
+            background_offers=cache_background_offers) if self.cache else None
+        # streams.text: BM25 indexes rebuilt from the restored state, then fed by the indexer
+        self.keyword = KeywordIndexes(self.data_dir / "keyword")
+        self.keyword_docs = self.keyword.rebuild(self.state)
+        keyword_listener = KeywordListener(self.keyword, self.state)
+        listener = ListenerFanout(CacheInvalidator(self.cache) if self.cache else None,
+                                  keyword_listener)
         self.indexer = Indexer(log, topics, codec, self.dlq, self.state, indexes, self.applied,
-                               head_capacity=head_capacity,
-                               listener=CacheInvalidator(self.cache) if self.cache else None)
+                               head_capacity=head_capacity, listener=listener)
+        keyword_listener.configs = self.indexer.configs
         self.service = VectorService(log, topics, codec, self.state, self.indexer,
                                      self.applied, self.snapshots, cache=self.cache,
-                                     verify_rate=cache_verify_rate)
+                                     verify_rate=cache_verify_rate, cache_layers=layers)
+        self.text = TextSearch(self.service, self.keyword)  # VEC.QUERY: dense/keyword/hybrid
+        # streams.capacity: per-index budgets (admission, actions at 80/90/95 %, archive);
+        # ticks every capacity_interval_s when set, else when called
+        self.capacity = CapacityManager(self.service)
+        self._capacity_interval_s = capacity_interval_s
+        # the cache policy loop (streams.policy.learner.PolicyLoop): hot-path policy, query
+        # log, policy updates applied live, prefetch
+        self.policy_loop = PolicyLoop(log, topics, codec, self.service, self.cache,
+                                      prefetch=prefetch) if policy_loop and self.cache else None
         self._snapshot_interval_s = snapshot_interval_s
         self._stop = threading.Event()
         self._snapshotter: threading.Thread | None = None
 
     def start(self) -> QueryNode:
         self.indexer.start()  # 4
+        if self.policy_loop is not None:
+            self.policy_loop.start()  # 5: the newest policy version, before serving
         if self._snapshot_interval_s:
             self._snapshotter = threading.Thread(target=self._snapshot_loop, daemon=True,
                                                  name="snapshotter")
             self._snapshotter.start()
+        if self._capacity_interval_s:
+            self.capacity.start(self._capacity_interval_s)
         return self
 
     def _snapshot_loop(self) -> None:
@@ -136,7 +173,13 @@ class QueryNode:
         self._stop.set()
         if self._snapshotter is not None:
             self._snapshotter.join(60)
+        if self.policy_loop is not None:
+            self.policy_loop.close()
+        self.capacity.stop()
+        if self.service.cache_layers is not None:
+            self.service.cache_layers.close()  # stores deferred offers, stops their thread
         self.indexer.stop()
+        self.keyword.close()
         self.state.close()
 
     def __enter__(self) -> QueryNode:

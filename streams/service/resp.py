@@ -12,12 +12,22 @@ HELLO [2|3] AUTH SELECT 0 INFO QUIT`` and the data plane::
                [FIELDS name tag|numeric [name tag|numeric ...]]          -> position token
     VEC.ADD|VEC.UPSERT tenant index id VECTOR <fp32 bytes> [META json] [TAGS a,b]
                [NUM k v [k v ...]] [IF_VERSION v (UPSERT only)]         -> position token
+    VEC.MADD tenant index id <fp32 bytes> [id <fp32 bytes> ...]          -> [token|error, ...]
     VEC.DEL tenant index id                                              -> position token
     VEC.GET tenant index id [CONSISTENCY level [token ...]]              -> map
     VEC.SEARCH tenant index [TOPK k] VECTOR <fp32 bytes> [FILTER expr]
-               [CONSISTENCY level [token ...]] [TIMEOUT ms] [BOUND ms]   -> [hits, debug]
+               [CONSISTENCY level [token ...]] [TIMEOUT ms] [BOUND ms]
+               [EF n (efSearch of this search; uncached)]                -> [hits, debug]
     VEC.INFO tenant index                                                -> map
     VEC.LIST [tenant]                                                    -> ["tenant/index", ...]
+    VEC.ARCHIVED tenant index                          -> ids the capacity manager archived
+    VEC.RESTORE tenant index id [id ...]               -> position tokens (streams.capacity)
+    VEC.CREATE tenant index EMBEDDER name [METRIC m] [RECIPE r] [FIELDS ...]  -> position token
+    VEC.SOURCE tenant index source_id TEXT <text> [TYPE file|web|chat|other] [META json]
+               [TITLE t] [URI u] [CHANNEL c] [USER u] [IF_VERSION v]     -> position token
+    VEC.SOURCEDEL tenant index source_id                                 -> position token
+    VEC.QUERY tenant index [TOPK k] TEXT <text> [MODE dense|keyword|hybrid] [ALPHA a]
+               [FILTER expr] [CONSISTENCY level [token ...]] [TIMEOUT ms] -> [hits, debug]
 
 Options come in any order (so ``redis-cli -x ... VECTOR`` can pass the vector from stdin as
 the last argument). ``NUM`` takes pairs until the next keyword and may be repeated. Maps are
@@ -35,7 +45,9 @@ Reads at ``eventual`` consistency are inline; reads at any other level wait for 
 writes wait until the record is durable (an fsync, or acks from all in-sync replicas), so
 they are run in the pool too. A write on the event loop would stall every connection for a
 disk or broker round trip and defeat the log's group commit, which needs concurrent
-appenders. Commands of one connection are executed and answered strictly in order.
+appenders. Commands of one connection are executed and answered strictly in order;
+``VEC.ADD``/``VEC.UPSERT`` commands pipelined back to back are written as one batch (one
+log append, one group commit), each still answered on its own.
 """
 
 from __future__ import annotations
@@ -58,7 +70,8 @@ from typing import Any
 import numpy as np
 
 from streams import __version__
-from streams.index.exceptions import InvalidRequest, VecError
+from streams.capacity import CapacityManager
+from streams.index.exceptions import InvalidRequest, NotFound, VecError
 from streams.index.model import (
     Consistency,
     Dtype,
@@ -69,6 +82,8 @@ from streams.index.model import (
     Vector,
     VectorUpsert,
 )
+from streams.ingest.service import IngestService, QueryRequest
+from streams.ingest.source import Source, SourceType
 from streams.service.api import DataPlane, SearchRequest
 from streams.service.metrics import METRICS, OK, ServiceMetrics
 from streams.service.resp_wire import (
@@ -81,6 +96,7 @@ from streams.service.resp_wire import (
     encode_reply,
     printable,
 )
+from streams.text.neighbors import neighbors as graph_neighbors
 
 __all__ = ["Offload", "RespServer", "serve_in_thread", "serve_resp"]
 
@@ -209,10 +225,18 @@ def _vector(data: bytes) -> Vector:
     return np.frombuffer(data, dtype="<f4").astype(np.float32)
 
 
-_CREATE_KW = frozenset({"DIM", "METRIC", "DTYPE", "RECIPE", "FIELDS"})
+_CREATE_KW = frozenset({"DIM", "METRIC", "DTYPE", "RECIPE", "FIELDS", "EMBEDDER"})
+_SOURCE_KW = frozenset({"TEXT", "TYPE", "META", "TITLE", "URI", "CHANNEL", "USER",
+                        "IF_VERSION"})
+_QUERY_KW = frozenset({"TOPK", "TEXT", "MODE", "FILTER", "CONSISTENCY", "TIMEOUT", "BOUND",
+                       "ALPHA"})
 _WRITE_KW = frozenset({"VECTOR", "META", "TAGS", "NUM", "IF_VERSION"})
-_SEARCH_KW = frozenset({"TOPK", "VECTOR", "FILTER", "CONSISTENCY", "TIMEOUT", "BOUND"})
+_SEARCH_KW = frozenset({"TOPK", "VECTOR", "FILTER", "CONSISTENCY", "TIMEOUT", "BOUND", "EF"})
+# Pipelined back to back, these are written as one batch (RespServer._write_run).
+_BATCHED_WRITES = frozenset({b"VEC.ADD", b"VEC.UPSERT"})
+_MAX_WRITE_RUN = 4096
 _GET_KW = frozenset({"CONSISTENCY"})
+_NEIGHBORS_KW = frozenset({"HOPS", "K", "CONSISTENCY"})
 
 Handler = Callable[[_Session, list[bytes]], "Reply | Offload"]
 
@@ -232,8 +256,10 @@ class RespServer:
         executor: Executor | None = None,
         max_workers: int = 32,
         limits: ParserLimits | None = None,
+        ingest: IngestService | None = None,
     ) -> None:
         self.dataplane, self.host, self.port = dataplane, host, port
+        self.ingest = ingest  # VEC.SOURCE, VEC.QUERY, VEC.CREATE ... EMBEDDER
         self.metrics, self.limits = metrics, limits or ParserLimits()
         self._owns_executor = executor is None
         self._executor = executor or ThreadPoolExecutor(max_workers, thread_name_prefix="resp")
@@ -249,8 +275,13 @@ class RespServer:
                 "SELECT": self._select, "INFO": self._info, "QUIT": self._quit,
                 "VEC.CREATE": self._vec_create, "VEC.ADD": self._vec_add,
                 "VEC.UPSERT": self._vec_upsert, "VEC.DEL": self._vec_del,
+                "VEC.MADD": self._vec_madd,
                 "VEC.GET": self._vec_get, "VEC.SEARCH": self._vec_search,
                 "VEC.INFO": self._vec_info, "VEC.LIST": self._vec_list,
+                "VEC.ARCHIVED": self._vec_archived, "VEC.RESTORE": self._vec_restore,
+                "VEC.SOURCE": self._vec_source, "VEC.SOURCEDEL": self._vec_sourcedel,
+                "VEC.QUERY": self._vec_query,
+                "VEC.NEIGHBORS": self._vec_neighbors,
             }.items()
         }
 
@@ -322,9 +353,10 @@ class RespServer:
         """Execute every complete command buffered, answering in order with few writes."""
         out: list[bytes] = []
         size = 0
+        held: list[bytes] | None = None  # a command a write run read ahead
         for n in itertools.count(1):
             try:
-                args = parser.next_command()
+                args, held = (held, None) if held is not None else (parser.next_command(), None)
             except ProtocolError as exc:
                 self.metrics.protocol_errors.inc()
                 out.append(encode_reply(ErrorReply(f"ERR Protocol error: {exc}")))
@@ -332,7 +364,11 @@ class RespServer:
                 break
             if args is None:
                 break
-            chunk = encode_reply(await self._execute(session, args), session.proto)
+            if args[0].upper() in _BATCHED_WRITES:
+                replies, held = await self._write_run(parser, session, args)
+                chunk = b"".join(encode_reply(r, session.proto) for r in replies)
+            else:
+                chunk = encode_reply(await self._execute(session, args), session.proto)
             out.append(chunk)
             size += len(chunk)
             if session.closing:
@@ -345,6 +381,64 @@ class RespServer:
         if out:
             writer.write(b"".join(out))
             await writer.drain()
+
+    async def _write_run(
+        self, parser: RespParser, session: _Session, first: list[bytes]
+    ) -> tuple[list[Reply], list[bytes] | None]:
+        """Pipelined ``VEC.ADD``/``VEC.UPSERT`` commands buffered back to back, as one
+        ``upsert_many`` (one log append, one group commit): their replies in order, and
+        the next command if one was read ahead. A command refused by its arguments or the
+        data plane gets its own error reply; the others are written. A protocol error
+        after the run is left for the next read to raise (the parser repeats it)."""
+        run = [first]
+        held: list[bytes] | None = None
+        while len(run) < _MAX_WRITE_RUN:
+            try:
+                nxt = parser.next_command()
+            except ProtocolError:
+                break
+            if nxt is None:
+                break
+            if nxt[0].upper() not in _BATCHED_WRITES:
+                held = nxt
+                break
+            run.append(nxt)
+        if len(run) == 1:
+            return [await self._execute(session, first)], held
+        t0 = time.perf_counter()
+        self._processed += len(run)
+        replies: list[Reply] = [None] * len(run)
+        records: list[VectorUpsert] = []
+        conds: list[int | None] = []
+        slots: list[int] = []
+        for i, args in enumerate(run):
+            name = "VEC.ADD" if args[0].upper() == b"VEC.ADD" else "VEC.UPSERT"
+            try:
+                record, if_version = self._write_record(name, args[1:])
+            except VecError as exc:
+                replies[i] = ErrorReply(f"{exc.code} {exc}")
+                continue
+            records.append(record)
+            conds.append(0 if name == "VEC.ADD" else if_version)
+            slots.append(i)
+        if records:
+            loop = asyncio.get_running_loop()
+            try:
+                results = await loop.run_in_executor(
+                    self._executor, lambda: self.dataplane.upsert_many(records, conds))
+                for i, result in zip(slots, results, strict=True):
+                    replies[i] = (ErrorReply(f"{result.code} {result}")
+                                  if isinstance(result, VecError) else result.token)
+            except Exception:
+                log.exception("RESP pipelined writes failed")
+                for i in slots:
+                    replies[i] = ErrorReply("ERR internal error (logged by the server)")
+        each = (time.perf_counter() - t0) / len(run)
+        for args, reply in zip(run, replies, strict=True):
+            label = "VEC.ADD" if args[0].upper() == b"VEC.ADD" else "VEC.UPSERT"
+            code = reply.split(" ", 1)[0] if isinstance(reply, ErrorReply) else OK
+            self.metrics.observe("resp", label, code, each)
+        return replies, held
 
     async def _execute(self, session: _Session, args: list[bytes]) -> Reply:
         t0 = time.perf_counter()
@@ -438,8 +532,11 @@ class RespServer:
         tenant, index = a.text("tenant"), a.text("index")
         opts: dict[str, Any] = {}
         fields: list[FilterField] = []
+        embedder: str | None = None
         for kw in a.options():
-            if kw == "DIM":
+            if kw == "EMBEDDER":
+                embedder = a.text("embedder")
+            elif kw == "DIM":
                 opts["dim"] = a.integer("dim", 1)
             elif kw == "METRIC":
                 opts["metric"] = a.choice("metric", Metric)
@@ -453,6 +550,8 @@ class RespServer:
                 if not fields:
                     raise InvalidRequest("VEC.CREATE: FIELDS needs name tag|numeric pairs",
                                          field="fields")
+        if embedder is not None:
+            return self._create_text_index(tenant, index, embedder, opts, tuple(fields))
         if "dim" not in opts:
             raise InvalidRequest("VEC.CREATE: DIM is required", field="dim")
         config = IndexConfig(tenant, index, fields=tuple(fields), **opts)
@@ -490,6 +589,39 @@ class RespServer:
     def _vec_add(self, s: _Session, args: list[bytes]) -> Reply | Offload:
         record, _ = self._write_record("VEC.ADD", args)
         return Offload(lambda: self.dataplane.add(record).token)
+
+    def _vec_madd(self, s: _Session, args: list[bytes]) -> Reply | Offload:
+        """``VEC.MADD tenant index id <fp32 bytes> [id <fp32 bytes> ...]``: upserts written
+        as one log append; per pair its position token or its own error reply."""
+        a = _Args("VEC.MADD", args)
+        tenant, index = a.text("tenant"), a.text("index")
+        if not a.more() or (len(args) - 2) % 2:
+            raise InvalidRequest("VEC.MADD: expected id vector pairs", field="vector")
+        replies: list[Reply] = []
+        records: list[VectorUpsert] = []
+        slots: list[int] = []
+        while a.more():
+            id_raw, vec_raw = a.raw("id"), a.raw("vector")
+            try:
+                id = id_raw.decode()
+                records.append(VectorUpsert(tenant, index, id, _vector(vec_raw)))
+            except UnicodeDecodeError:
+                replies.append(ErrorReply("VEC_ERR_INVALID VEC.MADD: id is not UTF-8"))
+                continue
+            except VecError as exc:
+                replies.append(ErrorReply(f"{exc.code} {exc}"))
+                continue
+            slots.append(len(replies))
+            replies.append(None)
+
+        def run() -> Reply:
+            results = self.dataplane.upsert_many(records)
+            for i, result in zip(slots, results, strict=True):
+                replies[i] = (ErrorReply(f"{result.code} {result}")
+                              if isinstance(result, VecError) else result.token)
+            return replies
+
+        return Offload(run)
 
     def _vec_upsert(self, s: _Session, args: list[bytes]) -> Reply | Offload:
         record, if_version = self._write_record("VEC.UPSERT", args)
@@ -533,6 +665,8 @@ class RespServer:
                 opts["tokens"] = a.tokens()
             elif kw == "TIMEOUT":
                 opts["timeout_ms"] = a.integer("timeout_ms", 1)
+            elif kw == "EF":
+                opts["ef"] = a.integer("ef", 1)
             else:
                 opts["bound_ms"] = a.integer("bound_ms", 0)
         if "vector" not in opts:
@@ -546,11 +680,153 @@ class RespServer:
 
         return run() if request.consistency is Consistency.EVENTUAL else Offload(run)
 
+    def _vec_neighbors(self, s: _Session, args: list[bytes]) -> Reply | Offload:
+        """``VEC.NEIGHBORS tenant index id [HOPS h] [K k] [CONSISTENCY level [token...]]``:
+        ``[[id, score, hop, via, meta], ...]`` (streams.text.neighbors)."""
+        a = _Args("VEC.NEIGHBORS", args, _NEIGHBORS_KW)
+        tenant, index, id = a.text("tenant"), a.text("index"), a.text("id")
+        hops, k = 1, 10
+        consistency: Consistency = Consistency.EVENTUAL
+        tokens: tuple[str, ...] = ()
+        for kw in a.options():
+            if kw == "HOPS":
+                hops = a.integer("hops", 1)
+            elif kw == "K":
+                k = a.integer("k", 1)
+            else:
+                consistency = a.choice("consistency", Consistency)
+                tokens = a.tokens()
+
+        def run() -> Reply:
+            found = graph_neighbors(self.dataplane, tenant, index, id, hops, k,
+                                    consistency=consistency, tokens=tokens)
+            return [[n.id, float(n.score), n.hop, n.via, n.meta] for n in found]
+
+        return Offload(run)
+
+    # -- the knowledge-base path (streams.ingest) -------------------------------------------
+    def _ingest(self, command: str) -> IngestService:
+        if self.ingest is None:
+            raise InvalidRequest(f"{command}: this node runs no embedder processor")
+        return self.ingest
+
+    def _create_text_index(self, tenant: str, index: str, embedder: str, opts: dict[str, Any],
+                           fields: tuple[FilterField, ...]) -> Offload:
+        """``VEC.CREATE tenant index EMBEDDER name [METRIC m] [DTYPE d] [RECIPE r] [FIELDS
+        ...]``: dim comes from the embedder (a DIM given must agree)."""
+        ingest = self._ingest("VEC.CREATE")
+        dim = opts.pop("dim", None)
+
+        def run() -> Reply:
+            model_dim = ingest.embedder(embedder).dim if dim is not None else None
+            if dim is not None and dim != model_dim:
+                raise InvalidRequest(f"VEC.CREATE: DIM {dim} but embedder {embedder} gives "
+                                     f"{model_dim}", field="dim")
+            return ingest.create_text_index(tenant, index, embedder, fields=fields,
+                                            **opts).token
+
+        return Offload(run)
+
+    def _vec_source(self, s: _Session, args: list[bytes]) -> Reply | Offload:
+        """``VEC.SOURCE tenant index source_id TEXT <text> [TYPE file|web|chat|other]
+        [META json] [TITLE t] [URI u] [CHANNEL c] [USER u] [IF_VERSION v]`` -> the
+        position token of the Source on ``documents``."""
+        ingest = self._ingest("VEC.SOURCE")
+        a = _Args("VEC.SOURCE", args, _SOURCE_KW)
+        tenant, index, id = a.text("tenant"), a.text("index"), a.text("source_id")
+        opts: dict[str, Any] = {}
+        if_version: int | None = None
+        names = {"META": "meta", "TITLE": "title", "URI": "uri", "CHANNEL": "channel_id",
+                 "USER": "user_id", "TEXT": "text"}
+        for kw in a.options():
+            if kw == "TYPE":
+                opts["type"] = a.choice("type", SourceType)
+            elif kw == "IF_VERSION":
+                if_version = a.integer("if_version", 0)
+            else:
+                opts[names[kw]] = a.text(names[kw])
+        if "text" not in opts:
+            raise InvalidRequest("VEC.SOURCE: TEXT is required", field="text")
+        source = Source(tenant, index, id, **opts).validate()
+        return Offload(lambda: ingest.put_source(source, if_version=if_version).token)
+
+    def _vec_sourcedel(self, s: _Session, args: list[bytes]) -> Reply | Offload:
+        """``VEC.SOURCEDEL tenant index source_id``: a tombstone; its chunks go."""
+        ingest = self._ingest("VEC.SOURCEDEL")
+        a = _Args("VEC.SOURCEDEL", args)
+        tenant, index, id = a.text("tenant"), a.text("index"), a.text("source_id")
+        a.end()
+        return Offload(lambda: ingest.delete_source(tenant, index, id).token)
+
+    def _vec_query(self, s: _Session, args: list[bytes]) -> Reply | Offload:
+        """``VEC.QUERY tenant index [TOPK k] TEXT <text> [MODE dense|keyword|hybrid]
+        [ALPHA a] [FILTER expr] [CONSISTENCY level [token ...]] [TIMEOUT ms] [BOUND ms]``
+        -> ``[hits, debug]`` as VEC.SEARCH; each hit's meta holds its source id, chunk
+        location and text."""
+        ingest = self._ingest("VEC.QUERY")
+        a = _Args("VEC.QUERY", args, _QUERY_KW)
+        opts: dict[str, Any] = {"tenant": a.text("tenant"), "index": a.text("index")}
+        for kw in a.options():
+            if kw == "TOPK":
+                opts["k"] = a.integer("k", 1)
+            elif kw == "TEXT":
+                opts["text"] = a.text("text")
+            elif kw == "MODE":
+                mode = a.text("mode").lower()
+                if mode not in ("dense", "keyword", "hybrid"):
+                    raise InvalidRequest("VEC.QUERY: MODE must be dense|keyword|hybrid",
+                                         field="mode")
+                opts["mode"] = mode
+            elif kw == "ALPHA":
+                opts["alpha"] = a.number("alpha")
+            elif kw == "FILTER":
+                opts["filter"] = a.text("filter")
+            elif kw == "CONSISTENCY":
+                opts["consistency"] = a.choice("consistency", Consistency)
+                opts["tokens"] = a.tokens()
+            elif kw == "TIMEOUT":
+                opts["timeout_ms"] = a.integer("timeout_ms", 1)
+            else:
+                opts["bound_ms"] = a.integer("bound_ms", 0)
+        if "text" not in opts:
+            raise InvalidRequest("VEC.QUERY: TEXT is required", field="text")
+        request = QueryRequest(**opts)
+
+        def run() -> Reply:  # embedding the query text is CPU work: always off the loop
+            response = ingest.query(request)
+            hits = [[h.id, float(h.score), h.meta] for h in response.hits]
+            return [hits, _flat(response.debug)]
+
+        return Offload(run)
+
     def _vec_info(self, s: _Session, args: list[bytes]) -> Reply:
         a = _Args("VEC.INFO", args)
         tenant, index = a.text("tenant"), a.text("index")
         a.end()
         return _flat(self.dataplane.info(tenant, index))
+
+    def _capacity(self) -> CapacityManager:
+        """The node's streams.capacity manager (the archive), or VEC_ERR_NOT_FOUND."""
+        manager = getattr(self.dataplane, "admission", None)
+        if not isinstance(manager, CapacityManager):
+            raise NotFound("this node has no capacity manager (no archive)")
+        return manager
+
+    def _vec_archived(self, s: _Session, args: list[bytes]) -> Reply | Offload:
+        a = _Args("VEC.ARCHIVED", args)
+        tenant, index = a.text("tenant"), a.text("index")
+        a.end()
+        manager = self._capacity()
+        return Offload(lambda: list(manager.archived_ids(tenant, index)))
+
+    def _vec_restore(self, s: _Session, args: list[bytes]) -> Reply | Offload:
+        a = _Args("VEC.RESTORE", args)
+        tenant, index = a.text("tenant"), a.text("index")
+        ids = [a.text("id")]
+        while a.more():
+            ids.append(a.text("id"))
+        manager = self._capacity()
+        return Offload(lambda: [p.token for p in manager.restore(tenant, index, ids).values()])
 
     def _vec_list(self, s: _Session, args: list[bytes]) -> Reply:
         a = _Args("VEC.LIST", args)

@@ -33,6 +33,7 @@ __all__ = [
 CRLF = b"\r\n"
 _INT_RE = re.compile(rb"-?[0-9]{1,18}")
 
+
 # -- parsing ------------------------------------------------------------------------------
 class ProtocolError(StreamvecError):
     """A frame that is not RESP; the connection cannot be resynchronised."""
@@ -154,9 +155,7 @@ class ErrorReply(str):
     """An error reply; the text starts with its code (``VEC_ERR_DIM ...``, ``ERR ...``)."""
 
 
-Reply: TypeAlias = (
-    "bool | int | float | str | bytes | Sequence[Reply] | Mapping[str, Reply] | None"
-)
+Reply: TypeAlias = "bool | int | float | str | bytes | Sequence[Reply] | Mapping[str, Reply] | None"
 
 
 def encode_reply(value: Reply, proto: int = 2) -> bytes:
@@ -169,6 +168,31 @@ def encode_reply(value: Reply, proto: int = 2) -> bytes:
 
 
 def _encode(v: Any, proto: int, out: list[bytes]) -> None:
+    # Exact-type fast paths for what replies are made of (a search reply is ~40 values);
+    # subclasses (SimpleString, ErrorReply, bool) and the rest take the general path.
+    t = type(v)
+    if t is str:
+        data = v.encode()
+        out.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    elif t is list or t is tuple:
+        out.append(b"*%d\r\n" % len(v))
+        for item in v:
+            _encode(item, proto, out)
+    elif t is float:
+        text = repr(v).encode()
+        out.append(b",%b\r\n" % text if proto == 3 else b"$%d\r\n%b\r\n" % (len(text), text))
+    elif t is int:
+        out.append(b":%d\r\n" % v)
+    elif t is dict:
+        out.append(b"%%%d\r\n" % len(v) if proto == 3 else b"*%d\r\n" % (2 * len(v)))
+        for key, item in v.items():
+            _encode(key if type(key) is str else str(key), proto, out)
+            _encode(item, proto, out)
+    else:
+        _encode_general(v, proto, out)
+
+
+def _encode_general(v: Any, proto: int, out: list[bytes]) -> None:
     if isinstance(v, np.generic):
         v = v.item()
     if v is None:

@@ -7,6 +7,7 @@ Keys (raw bytes)::
     V <tenant/index> 0x00 <id>            current copy of a vector: label, version, vector,
                                           meta, tags, numeric, position token
     L <tenant/index> 0x00 <label:i64 BE>  label -> id and meta (what a hit needs)
+    T <tenant/index> 0x00 <id>            expires_ms (u64) of a temporary vector (ttl_ms)
 
 Every batch of applied records is one :class:`StateBatch` written atomically together with
 the positions it reaches, so a state directory never claims a position whose effects it
@@ -21,12 +22,21 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 from rocksdict import Checkpoint, Options, Rdict, WriteBatch, WriteOptions
 
-from streams.index.model import Dtype, FieldKind, FilterField, IndexConfig, Metric, Vector
+from streams.index.model import (
+    CacheSettings,
+    Dtype,
+    FieldKind,
+    FilterField,
+    IndexConfig,
+    IndexQuotas,
+    Metric,
+    Vector,
+)
 from streams.log.exceptions import TransportError
 
 __all__ = ["Entry", "StateBatch", "StateStore", "config_from_json", "config_to_json"]
@@ -43,6 +53,11 @@ def config_to_json(c: IndexConfig) -> bytes:
         "dtype": c.dtype.value, "recipe": c.recipe, "version": c.version,
         "created_ms": c.created_ms,
         "fields": [{"name": f.name, "kind": f.kind.value} for f in c.fields],
+        "quotas": None if c.quotas is None else {
+            "max_vectors": c.quotas.max_vectors, "max_bytes": c.quotas.max_bytes,
+            "qps": c.quotas.qps},
+        "embedder": c.embedder,
+        "cache": None if c.cache is None else c.cache.as_avro(),
     }).encode()
 
 
@@ -53,6 +68,9 @@ def config_from_json(raw: bytes) -> IndexConfig:
         dtype=Dtype(d["dtype"]), recipe=d["recipe"], version=d["version"],
         created_ms=d["created_ms"],
         fields=tuple(FilterField(f["name"], FieldKind(f["kind"])) for f in d["fields"]),
+        quotas=IndexQuotas(**d["quotas"]) if d.get("quotas") else None,
+        embedder=d.get("embedder"),
+        cache=CacheSettings.from_avro(d.get("cache")),
     )
 
 
@@ -67,10 +85,14 @@ class Entry:
     tags: tuple[str, ...]
     numeric: dict[str, float]
     position: str
+    expires_ms: int | None = None  # a temporary vector (VectorRecord.ttl_ms): when it expires
 
     def encode(self) -> bytes:
         vec = self.vector.astype("<f4").tobytes()
-        rest = json.dumps([self.meta, list(self.tags), self.numeric, self.position]).encode()
+        fields: list[object] = [self.meta, list(self.tags), self.numeric, self.position]
+        if self.expires_ms is not None:  # older entries have four fields
+            fields.append(self.expires_ms)
+        rest = json.dumps(fields).encode()
         return _ENTRY_HEAD.pack(self.label, self.version, len(vec)) + vec + rest
 
     @classmethod
@@ -78,8 +100,9 @@ class Entry:
         label, version, n = _ENTRY_HEAD.unpack_from(raw)
         start = _ENTRY_HEAD.size
         vec = np.frombuffer(raw[start : start + n], dtype="<f4").astype(np.float32)
-        meta, tags, numeric, position = json.loads(raw[start + n :])
-        return cls(label, version, vec, meta, tuple(tags), numeric, position)
+        meta, tags, numeric, position, *expires = json.loads(raw[start + n :])
+        return cls(label, version, vec, meta, tuple(tags), numeric, position,
+                   expires[0] if expires else None)
 
 
 def _vkey(index_key: str, id: str) -> bytes:
@@ -88,6 +111,10 @@ def _vkey(index_key: str, id: str) -> bytes:
 
 def _lkey(index_key: str, label: int) -> bytes:
     return b"L" + index_key.encode() + b"\x00" + _LABEL.pack(label)
+
+
+def _tkey(index_key: str, id: str) -> bytes:
+    return b"T" + index_key.encode() + b"\x00" + id.encode()
 
 
 def _pkey(topic: str, partition: int) -> bytes:
@@ -116,11 +143,17 @@ class StateBatch:
     def put_entry(self, index_key: str, id: str, entry: Entry, old: Entry | None) -> None:
         if old is not None:
             self._wb.delete(_lkey(index_key, old.label))
+            if old.expires_ms is not None and entry.expires_ms is None:
+                self._wb.delete(_tkey(index_key, id))
+        if entry.expires_ms is not None:
+            self._wb.put(_tkey(index_key, id), _U64.pack(entry.expires_ms))
         self._wb.put(_vkey(index_key, id), entry.encode())
         self._wb.put(_lkey(index_key, entry.label), json.dumps([id, entry.meta]).encode())
         self._overlay[(index_key, id)] = entry
 
     def delete_entry(self, index_key: str, id: str, old: Entry) -> None:
+        if old.expires_ms is not None:
+            self._wb.delete(_tkey(index_key, id))
         self._wb.delete(_vkey(index_key, id))
         self._wb.delete(_lkey(index_key, old.label))
         self._overlay[(index_key, id)] = None
@@ -175,12 +208,41 @@ class StateStore:
         id, meta = json.loads(cast(bytes, raw))
         return id, meta
 
+    def vectors_by_label(self, index_key: str, labels: list[int]) -> list[Vector | None]:
+        """The stored fp32 vectors of ``labels`` (two multi-gets), ``None`` where a label
+        is not the current copy of its id: exact scores to re-rank a quantised index's
+        candidates with (``VectorIndex.exact``)."""
+        lkeys: list[Any] = [_lkey(index_key, x) for x in labels]  # rocksdict's multi-get
+        found = cast(list[bytes | None], self._db[lkeys])
+        ids = [None if raw is None else json.loads(raw)[0] for raw in found]
+        keys: list[Any] = [_vkey(index_key, id) for id in ids if id is not None]
+        entries = iter(cast(list[bytes | None], self._db[keys]) if keys else [])
+        out: list[Vector | None] = []
+        for label, id in zip(labels, ids, strict=True):
+            raw = None if id is None else next(entries)
+            if raw is None:
+                out.append(None)
+                continue
+            stored, _version, n = _ENTRY_HEAD.unpack_from(raw)
+            start = _ENTRY_HEAD.size
+            vec = np.frombuffer(raw, dtype="<f4", count=n // 4, offset=start)
+            out.append(vec if stored == label else None)
+        return out
+
     def entries(self, index_key: str) -> Iterator[tuple[str, Entry]]:
         prefix = b"V" + index_key.encode() + b"\x00"
         for k, v in self._items(prefix):
             if not k.startswith(prefix):
                 return
             yield k[len(prefix) :].decode(), Entry.decode(v)
+
+    def temporaries(self, index_key: str) -> Iterator[tuple[str, int]]:
+        """``(id, expires_ms)`` of the index's temporary vectors (``ttl_ms``), by id."""
+        prefix = b"T" + index_key.encode() + b"\x00"
+        for k, v in self._items(prefix):
+            if not k.startswith(prefix):
+                return
+            yield k[len(prefix) :].decode(), _U64.unpack(v)[0]
 
     def _items(self, start: bytes) -> Iterator[tuple[bytes, bytes]]:
         return cast(Iterator[tuple[bytes, bytes]], iter(self._db.items(from_key=start)))

@@ -19,16 +19,21 @@ measures the cache's false-hit rate (``false_hits`` in its stats).
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Protocol
 
-from streams.cache import CachedResult, QueryKey, ResultCache, query_key
-from streams.index.exceptions import Busy, InvalidRequest, NotFound, VersionConflict
+from streams.cache import CachedResult, QueryKey, ResultCache
+from streams.cache.controller import CacheController, CacheLookup
+from streams.cache.payload import PayloadCache
+from streams.cache.querylog import SearchObserver
+from streams.index.exceptions import Busy, InvalidRequest, NotFound, VecError, VersionConflict
 from streams.index.filters import Filter, parse_filter
 from streams.index.model import (
     LIMITS,
@@ -51,9 +56,10 @@ from streams.service.snapshot import Snapshots
 from streams.service.state import StateStore
 from streams.topics import Topics
 
-__all__ = ["VectorService"]
+__all__ = ["VectorService", "WriteAdmission"]
 
 _STRIPES = 256
+MAX_EF = 4096  # SearchRequest.ef
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +74,20 @@ class _Fresh:
     complete: bool
     index_ms: float = 0.0
     payload_ms: float = 0.0
+    payload_cached: int = 0  # hits whose payload came from L3
+
+
+class WriteAdmission(Protocol):
+    """Decides whether a write may be appended (``streams.capacity``). Both calls run
+    under the id's lock, before and after the append; ``is_new``: the id has no live
+    copy, so the write grows the index."""
+
+    def check(self, config: IndexConfig, record: VectorUpsert, *, is_new: bool) -> None:
+        """Raise :class:`QuotaExceeded` to refuse the write; nothing is appended then."""
+
+    def appended(self, config: IndexConfig, record: VectorUpsert, pos: LogPosition, *,
+                 is_new: bool) -> None:
+        """The write is durable at ``pos``."""
 
 
 class VectorService(DataPlane):
@@ -83,6 +103,7 @@ class VectorService(DataPlane):
         *,
         cache: ResultCache | None = None,
         verify_rate: float = 0.0,
+        cache_layers: CacheController | None = None,
     ) -> None:
         if not 0.0 <= verify_rate <= 1.0:
             raise ValueError("verify_rate must be in [0, 1]")
@@ -94,6 +115,8 @@ class VectorService(DataPlane):
         self.applied = applied
         self.snapshots = snapshots
         self.cache = cache
+        # the cache layers L0/L1/L2 over ``cache`` (streams.cache.controller)
+        self.cache_layers = cache_layers or (CacheController(cache) if cache else None)
         self.verify_rate = verify_rate
         self._sampler = random.Random()
         self._pending_configs: dict[str, IndexConfig] = {}
@@ -105,6 +128,14 @@ class VectorService(DataPlane):
         self._isubject = catalog.subject_for(topics.indexes)
         self._vschema = catalog.load_schema(catalog.TOPIC_VALUE_SCHEMA["vectors"])
         self._ischema = catalog.load_schema(catalog.TOPIC_VALUE_SCHEMA["indexes"])
+        self._record_codec = AvroCodec(codec.registry, validate=False)  # see upsert_many
+        # streams.capacity: admission of writes, hits seen by searches, extra VEC.INFO
+        # sections (name -> provider of that index's section); all optional.
+        self.admission: WriteAdmission | None = None
+        self.hit_observers: list[Callable[[str, list[Hit]], None]] = []
+        self.info_sections: dict[str, Callable[[str], Any]] = {}
+        # query log, policy feedback and prefetch (streams.cache.querylog); optional
+        self.search_observer: SearchObserver | None = None
 
     # -- helpers ---------------------------------------------------------------------------
     def _config(self, tenant: str, index: str) -> IndexConfig:
@@ -146,7 +177,12 @@ class VectorService(DataPlane):
                 "metric": config.metric.value, "dtype": config.dtype.value,
                 "recipe": config.recipe, "version": config.version,
                 "filter_fields": [{"name": f.name, "type": f.kind.value} for f in config.fields],
+                "quotas": None if config.quotas is None else {
+                    "max_vectors": config.quotas.max_vectors,
+                    "max_bytes": config.quotas.max_bytes, "qps": config.quotas.qps},
                 "created_ms": config.created_ms or now_ms(),
+                "embedder": config.embedder,
+                "cache": None if config.cache is None else config.cache.as_avro(),
             })
             pos = self.log.append(self.topics.indexes, config.key, value)
             self._pending_configs[config.key] = config
@@ -166,16 +202,20 @@ class VectorService(DataPlane):
             current = self._current_version(key, record.id)
             if if_version is not None and current != if_version:
                 raise VersionConflict(record.id, if_version, current)
+            if self.admission is not None:  # capacity budgets (streams.capacity)
+                self.admission.check(config, record, is_new=current == 0)
             version = current + 1
             value = self.codec.encode(self._vsubject, self._vschema, {
                 "tenant": record.tenant, "index": record.index, "id": record.id,
                 "vector": record.vector.astype("<f4").tobytes(), "dtype": "fp32",
                 "meta": record.meta, "tags": list(record.tags),
                 "numeric": {k: float(v) for k, v in record.numeric.items()},
-                "version": version, "timestamp": now_ms(),
+                "version": version, "timestamp": now_ms(), "ttl_ms": record.ttl_ms,
             })
             pos = self.log.append(self.topics.vectors, f"{key}/{record.id}", value)
             self._pending_versions[(key, record.id)] = (version, pos)
+            if self.admission is not None:
+                self.admission.appended(config, record, pos, is_new=current == 0)
             return pos
 
     def delete(self, tenant: str, index: str, id: str) -> LogPosition:
@@ -192,7 +232,79 @@ class VectorService(DataPlane):
         """Bulk path for tools and benchmarks: records already encoded."""
         return self.log.append_batch(records)
 
+    def upsert_many(
+        self, records: Sequence[VectorUpsert], if_versions: Sequence[int | None] | None = None
+    ) -> list[LogPosition | VecError]:
+        """Validate each record, then append the valid ones with one ``append_batch`` (one
+        group commit): per item its position, or the error that refused it (nothing of a
+        refused item is appended; the others are). ``if_versions[i]`` is ``upsert``'s
+        ``if_version`` (0: ``add``). An id written twice in one call gets consecutive
+        versions, in order. The records are built here from validated upserts, so they
+        are encoded without fastavro's own check (3/4 of the encode time)."""
+        conds = list(if_versions) if if_versions is not None else [None] * len(records)
+        if len(conds) != len(records):
+            raise ValueError("one if_version per record")
+        out: list[LogPosition | VecError | None] = []
+        valid: list[tuple[int, VectorUpsert, IndexConfig]] = []
+        for i, record in enumerate(records):
+            try:
+                config = self._config(record.tenant, record.index)
+                record.validate(config)
+            except VecError as exc:
+                out.append(exc)
+                continue
+            out.append(None)  # its position, once appended
+            valid.append((i, record, config))
+        locks = {id(lk): lk for lk in (self._stripe(c.key, r.id) for _, r, c in valid)}
+        with contextlib.ExitStack() as held:
+            for _, lock in sorted(locks.items()):  # a fixed order: batches never deadlock
+                held.enter_context(lock)
+            versions: dict[tuple[str, str], int] = {}
+            batch: list[tuple[int, VectorUpsert, IndexConfig, int, bool]] = []
+            encoded: list[Record] = []
+            for i, record, config in valid:
+                key = (config.key, record.id)
+                current = versions.get(key)
+                if current is None:
+                    current = self._current_version(config.key, record.id)
+                cond = conds[i]
+                try:
+                    if cond is not None and current != cond:
+                        raise VersionConflict(record.id, cond, current)
+                    if self.admission is not None:  # capacity budgets (streams.capacity)
+                        self.admission.check(config, record, is_new=current == 0)
+                except VecError as exc:
+                    out[i] = exc
+                    continue
+                versions[key] = current + 1
+                batch.append((i, record, config, current + 1, current == 0))
+                encoded.append(Record.of(self.topics.vectors, f"{config.key}/{record.id}",
+                                         self._encode_upsert(record, current + 1)))
+            positions = self.log.append_batch(encoded) if encoded else []
+            for (i, record, config, version, is_new), pos in zip(batch, positions, strict=True):
+                self._pending_versions[(config.key, record.id)] = (version, pos)
+                if self.admission is not None:
+                    self.admission.appended(config, record, pos, is_new=is_new)
+                out[i] = pos
+        return [x for x in out if x is not None]  # every item was answered
+
+    def _encode_upsert(self, record: VectorUpsert, version: int) -> bytes:
+        """The VectorRecord of a validated upsert, as ``_write`` encodes it."""
+        return self._record_codec.encode(self._vsubject, self._vschema, {
+            "tenant": record.tenant, "index": record.index, "id": record.id,
+            "vector": record.vector.astype("<f4").tobytes(), "dtype": "fp32",
+            "meta": record.meta, "tags": list(record.tags),
+            "numeric": {k: float(v) for k, v in record.numeric.items()},
+            "version": version, "timestamp": now_ms(), "ttl_ms": record.ttl_ms,
+        })
+
     # -- reads -----------------------------------------------------------------------------
+    def wait_for(self, consistency: Consistency, tokens: tuple[str, ...] = (),
+                 bound_ms: int | None = None, timeout_ms: int = 1000) -> None:
+        """Block until a read at ``consistency`` may be served (``Busy`` after
+        ``timeout_ms``); for reads of other derived indexes (``streams.text`` keyword)."""
+        self._wait(consistency, tokens, bound_ms, timeout_ms)
+
     def _wait(self, consistency: Consistency, tokens: tuple[str, ...], bound_ms: int | None,
               timeout_ms: int) -> None:
         timeout_s = max(0.0, timeout_ms / 1000)
@@ -241,36 +353,48 @@ class VectorService(DataPlane):
         if not 1 <= request.k <= LIMITS.max_k:
             raise InvalidRequest(f"TOPK must be 1..{LIMITS.max_k}", field="k")
         flt = _parse_filter_cached(request.filter, config) if request.filter else None
+        if request.ef is not None and not 1 <= request.ef <= MAX_EF:
+            raise InvalidRequest(f"EF must be 1..{MAX_EF}", field="ef")
         t1 = time.perf_counter()
         self._wait(request.consistency, request.tokens, request.bound_ms, request.timeout_ms)
         t2 = time.perf_counter()
-        cache = self.cache if self.cache is not None and self.cache.enabled(config.key) else None
-        qkey: QueryKey | None = None
-        seen_seq = 0
-        if cache is not None:
-            qkey = query_key(config.key, config.metric, query, request.k, flt)
-            seen_seq = cache.get_seq(config.key)  # before the search reads the index
-            cached = cache.get(qkey)
+        layers = self.cache_layers if request.ef is None else None  # see SearchRequest.ef
+        lookup = None if layers is None else layers.lookup(
+            config, query, request.k, flt, request.consistency, request.bound_ms)
+        qkey: QueryKey | None = None if lookup is None else lookup.qkey
+        if lookup is not None:
+            cached = lookup.entry
+            if cached is not None and self.search_observer and self.search_observer.expired(cached):
+                cached = None  # its admission TTL has passed: answer as a miss
             if cached is not None:
                 if self.verify_rate and self._sampler.random() < self.verify_rate:
-                    self._verify(cache, qkey, config, query, request.k, flt)
-                return self._cached_response(cached, t0, t1, t2)
+                    self._verify(lookup, config, query, request.k, flt)
+                response = self._cached_response(cached, t0, t1, t2, lookup, request.k)
+                self._observe(config.key, response.hits)
+                if self.search_observer is not None:
+                    self.search_observer.searched(request, config.key, str(qkey), response, cached)
+                return response
         t3 = time.perf_counter()
         applied = tuple(self.applied.tokens())
-        fresh = self._fresh(config, query, request.k, flt)
+        l3 = layers.payloads if layers and lookup and lookup.layers else None  # L3 payloads
+        fresh = self._fresh(config, query, request.k, flt, request.ef, l3)
         t4 = time.perf_counter()
         decision: Any = "none"
-        if cache is not None and qkey is not None and fresh.complete:
+        if layers is not None and lookup is not None and lookup.layers and fresh.complete:
             entry = CachedResult(
-                qkey, config.key, config.metric, query, request.k, flt, fresh.labels,
+                lookup.qkey, config.key, config.metric, query, request.k, flt, fresh.labels,
                 tuple(h.id for h in fresh.hits), tuple(h.score for h in fresh.hits),
                 tuple(h.meta for h in fresh.hits), applied,
                 compute_ms=(t4 - t3) * 1000, created_s=time.monotonic())
-            decision = cache.put(entry, seen_seq).as_dict()
+            outcome = layers.offer(lookup, entry)
+            decision = "none" if outcome is None else outcome.as_dict()
         t5 = time.perf_counter()
         debug: dict[str, Any] = {
             "cache_hit": False,
             "layer": "none",
+            "distance": None,
+            "tolerant_skipped": [] if lookup is None else list(lookup.skipped),
+            "payload_cached": fresh.payload_cached,
             "decision": decision,
             "latency_ms": round((t5 - t0) * 1000, 3),
             "latency_breakdown_ms": {
@@ -282,36 +406,52 @@ class VectorService(DataPlane):
             "filter_exhausted": fresh.exhausted,
             "applied": self.applied.tokens(),
         }
-        return SearchResponse(fresh.hits, debug)
+        self._observe(config.key, fresh.hits)
+        response = SearchResponse(fresh.hits, debug)
+        if self.search_observer is not None:
+            self.search_observer.searched(request, config.key, str(qkey or ""), response, None)
+        return response
 
-    def _fresh(self, config: IndexConfig, query: Vector, k: int, flt: Filter | None) -> _Fresh:
-        """Search the index and join the payloads from the state."""
+    def _observe(self, index_key: str, hits: list[Hit]) -> None:
+        for observer in self.hit_observers:
+            observer(index_key, hits)
+
+    def _fresh(self, config: IndexConfig, query: Vector, k: int, flt: Filter | None,
+               ef: int | None = None, payloads: PayloadCache | None = None) -> _Fresh:
+        """Search the index (``ef``: its efSearch) and join the payloads from the state
+        (through the L3 ``payloads`` cache when given)."""
         t0 = time.perf_counter()
         vi = self.indexer.indexes.get(config.key)
         if vi is None:  # created but not applied yet: nothing is searchable
             return _Fresh([], (), 0, True, False)
-        out = vi.search(query, k, flt)
+        out = vi.search(query, k, flt, ef_search=ef)
         t1 = time.perf_counter()
         hits: list[Hit] = []
         labels: list[int] = []
+        cached = 0
         for label, score in zip(out.labels.tolist(), out.scores.tolist(), strict=True):
-            found = self.state.hit(config.key, label)
+            if payloads is None:
+                found = self.state.hit(config.key, label)
+            else:
+                found, from_l3 = payloads.get(config.key, label, self.state.hit)
+                cached += from_l3
             if found is not None:
                 hits.append(Hit(found[0], score, found[1]))
                 labels.append(label)
         t2 = time.perf_counter()
         return _Fresh(hits, tuple(labels), out.widened, out.exhausted,
-                      len(hits) == out.labels.size, (t1 - t0) * 1000, (t2 - t1) * 1000)
+                      len(hits) == out.labels.size, (t1 - t0) * 1000, (t2 - t1) * 1000, cached)
 
     def _cached_response(
-        self, entry: CachedResult, t0: float, t1: float, t2: float
+        self, entry: CachedResult, t0: float, t1: float, t2: float, lookup: CacheLookup, k: int
     ) -> SearchResponse:
-        hits = [Hit(i, s, m) for i, s, m in zip(entry.ids, entry.scores, entry.metas,
-                                                strict=True)]
+        hits = [Hit(i, s, m) for i, s, m in zip(entry.ids[:k], entry.scores[:k],
+                                                entry.metas[:k], strict=True)]
         t3 = time.perf_counter()
         debug: dict[str, Any] = {
             "cache_hit": True,
-            "layer": "L0",
+            "layer": lookup.layer,
+            "distance": lookup.distance,
             "decision": entry.admission.as_dict() if entry.admission else "none",
             "latency_ms": round((t3 - t0) * 1000, 3),
             "latency_breakdown_ms": {
@@ -322,22 +462,26 @@ class VectorService(DataPlane):
             "filter_exhausted": entry.fewer_than_k,
             "applied": self.applied.tokens(),
             "cached_at": list(entry.applied),
-            "cache_hit_count": entry.hit_count,
+            "cache_hit_count": lookup.hit_count,
             "query_key": str(entry.key),
         }
         return SearchResponse(hits, debug)
 
-    def _verify(self, cache: ResultCache, qkey: QueryKey, config: IndexConfig, query: Vector,
+    def _verify(self, lookup: CacheLookup, config: IndexConfig, query: Vector,
                 k: int, flt: Filter | None) -> None:
-        """Re-check the cached entry against a fresh search while the applier is paused
-        (so every applied write has been reported); a difference is a false hit."""
+        """Re-check the served entry against a fresh search of *this* query while the
+        applier is paused (so every applied write has been reported); a difference in
+        the first ``k`` ids is a false hit of the layer that served it."""
+        if self.cache is None or self.cache_layers is None or lookup.entry is None:
+            return
         with self.indexer.lock:
-            entry = cache.peek(qkey)
+            entry = self.cache.peek(lookup.entry.key)
             if entry is None:
                 return
             fresh = self._fresh(config, query, k, flt)
             if fresh.complete:
-                cache.record_verification(tuple(h.id for h in fresh.hits) != entry.ids)
+                self.cache_layers.record_verification(
+                    lookup.layer, tuple(h.id for h in fresh.hits) != entry.ids[:k])
 
     # -- control ---------------------------------------------------------------------------
     def info(self, tenant: str, index: str) -> dict[str, Any]:
@@ -350,6 +494,8 @@ class VectorService(DataPlane):
             "stats": vi.stats() if vi is not None else {"live": 0},
             "applied": self.applied.tokens(),
             "cache": self.cache.stats().as_dict() if self.cache is not None else None,
+            "cache_layers": self.cache_layers.stats() if self.cache_layers else None,
+            **{name: section(config.key) for name, section in self.info_sections.items()},
         }
 
     def list_indexes(self, tenant: str | None = None) -> list[IndexConfig]:

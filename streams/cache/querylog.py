@@ -1,0 +1,326 @@
+"""The query log: one SearchEvent per answered search, appended to ``query-log`` off the
+hot path.
+
+:class:`QueryLogEmitter` holds a bounded in-memory queue and a background thread that
+encodes events (Avro, the registry's codec) and appends them in batches. :meth:`emit`
+never blocks and never raises: when the queue is full the event is dropped and counted
+(``dropped``, also ``streamvec_query_log_dropped_total`` in Prometheus), so a slow or
+failing log costs searches nothing. A batch the log refuses is counted as ``failed`` and
+logged; events are telemetry, so nothing retries them (the learner tolerates gaps).
+
+:class:`SearchObserver` is what ``VectorService.search`` calls once per answered search:
+it feeds the policy holder (hit counts, the canary comparison), the prefetcher's
+next-query table, and the emitter. Searches the prefetcher runs itself are not logged.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import struct
+import threading
+import time
+import uuid
+import weakref
+from collections import deque
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import fastavro
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from streams.log.port import Log, LogPosition, Record
+from streams.schemas import catalog
+from streams.schemas.codec import AvroCodec
+from streams.topics import Topics
+
+if TYPE_CHECKING:
+    from streams.cache.entry import CachedResult
+    from streams.cache.policy import PolicyHolder
+    from streams.cache.prefetch import Prefetcher
+    from streams.service.api import SearchRequest, SearchResponse
+
+__all__ = ["QueryLogEmitter", "SearchObserver", "register_metrics"]
+
+log = logging.getLogger(__name__)
+
+_WIRE_HEADER = struct.Struct(">bI")  # Confluent wire format: magic byte, schema id
+
+
+class QueryLogEmitter:
+    """Bounded queue + batching appender (module docstring). ``capacity``: events held
+    at most; ``batch_size``: events per append; ``linger_s``: how long the thread waits
+    for a batch to fill. Start with :meth:`start`; :meth:`close` drains what is queued."""
+
+    def __init__(
+        self,
+        log: Log,
+        topics: Topics,
+        codec: AvroCodec,
+        *,
+        capacity: int = 10_000,
+        batch_size: int = 500,
+        linger_s: float = 0.05,
+    ) -> None:
+        if capacity < 1 or batch_size < 1:
+            raise ValueError("capacity and batch_size must be >= 1")
+        self.log = log
+        self.topic = topics.query_log
+        self.codec = codec
+        self.capacity = capacity
+        self.batch_size = batch_size
+        self.linger_s = linger_s
+        self._subject = catalog.subject_for(self.topic)
+        self._schema = catalog.load_schema(catalog.TOPIC_VALUE_SCHEMA["query-log"])
+        self._queue: deque[dict[str, Any]] = deque()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._idle = threading.Condition()
+        self._busy = 0  # events taken off the queue and not yet appended
+        self._drop_lock = threading.Lock()
+        self.dropped = 0
+        self.appended = 0
+        self.failed = 0
+        self._thread: threading.Thread | None = None
+        _EMITTERS.add(self)
+
+    def emit(self, event: dict[str, Any]) -> bool:
+        """Queue one SearchEvent (a dict in the schema's shape; ``event_id`` and
+        ``timestamp`` are filled in when missing). Returns False if it was dropped."""
+        if len(self._queue) >= self.capacity:
+            with self._drop_lock:
+                self.dropped += 1
+            return False
+        self._queue.append(event)
+        if not self._wake.is_set():
+            self._wake.set()
+        return True
+
+    def start(self) -> QueryLogEmitter:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="query-log", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self.linger_s)
+            if self._stop.is_set() and not self._queue:
+                return
+            if len(self._queue) < self.batch_size and not self._stop.is_set():
+                time.sleep(self.linger_s)  # let a batch gather
+            self._wake.clear()
+            while self._queue:
+                batch: list[dict[str, Any]] = []
+                with self._idle:
+                    while self._queue and len(batch) < self.batch_size:
+                        batch.append(self._queue.popleft())
+                    self._busy = len(batch)
+                self._append(batch)
+                with self._idle:
+                    self._busy = 0
+                    self._idle.notify_all()
+
+    def _append(self, events: list[dict[str, Any]]) -> None:
+        """Encode and append one batch. The events are built by :class:`SearchObserver`,
+        so they are written without the codec's per-record validation (3x the cost of
+        the write itself, measured); an event fastavro cannot write is counted as failed
+        alone. Wire format as :meth:`AvroCodec.encode`: magic 0, schema id, Avro body."""
+        try:
+            schema_id, parsed = self.codec.writer(self._subject, self._schema)
+        except Exception:  # the registry is unreachable: count the loss, keep searching
+            self.failed += len(events)
+            log.warning("query-log: no schema id; %d events lost", len(events), exc_info=True)
+            return
+        header = _WIRE_HEADER.pack(0, schema_id)
+        records = []
+        for e in events:
+            buf = io.BytesIO()
+            buf.write(header)
+            try:
+                fastavro.schemaless_writer(buf, parsed, _complete(e))
+            except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
+                self.failed += 1
+                log.warning("query-log: event not encodable: %r", e, exc_info=True)
+                continue
+            records.append(Record.of(self.topic, f"{e['tenant']}/{e['index']}", buf.getvalue()))
+        try:
+            self.log.append_batch(records)
+            self.appended += len(records)
+        except Exception:  # telemetry: count and log the loss, never stop searches
+            self.failed += len(records)
+            log.warning("query-log: %d events not appended", len(records), exc_info=True)
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until everything queued so far is appended (or failed)."""
+        deadline = time.monotonic() + timeout_s
+        self._wake.set()
+        with self._idle:
+            while self._queue or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._thread is None:
+                    return False
+                self._wake.set()
+                self._idle.wait(min(left, 0.05))
+        return True
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Append what is queued (up to ``timeout_s``), then stop the thread."""
+        if self._thread is not None:
+            self.flush(timeout_s)
+            self._stop.set()
+            self._wake.set()
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "queued": len(self._queue),
+            "appended": self.appended,
+            "dropped": self.dropped,
+            "failed": self.failed,
+            "capacity": self.capacity,
+        }
+
+
+def _complete(e: dict[str, Any]) -> dict[str, Any]:
+    """The SearchEvent record of a queued event (work kept off the search thread)."""
+    e.setdefault("event_id", uuid.uuid4().hex)
+    e.setdefault("timestamp", int(time.time() * 1000))
+    tokens = e.pop("applied", ())
+    e["index_positions"] = [
+        {"topic": p.topic, "partition": p.partition, "offset": p.offset}
+        for p in map(LogPosition.parse, tokens)
+    ]
+    return e
+
+
+# -- Prometheus ---------------------------------------------------------------------------
+
+_EMITTERS: weakref.WeakSet[QueryLogEmitter] = weakref.WeakSet()
+_REGISTERED: weakref.WeakSet[CollectorRegistry] = weakref.WeakSet()
+
+
+class _QueryLogCollector(Collector):
+    """Sums over the live emitters of the process (a node has one)."""
+
+    def collect(self) -> Iterable[Any]:
+        emitters = list(_EMITTERS)
+        dropped = CounterMetricFamily(
+            "streamvec_query_log_dropped", "SearchEvents dropped because the queue was full."
+        )
+        dropped.add_metric([], sum(e.dropped for e in emitters))
+        appended = CounterMetricFamily(
+            "streamvec_query_log_appended", "SearchEvents appended to query-log."
+        )
+        appended.add_metric([], sum(e.appended for e in emitters))
+        failed = CounterMetricFamily(
+            "streamvec_query_log_failed", "SearchEvents lost because the log refused the append."
+        )
+        failed.add_metric([], sum(e.failed for e in emitters))
+        queued = GaugeMetricFamily("streamvec_query_log_queued", "SearchEvents waiting.")
+        queued.add_metric([], sum(len(e._queue) for e in emitters))
+        return [dropped, appended, failed, queued]
+
+
+def register_metrics(registry: CollectorRegistry) -> None:
+    """Expose the query-log counters in ``registry`` (idempotent)."""
+    if registry not in _REGISTERED:
+        registry.register(_QueryLogCollector())
+        _REGISTERED.add(registry)
+
+
+# -- the search hook ----------------------------------------------------------------------
+
+_prefetching = threading.local()
+_LAYERS = ("L0", "L1", "L2")
+
+
+class SearchObserver:
+    """The one object ``VectorService.search`` calls (module docstring). Every part is
+    optional: a node without an emitter still runs the policy and prefetch."""
+
+    def __init__(
+        self,
+        emitter: QueryLogEmitter | None = None,
+        holder: PolicyHolder | None = None,
+        prefetcher: Prefetcher | None = None,
+    ) -> None:
+        self.emitter = emitter
+        self.holder = holder
+        self.prefetcher = prefetcher
+
+    def expired(self, entry: CachedResult) -> bool:
+        """A cache hit whose TTL has passed: answer it as a miss."""
+        return self.holder is not None and self.holder.expired(entry)
+
+    def searched(
+        self,
+        request: SearchRequest,
+        index_key: str,
+        query_key: str,
+        response: SearchResponse,
+        cached: CachedResult | None,
+    ) -> None:
+        """One answered search: ``cached`` is the entry on a cache hit, None on a miss."""
+        if getattr(_prefetching, "on", False):
+            return
+        debug = response.debug
+        hit = cached is not None
+        latency_ms = float(debug.get("latency_ms", 0.0))
+        tenant, _, index = index_key.partition("/")
+        if self.holder is not None:
+            if cached is not None:
+                self.holder.on_hit(cached)
+            self.holder.record_search(tenant, index_key, hit, latency_ms)
+        if self.prefetcher is not None:  # every search delays idle-time prefetch
+            self.prefetcher.observe(request, query_key)
+        if self.emitter is None:
+            return
+        breakdown: Mapping[str, float] = debug.get("latency_breakdown_ms", {})
+        decision = debug.get("decision")
+        if hit:
+            assert cached is not None
+            cost = cached.compute_ms
+            features: Mapping[str, float] = {"size": float(cached.nbytes)}
+        else:
+            cost = float(breakdown.get("index", 0.0)) + float(breakdown.get("payload", 0.0))
+            features = {}
+        event: dict[str, Any] = {
+            "tenant": tenant,
+            "index": index,
+            "query_key": query_key,
+            "top_k": request.k,
+            "cache_layer": debug.get("layer")
+            if hit and debug.get("layer") in _LAYERS
+            else ("L0" if hit else "NONE"),
+            "cache_hit": hit,
+            "action": "none",
+            "action_probability": 1.0,
+            "proxy_cost": cost,
+            "latency_ms": {**breakdown, "total": latency_ms},
+            "result_ids": [h.id for h in response.hits],
+            "consistency": request.consistency.value,
+            "session_id": request.session_id,
+            "applied": debug.get("applied", ()),
+        }
+        if not hit and isinstance(decision, dict) and "arm" in decision:
+            features = decision.get("features") or {}
+            event.update(
+                action=decision["arm"],
+                action_probability=decision["probability"],
+                bucket=decision.get("bucket"),
+                policy_version=decision.get("version"),
+                ttl_ms=decision.get("ttl_ms") if decision["action"] == "admit" else None,
+            )
+        event["features"] = dict(features)
+        self.emitter.emit(event)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "query_log": self.emitter.stats() if self.emitter else None,
+            "policy": self.holder.status() if self.holder else None,
+            "prefetch": self.prefetcher.stats() if self.prefetcher else None,
+        }

@@ -1,0 +1,579 @@
+"""The warm path: ``query-log`` in, versioned PolicyUpdates out on ``policy``.
+
+:class:`OnlineLearner` reads SearchEvents through the log port (a consumer group, so a
+restarted learner goes on where it committed), keeps per index the replay log the offline
+side uses (:class:`~streams.policy.simulator.ReplayLog`: one hit flag per search, the
+logged decision of each miss), joins decisions with their outcomes
+(:class:`~streams.policy.join.OutcomeJoin`), trains the Vowpal Wabbit bandit
+(:class:`~streams.policy.learned.PolicyLearner`) and, once ``update_every`` new decisions
+of an index are trained, publishes its table as a PolicyUpdate: ``version`` = newest on the
+topic + 1, ``parent_version`` = that newest, the guardrails, the VW weights as ``model``.
+
+A step (:meth:`OnlineLearner.step`), in order:
+
+1. Poll up to ``max_events`` events; decode; append each to its index's window.
+2. Per index with new events: account them (rent, cost scale, turnover), join, train.
+3. Publish an update for every index with ``update_every`` newly trained decisions
+   (durable on return).
+4. Commit the group's offsets. A crash between 3 and 4 re-trains those events on top of
+   the published model (counted twice), never loses them.
+
+Start: the newest update of every index is read from the compacted ``policy`` topic; its
+``model`` warm-starts that index's learner and its version is the parent of the next.
+Memory: an index's window holds at most ``max_window`` searches; then the pending
+decisions are resolved (as at the end of a log) and a new window starts.
+
+:class:`PolicyFeed` is the query node's side: :meth:`PolicyFeed.load` reads the compacted
+topic to its end into a :class:`~streams.cache.policy.PolicyHolder` (before serving), and
+its thread applies every later update as it is appended, without a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from streams.log.port import Log, LogPosition, StoredRecord
+from streams.policy.join import OutcomeJoin
+from streams.policy.learned import ACTIONS, LearnerConfig, PolicyLearner, PolicyTable
+from streams.policy.simulator import Decision, LoggedDecision, ReplayLog
+from streams.policy.trace import Request
+from streams.schemas import catalog
+from streams.schemas.codec import AvroCodec
+from streams.topics import Topics
+
+if TYPE_CHECKING:
+    from streams.cache.policy import GuardConfig, PolicyHolder
+    from streams.cache.result_cache import ResultCache
+    from streams.service.vector_service import VectorService
+
+__all__ = [
+    "DEFAULT_GUARDRAILS",
+    "LEARNER_GROUP",
+    "OnlineLearner",
+    "PolicyFeed",
+    "PolicyLoop",
+    "newest_policies",
+    "policy_record",
+    "policy_status",
+    "publish_policy",
+    "read_policies",
+    "rollback_policy",
+    "rollback_record",
+]
+
+log = logging.getLogger(__name__)
+
+LEARNER_GROUP = "streamvec-policy-learner"
+DEFAULT_GUARDRAILS: Mapping[str, float] = {
+    "max_staleness_ms": 300_000,
+    "p99_budget_ms": 0.0,
+    "min_hit_rate": 0.0,
+    "canary_share": 1.0,
+}
+_TTLS = tuple(t for _, t in ACTIONS)
+_ARM = {name: (i, ttl) for i, (name, ttl) in enumerate(ACTIONS)}
+
+
+def _ms(value: Any) -> int:
+    """A timestamp-millis field as decoded (fastavro gives an aware datetime)."""
+    return int(value.timestamp() * 1000) if isinstance(value, datetime) else int(value)
+
+
+# -- the policy topic ----------------------------------------------------------------------
+
+
+def policy_record(
+    table: PolicyTable,
+    tenant: str,
+    index: str,
+    *,
+    version: int,
+    parent_version: int | None,
+    guardrails: Mapping[str, float] | None = None,
+    reason: str = "trained",
+    with_model: bool = True,
+) -> dict[str, Any]:
+    """The PolicyUpdate record of ``table``: each bucket's greedy arm with the probability
+    the hot path gives it (1 - epsilon + epsilon / arms, the rest spread evenly)."""
+    n = len(ACTIONS)
+    p = 1.0 - table.epsilon + table.epsilon / n
+    rules = []
+    for b, a in sorted(table.entries.items()):
+        ttl = ACTIONS[a][1]
+        rules.append(
+            {
+                "bucket": b,
+                "admit": ttl is not None,
+                "ttl_ms": 0 if ttl is None else int(ttl * 1000),
+                "probability": p,
+            }
+        )
+    g = {**DEFAULT_GUARDRAILS, **(guardrails or {})}
+    return {
+        "tenant": tenant,
+        "index": index,
+        "version": version,
+        "kind": "table",
+        "table": rules,
+        "model": table.model if with_model and table.model else None,
+        "model_format": "vowpal-wabbit" if with_model and table.model else None,
+        "guardrails": {
+            "max_staleness_ms": int(g["max_staleness_ms"]),
+            "p99_budget_ms": float(g["p99_budget_ms"]),
+            "min_hit_rate": float(g["min_hit_rate"]),
+            "canary_share": float(g["canary_share"]),
+        },
+        "parent_version": parent_version,
+        "reason": reason,
+        "created_ms": int(time.time() * 1000),
+    }
+
+
+def publish_policy(
+    log: Log, topics: Topics, codec: AvroCodec, record: Mapping[str, Any]
+) -> LogPosition:
+    """Append a PolicyUpdate keyed ``tenant/index``; returns its position once durable."""
+    subject = catalog.subject_for(topics.policy)
+    schema = catalog.load_schema(catalog.TOPIC_VALUE_SCHEMA["policy"])
+    value = codec.encode(subject, schema, dict(record))
+    return log.append(topics.policy, f"{record['tenant']}/{record['index']}", value)
+
+
+def _decode_all(codec: AvroCodec, records: Iterable[StoredRecord]) -> list[dict[str, Any]]:
+    out = []
+    for r in records:
+        if r.value is None:
+            continue
+        _, rec = codec.decode(r.value)
+        rec["created_ms"] = _ms(rec["created_ms"])
+        out.append(rec)
+    return out
+
+
+def read_policies(log: Log, topics: Topics, codec: AvroCodec) -> list[dict[str, Any]]:
+    """Every PolicyUpdate still on the topic, in log order (compaction keeps at least the
+    newest per key)."""
+    out: list[dict[str, Any]] = []
+    topic = topics.policy
+    for partition, end in sorted(log.end_offsets(topic).items()):
+        offset = log.start_offsets(topic).get(partition, 0)
+        while offset < end:
+            batch = log.read(topic, partition, offset, 500)
+            if not batch:
+                break
+            out.extend(_decode_all(codec, batch))
+            offset = batch[-1].offset + 1
+    return out
+
+
+def newest_policies(records: Iterable[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """The highest version per ``tenant/index``."""
+    newest: dict[str, Mapping[str, Any]] = {}
+    for rec in records:
+        key = f"{rec['tenant']}/{rec['index']}"
+        if key not in newest or rec["version"] > newest[key]["version"]:
+            newest[key] = rec
+    return newest
+
+
+def rollback_record(
+    records: Iterable[Mapping[str, Any]], tenant: str, index: str, version: int
+) -> dict[str, Any]:
+    """The PolicyUpdate that rolls ``tenant/index`` back to ``version``: its content under
+    the next version number, ``parent_version`` = ``version``. Raises
+    :class:`~streams.index.exceptions.NotFound` when ``version`` is no longer on the topic
+    (compaction keeps only the newest per key once the cleaner has run)."""
+    from streams.index.exceptions import NotFound
+
+    mine = [r for r in records if r["tenant"] == tenant and r["index"] == index]
+    source = next((r for r in mine if r["version"] == version), None)
+    if source is None:
+        kept = sorted(r["version"] for r in mine)
+        raise NotFound(f"policy {tenant}/{index} has no version {version} (kept: {kept})")
+    record = dict(source)
+    record.update(
+        version=max(r["version"] for r in mine) + 1,
+        parent_version=version,
+        reason=f"rollback to {version}",
+        created_ms=int(time.time() * 1000),
+    )
+    return record
+
+
+class PolicyFeed:
+    """The ``policy`` topic into a holder: :meth:`load` to the end, then follow."""
+
+    def __init__(self, log: Log, topics: Topics, codec: AvroCodec, holder: PolicyHolder) -> None:
+        self.log, self.topics, self.codec, self.holder = log, topics, codec, holder
+        self._sub = log.subscribe([topics.policy], None, from_start=True)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.applied = 0
+        self.rejected = 0
+
+    def _apply(self, records: list[StoredRecord]) -> None:
+        for rec in _decode_all(self.codec, records):
+            try:
+                self.applied += self.holder.apply(rec)
+            except (KeyError, ValueError):  # a malformed update: keep the version in force
+                self.rejected += 1
+                log.warning(
+                    "policy update %s/%s v%s rejected",
+                    rec.get("tenant"),
+                    rec.get("index"),
+                    rec.get("version"),
+                    exc_info=True,
+                )
+
+    def load(self) -> int:
+        """Apply everything up to the topic's end at call time; returns how many applied."""
+        ends = {
+            (self.topics.policy, p): e for p, e in self.log.end_offsets(self.topics.policy).items()
+        }
+        while any(self._sub.positions().get(tp, 0) < e for tp, e in ends.items()):
+            batch = self._sub.poll(500, 0.1)
+            if not batch:
+                break
+            self._apply(batch)
+        return self.applied
+
+    def start(self) -> PolicyFeed:
+        self._thread = threading.Thread(target=self._run, name="policy-feed", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            batch = self._sub.poll(500, 0.2)
+            if batch:
+                self._apply(batch)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+        self._sub.close()
+
+
+# -- the learner ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Window:
+    """One index's searches since its window started, as the offline replay log."""
+
+    requests: list[Request] = field(default_factory=list)
+    replay: ReplayLog = field(default_factory=ReplayLog)
+    join: OutcomeJoin = field(default_factory=lambda: OutcomeJoin(_TTLS))
+    accounted: int = 0  # requests already given to observe_log / the join
+
+
+@dataclass(slots=True)
+class _IndexState:
+    learner: PolicyLearner
+    version: int  # newest published (0: none)
+    window: _Window = field(default_factory=_Window)
+    trained_at_publish: int = 0
+
+
+class OnlineLearner:
+    """The policy learner (module docstring). ``budget_bytes``: the query nodes' cache
+    budget (the rent); ``guardrails``: those published with every version."""
+
+    def __init__(
+        self,
+        log: Log,
+        topics: Topics,
+        codec: AvroCodec,
+        *,
+        budget_bytes: int,
+        group: str = LEARNER_GROUP,
+        update_every: int = 500,
+        max_window: int = 200_000,
+        config: LearnerConfig | None = None,
+        guardrails: Mapping[str, float] | None = None,
+    ) -> None:
+        self.log, self.topics, self.codec = log, topics, codec
+        self.budget_bytes = budget_bytes
+        self.group = group
+        self.update_every = update_every
+        self.max_window = max_window
+        self.config = config or LearnerConfig()
+        self.guardrails = dict(guardrails or {})
+        self._indexes: dict[str, _IndexState] = {}
+        self._newest = newest_policies(read_policies(log, topics, codec))
+        self._sub = log.subscribe([topics.query_log], group, from_start=True)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.events = 0
+        self.decisions = 0
+        self.published: list[dict[str, Any]] = []
+        self.error: Exception | None = None
+        self.busy_s = 0.0  # time spent in steps that read events (throughput)
+
+    def _state(self, key: str) -> _IndexState:
+        st = self._indexes.get(key)
+        if st is None:
+            newest = self._newest.get(key)
+            model = newest.get("model") if newest else None
+            if model and newest is not None and newest.get("model_format") == "vowpal-wabbit":
+                learner = PolicyLearner.from_model(self.budget_bytes, model, self.config)
+            else:
+                learner = PolicyLearner(self.budget_bytes, self.config)
+            version = int(newest["version"]) if newest else 0
+            learner.version = version
+            st = self._indexes[key] = _IndexState(learner, version)
+        return st
+
+    def _add(self, ev: Mapping[str, Any]) -> None:
+        st = self._state(f"{ev['tenant']}/{ev['index']}")
+        w = st.window
+        features = ev.get("features") or {}
+        size = max(1, int(features.get("size", 1)))
+        w.requests.append(
+            Request(_ms(ev["timestamp"]) / 1000, ev["query_key"], size, float(ev["proxy_cost"]))
+        )
+        w.replay.hits.append(1 if ev["cache_hit"] else 0)
+        arm = _ARM.get(ev["action"])
+        if not ev["cache_hit"] and arm is not None and ev.get("bucket"):
+            ttl = arm[1]
+            w.replay.decisions.append(
+                LoggedDecision(
+                    len(w.requests) - 1,
+                    Decision(
+                        ev["action"],
+                        ttl is not None,
+                        ttl,
+                        float(ev["action_probability"]),
+                        ev["bucket"],
+                    ),
+                )
+            )
+            self.decisions += 1
+
+    def _train(self, st: _IndexState, *, flush: bool = False) -> None:
+        w, learner = st.window, st.learner
+        stop = len(w.requests)
+        if stop > w.accounted:
+            learner.observe_log(w.requests, w.replay, w.accounted, stop)
+            w.join.char_time_s = learner.char_time_s
+            learner.learn(w.join.advance(w.requests, w.replay, stop))
+            w.accounted = stop
+        if flush or stop >= self.max_window:
+            learner.learn(w.join.flush())
+            learner.new_log()
+            st.window = _Window()
+
+    def _publish(self, key: str, st: _IndexState, reason: str = "trained") -> dict[str, Any]:
+        tenant, _, index = key.partition("/")
+        table = st.learner.export(with_model=True)
+        record = policy_record(
+            table,
+            tenant,
+            index,
+            version=st.version + 1,
+            parent_version=st.version or None,
+            guardrails=self.guardrails,
+            reason=reason,
+        )
+        publish_policy(self.log, self.topics, self.codec, record)
+        st.version = st.learner.version = record["version"]
+        st.trained_at_publish = st.learner.trained
+        self.published.append(record)
+        return record
+
+    def step(
+        self, max_events: int = 5_000, timeout_s: float = 0.0, *, flush: bool = False
+    ) -> list[dict[str, Any]]:
+        """One pass of steps 1-4 (module docstring); ``flush``: resolve every pending
+        decision first (the end of a log: ``streamvec policy learn`` without
+        ``--follow``) and publish any index with new training. Returns what it published."""
+        batch = self._sub.poll(max_events, timeout_s)
+        t0 = time.perf_counter()
+        for r in batch:
+            if r.value is None:
+                continue
+            _, ev = self.codec.decode(r.value)
+            self._add(ev)
+        self.events += len(batch)
+        published = []
+        for key, st in self._indexes.items():
+            self._train(st, flush=flush)
+            fresh = st.learner.trained - st.trained_at_publish
+            if fresh >= self.update_every or (flush and fresh > 0):
+                published.append(self._publish(key, st))
+        if batch:
+            self._sub.commit()
+            self.busy_s += time.perf_counter() - t0
+        return published
+
+    def caught_up(self) -> bool:
+        pos = self._sub.positions()
+        return all(
+            pos.get((self.topics.query_log, p), 0) >= end
+            for p, end in self.log.end_offsets(self.topics.query_log).items()
+        )
+
+    def run_to_end(self) -> list[dict[str, Any]]:
+        """Learn everything in the log now, resolve what is pending, publish."""
+        out: list[dict[str, Any]] = []
+        while not self.caught_up():
+            before = self.events
+            out.extend(self.step())
+            if self.events == before:
+                break
+        out.extend(self.step(flush=True))
+        return out
+
+    def start(self, poll_s: float = 0.5) -> OnlineLearner:
+        def loop() -> None:
+            while not self._stop.is_set():
+                try:
+                    self.step(timeout_s=poll_s)
+                except Exception as exc:  # stop learning, keep the node serving
+                    self.error = exc  # uncommitted events are re-read by the next learner
+                    log.exception("policy learner stopped")
+                    return
+
+        self._thread = threading.Thread(target=loop, name="policy-learner", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+        self._sub.close()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "events": self.events,
+            "decisions": self.decisions,
+            "published": len(self.published),
+            "error": None if self.error is None else repr(self.error),
+            "events_per_s": self.events / self.busy_s if self.busy_s else 0.0,
+            "versions": {k: st.version for k, st in sorted(self._indexes.items())},
+        }
+
+
+# -- a query node's part of the loop ---------------------------------------------------------
+
+
+class PolicyLoop:
+    """What a query node runs of the loop: a :class:`PolicyHolder` as its cache's admission
+    policy, the query-log emitter, the :class:`PolicyFeed` and (``prefetch``) the
+    prefetcher, wired to the service through one
+    :class:`~streams.cache.querylog.SearchObserver`; stats in ``VEC.INFO`` under
+    ``policy``. :meth:`start` returns once the newest policy of every index is in force."""
+
+    def __init__(
+        self,
+        log: Log,
+        topics: Topics,
+        codec: AvroCodec,
+        service: VectorService,
+        cache: ResultCache,
+        *,
+        guard: GuardConfig | None = None,
+        prefetch: bool = False,
+        query_log_capacity: int = 10_000,
+    ) -> None:
+        from streams.cache.policy import PolicyHolder
+        from streams.cache.prefetch import Prefetcher
+        from streams.cache.querylog import QueryLogEmitter, SearchObserver
+
+        self.holder = PolicyHolder(cache.budget_bytes, guard=guard)
+        cache.policy = self.holder
+        self.emitter = QueryLogEmitter(log, topics, codec, capacity=query_log_capacity)
+        self.feed = PolicyFeed(log, topics, codec, self.holder)
+        self.prefetcher = Prefetcher(service) if prefetch else None
+        self.observer = SearchObserver(self.emitter, self.holder, self.prefetcher)
+        service.search_observer = self.observer
+        service.info_sections["policy"] = lambda _key: self.observer.stats()
+
+    def start(self) -> PolicyLoop:
+        from streams.cache.querylog import register_metrics
+        from streams.service.metrics import METRICS
+
+        register_metrics(METRICS.registry)
+        self.feed.load()  # the newest version of every index, before the node serves
+        self.feed.start()
+        self.emitter.start()
+        if self.prefetcher is not None:
+            self.prefetcher.start()
+        return self
+
+    def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+        self.feed.close()
+        self.emitter.close()
+
+
+# -- the control plane (HTTP) ----------------------------------------------------------------
+
+
+def _policy_loop_of(dataplane: object) -> tuple[VectorService, PolicyHolder]:
+    from streams.index.exceptions import InvalidRequest
+    from streams.service.vector_service import VectorService
+
+    observer = getattr(dataplane, "search_observer", None)
+    holder = getattr(observer, "holder", None)
+    if not isinstance(dataplane, VectorService) or holder is None:
+        raise InvalidRequest("this node runs no cache policy loop (policy_enabled)")
+    return dataplane, holder
+
+
+def policy_status(dataplane: object, tenant: str, index: str) -> dict[str, Any]:
+    """The cache policy of ``tenant/index`` on a node: the version in force (or why it
+    fell back), the versions still on the ``policy`` topic, this index's fallbacks."""
+    from streams.index.model import check_name
+
+    check_name(tenant, "tenant")
+    check_name(index, "index")
+    svc, holder = _policy_loop_of(dataplane)
+    key = f"{tenant}/{index}"
+    status = holder.status()
+    records = read_policies(svc.log, svc.topics, svc.codec)
+    return {
+        "key": key,
+        "in_force": status["indexes"].get(key),
+        "versions": sorted(
+            r["version"] for r in records if r["tenant"] == tenant and r["index"] == index
+        ),
+        "fallbacks": [f for f in status["fallbacks"] if f["key"] == key],
+    }
+
+
+def rollback_policy(dataplane: object, tenant: str, index: str, version: int) -> dict[str, Any]:
+    """Publish a new version of ``tenant/index``'s policy with ``version``'s content (from
+    the topic, else the node's kept history) and put it in force on this node at once;
+    every other node applies it from the topic. ``NotFound`` if neither has it."""
+    from streams.index.model import check_name
+
+    check_name(tenant, "tenant")
+    check_name(index, "index")
+    svc, holder = _policy_loop_of(dataplane)
+    records = read_policies(svc.log, svc.topics, svc.codec)
+    kept = holder.version_of(f"{tenant}/{index}", version)
+    if kept is not None and not any(
+        r["tenant"] == tenant and r["index"] == index and r["version"] == version for r in records
+    ):
+        records.append(dict(kept.record))  # compacted away, but this node kept it
+    record = rollback_record(records, tenant, index, version)  # NotFound
+    pos = publish_policy(svc.log, svc.topics, svc.codec, record)
+    holder.apply(record)
+    return {
+        "key": f"{tenant}/{index}",
+        "version": record["version"],
+        "parent_version": version,
+        "position": pos.token,
+    }
