@@ -13,7 +13,10 @@ vectors: ``off`` (cache layers ``NONE``) and ``on`` (L0, L1, L2). Measured, in t
    L1 hits, counted by the layer that answered).
 3. **In-process lookup**: ``CacheController.lookup`` alone, for L0 hits, L1 hits and
    misses (p50/p99 in microseconds).
-4. **RESP**: ``VEC.SEARCH`` with redis-py from a separate process (its own GIL), hits on
+4. **Tolerant answers** (untimed): noisy copies of cached queries (random directions, and
+   rows of the data plus noise); each L1/L2 hit compared with the same search of ``off``
+   (what a fresh search returns): the share whose top-k differs, and the ids' overlap.
+5. **RESP**: ``VEC.SEARCH`` with redis-py from a separate process (its own GIL), hits on
    ``on`` and uncached searches on ``off`` (p50/p99 in milliseconds).
 
 Run: ``.venv/bin/python -m bench.cache_bench [--n 20000] [--dim 128] [--queries 2000]

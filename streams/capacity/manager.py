@@ -33,8 +33,11 @@ producers or the embedder processor appended).
 Limits: the duplicate pass compares all pairs up to ``compress_limit`` vectors, above that
 it asks the index for the neighbours of the first ``compress_limit``; "cold" means not hit
 since this node started (hits are counted in memory). Writes produced straight to
-``vectors`` bypass admission. A write racing an archive of the same id may be deleted
-with it; its earlier copy is in the archive.
+``vectors`` bypass admission. Deletes go through
+:meth:`VectorService.delete_unchanged`: under the service's per-id locks an id is deleted
+only if its newest write is still the copy scanned, so an acknowledged write racing an
+archive or expiry keeps its id (the archive then holds the older copy too; restoring it is
+refused while the id exists).
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ from streams.capacity.duplicates import duplicate_groups
 from streams.capacity.ledger import Ledger, Row
 from streams.index.exceptions import InvalidRequest, NotFound, QuotaExceeded, VersionConflict
 from streams.index.model import IndexConfig, VectorUpsert, check_name
-from streams.log.port import LogPosition, Record, now_ms
+from streams.log.port import LogPosition, now_ms
 from streams.service.state import Entry
 from streams.service.vector_service import VectorService
 
@@ -500,20 +503,24 @@ class CapacityManager:
                 out.append((row, current))
         return out
 
-    def _tombstones(self, config: IndexConfig, rows: list[Row]) -> LogPosition | None:
-        """Append a delete on ``vectors`` for each row, in one durable batch."""
+    def _tombstones(
+        self, config: IndexConfig, rows: list[tuple[Row, Entry]]
+    ) -> tuple[list[Row], LogPosition | None]:
+        """Delete each row whose newest write is still the copy scanned, in one durable
+        batch, under the service's per-id locks (a concurrent acknowledged write wins and
+        keeps its id); returns the rows deleted and the last position."""
         if not rows:
-            return None
-        topic = self.service.topics.vectors
-        records = [Record.of(topic, f"{config.key}/{r.id}", None) for r in rows]
-        return self.service.log.append_batch(records)[-1]
+            return [], None
+        gone, pos = self.service.delete_unchanged(
+            config.tenant, config.index, {row.id: cur.version for row, cur in rows})
+        deleted = set(gone)
+        return [row for row, _ in rows if row.id in deleted], pos
 
     def _delete_many(
         self, config: IndexConfig, rows: list[Row]
     ) -> tuple[list[Row], LogPosition | None]:
         """Delete the unchanged rows; returns them and the last position appended."""
-        gone = [row for row, _ in self._unchanged(config, rows)]
-        return gone, self._tombstones(config, gone)
+        return self._tombstones(config, self._unchanged(config, rows))
 
     def _archive_many(
         self, config: IndexConfig, rows: list[Row], reasons: dict[str, str]
@@ -529,8 +536,7 @@ class CapacityManager:
                 for row, current in keep
             ]
         )  # 1st
-        gone = [row for row, _ in keep]
-        return gone, self._tombstones(config, gone)  # 2nd
+        return self._tombstones(config, keep)  # 2nd
 
     def _duplicate_groups(
         self, config: IndexConfig, live: dict[str, Row]

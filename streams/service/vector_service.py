@@ -24,7 +24,7 @@ import random
 import threading
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Protocol
@@ -287,6 +287,30 @@ class VectorService(DataPlane):
                     self.admission.appended(config, record, pos, is_new=is_new)
                 out[i] = pos
         return [x for x in out if x is not None]  # every item was answered
+
+    def delete_unchanged(
+        self, tenant: str, index: str, versions: Mapping[str, int]
+    ) -> tuple[list[str], LogPosition | None]:
+        """Delete each id whose newest write (applied or still pending) is still
+        ``versions[id]``, in one durable batch; ids written since are left alone. Holds the
+        ids' stripe locks across the check and the append, so an acknowledged write through
+        this service never races a housekeeping delete (the capacity manager's archive and
+        expiry use it). Returns the ids deleted and the last position appended."""
+        config = self._config(tenant, index)
+        locks = {id(lk): lk for lk in (self._stripe(config.key, i) for i in versions)}
+        with contextlib.ExitStack() as held:
+            for _, lock in sorted(locks.items()):  # the same fixed order as batch upserts
+                held.enter_context(lock)
+            gone = [i for i, v in versions.items()
+                    if v > 0 and self._current_version(config.key, i) == v]
+            if not gone:
+                return [], None
+            topic = self.topics.vectors
+            positions = self.log.append_batch(
+                [Record.of(topic, f"{config.key}/{i}", None) for i in gone])
+            for i, pos in zip(gone, positions, strict=True):
+                self._pending_versions[(config.key, i)] = (0, pos)
+            return gone, positions[-1]
 
     def _encode_upsert(self, record: VectorUpsert, version: int) -> bytes:
         """The VectorRecord of a validated upsert, as ``_write`` encodes it."""
