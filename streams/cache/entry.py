@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -28,7 +29,8 @@ class CachedResult:
     holds at every later position until the cache invalidates it. ``compute_ms``: what
     the fresh search cost (what a hit saves; for the admission policy). ``created_s``:
     ``time.monotonic()`` at creation. ``hit_count`` and ``admission`` are filled in by the
-    cache (a :meth:`ResultCache.get` returns a copy with the current count).
+    cache (a :meth:`ResultCache.get` returns a copy with the current count). ``derived``:
+    a memo of forms computed from the hits (they never change), shared by the copies.
 
     Raises ``ValueError`` when the hit tuples disagree in length or hold more than ``k``.
     The query vector is copied and made read-only.
@@ -49,6 +51,9 @@ class CachedResult:
     created_s: float = 0.0
     hit_count: int = 0
     admission: AdmissionDecision | None = None
+    # forms of the hits derived once and reused by every hit (the hot path's Hit
+    # objects, a protocol's encoded reply): keyed by what they depend on (k, format)
+    derived: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         n = len(self.ids)
@@ -56,7 +61,9 @@ class CachedResult:
             raise ValueError("labels, ids, scores and metas must have one item per hit")
         if self.k < 1 or n > self.k:
             raise ValueError(f"k={self.k} with {n} hits")
-        if any(not math.isfinite(s) for s in self.scores):
+        if not math.isfinite(sum(self.scores)) and any(  # sum: finite when all are (fast)
+            not math.isfinite(s) for s in self.scores
+        ):
             raise ValueError("scores must be finite")
         vec = self.vector
         if not (isinstance(vec, np.ndarray) and vec.dtype == np.float32 and vec.ndim == 1
@@ -84,6 +91,9 @@ class CachedResult:
     def nbytes(self) -> int:
         """Estimated bytes this entry costs the cache: the query (fp32 here and float64 in
         the invalidation index), the hits with their payloads, and fixed overhead."""
-        hits = sum(len(i) + len(m or "") + _PER_HIT_BYTES for i, m in zip(
-            self.ids, self.metas, strict=True))
-        return _FIXED_BYTES + 12 * int(self.vector.size) + hits
+        n = self.derived.get("nbytes")
+        if n is None:  # asked by the policy, the cache and the query log: counted once
+            hits = (sum(map(len, self.ids)) + sum(map(len, filter(None, self.metas)))
+                    + _PER_HIT_BYTES * len(self.ids))
+            n = self.derived["nbytes"] = _FIXED_BYTES + 12 * int(self.vector.size) + hits
+        return int(n)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -31,7 +33,11 @@ DIGEST_BYTES = 16
 
 @dataclass(frozen=True, slots=True)
 class QueryKey:
-    """A search's L0 key; ``str()`` is ``qk:<hex>`` (the query log's ``query_key``)."""
+    """A search's L0 key; ``str()`` is ``qk:<hex>`` (the query log's ``query_key``).
+
+    ``__hash__``/``__eq__`` are written out: the generated ones build a one-item tuple per
+    call, and a miss hashes its key about twenty times (the cache's maps, the
+    invalidation index's id sets, the L1/L2 links)."""
 
     digest: bytes
 
@@ -39,18 +45,45 @@ class QueryKey:
         if len(self.digest) != DIGEST_BYTES:
             raise ValueError(f"a QueryKey is {DIGEST_BYTES} bytes, got {len(self.digest)}")
 
+    def __hash__(self) -> int:
+        return hash(self.digest)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is QueryKey:
+            return self.digest == other.digest
+        return NotImplemented
+
     def __str__(self) -> str:
         return "qk:" + self.digest.hex()
+
+
+def _part(data: bytes) -> bytes:
+    return len(data).to_bytes(8, "little") + data
+
+
+@lru_cache(maxsize=4096)
+def _prefix(index_key: str, metric: str, k: int, filter: Filter | None) -> Any:
+    """The hasher fed with everything but the vector (searches of one index, ``k`` and
+    filter share it; :func:`query_key` copies it)."""
+    h = hashlib.blake2b(digest_size=DIGEST_BYTES, person=b"streamvec.L0")
+    h.update(
+        _part(index_key.encode())
+        + _part(Metric(metric).value.encode())
+        + _part(str(int(k)).encode())
+        + _part(("" if filter is None else str(filter)).encode())
+    )
+    return h
 
 
 def query_key(
     index_key: str, metric: Metric, vector: Vector, k: int, filter: Filter | None
 ) -> QueryKey:
     """The key of searching ``index_key`` for the ``k`` best rows passing ``filter``."""
-    h = hashlib.blake2b(digest_size=DIGEST_BYTES, person=b"streamvec.L0")
+    # ``metric`` as given (a Metric is a str): equal values share one cache line
+    h = _prefix(index_key, metric, k, filter).copy()
     raw = np.ascontiguousarray(vector, dtype="<f4").tobytes()
-    for part in (index_key.encode(), Metric(metric).value.encode(), str(int(k)).encode(),
-                 ("" if filter is None else str(filter)).encode(), raw):
-        h.update(len(part).to_bytes(8, "little"))
-        h.update(part)
-    return QueryKey(h.digest())
+    h.update(len(raw).to_bytes(8, "little"))
+    h.update(raw)
+    key = object.__new__(QueryKey)  # a blake2b digest of DIGEST_BYTES: no check needed
+    object.__setattr__(key, "digest", h.digest())
+    return key

@@ -34,6 +34,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from streams.policy.context import Context, ContextTracker, bucket
@@ -151,10 +152,8 @@ class OnlineContext:
 
     @staticmethod
     def request(entry: CachedResult, now: float) -> Request:
-        kind = "none" if entry.filter is None else "tag"
-        return Request(
-            now, str(entry.key), max(1, entry.nbytes), entry.compute_ms, {"filter": kind}
-        )
+        ctx = _NO_FILTER if entry.filter is None else _TAG_FILTER  # read-only, shared
+        return Request(now, str(entry.key), max(1, entry.nbytes), entry.compute_ms, ctx)
 
     def _decay(self, now: float) -> None:
         if now > self._t:
@@ -188,6 +187,10 @@ class OnlineContext:
             drop = len(table) // 2
             for name in list(table)[:drop]:
                 del table[name]
+
+
+_NO_FILTER: Mapping[str, str] = MappingProxyType({"filter": "none"})
+_TAG_FILTER: Mapping[str, str] = MappingProxyType({"filter": "tag"})
 
 
 def _features(ctx: Context) -> dict[str, float]:

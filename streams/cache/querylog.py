@@ -38,6 +38,7 @@ from streams.topics import Topics
 
 if TYPE_CHECKING:
     from streams.cache.entry import CachedResult
+    from streams.cache.keys import QueryKey
     from streams.cache.policy import PolicyHolder
     from streams.cache.prefetch import Prefetcher
     from streams.service.api import SearchRequest, SearchResponse
@@ -74,7 +75,7 @@ class QueryLogEmitter:
         self.linger_s = linger_s
         self._subject = catalog.subject_for(self.topic)
         self._schema = catalog.load_schema(catalog.TOPIC_VALUE_SCHEMA["query-log"])
-        self._queue: deque[dict[str, Any]] = deque()
+        self._queue: deque[dict[str, Any] | _Search] = deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._idle = threading.Condition()
@@ -86,9 +87,10 @@ class QueryLogEmitter:
         self._thread: threading.Thread | None = None
         _EMITTERS.add(self)
 
-    def emit(self, event: dict[str, Any]) -> bool:
+    def emit(self, event: dict[str, Any] | _Search) -> bool:
         """Queue one SearchEvent (a dict in the schema's shape; ``event_id`` and
-        ``timestamp`` are filled in when missing). Returns False if it was dropped."""
+        ``timestamp`` are filled in when missing; or what :class:`SearchObserver` hands
+        over, turned into one on the logging thread). Returns False if it was dropped."""
         if len(self._queue) >= self.capacity:
             with self._drop_lock:
                 self.dropped += 1
@@ -113,7 +115,7 @@ class QueryLogEmitter:
                 time.sleep(self.linger_s)  # let a batch gather
             self._wake.clear()
             while self._queue:
-                batch: list[dict[str, Any]] = []
+                batch: list[dict[str, Any] | _Search] = []
                 with self._idle:
                     while self._queue and len(batch) < self.batch_size:
                         batch.append(self._queue.popleft())
@@ -123,7 +125,7 @@ class QueryLogEmitter:
                     self._busy = 0
                     self._idle.notify_all()
 
-    def _append(self, events: list[dict[str, Any]]) -> None:
+    def _append(self, events: list[dict[str, Any] | _Search]) -> None:
         """Encode and append one batch. The events are built by :class:`SearchObserver`,
         so they are written without the codec's per-record validation (3x the cost of
         the write itself, measured); an event fastavro cannot write is counted as failed
@@ -136,10 +138,12 @@ class QueryLogEmitter:
             return
         header = _WIRE_HEADER.pack(0, schema_id)
         records = []
-        for e in events:
+        for item in events:
             buf = io.BytesIO()
             buf.write(header)
+            e: Any = item
             try:
+                e = item if isinstance(item, dict) else _search_event(item)
                 fastavro.schemaless_writer(buf, parsed, _complete(e))
             except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
                 self.failed += 1
@@ -183,6 +187,64 @@ class QueryLogEmitter:
             "failed": self.failed,
             "capacity": self.capacity,
         }
+
+
+# what SearchObserver.searched queues: request, index key, query key, hits, debug,
+# the cached entry on a hit (None on a miss), wall-clock seconds
+_Search = tuple[
+    "SearchRequest",
+    str,
+    "str | QueryKey",
+    tuple[Any, ...],
+    dict[str, Any],
+    "CachedResult | None",
+    float,
+]
+
+
+def _search_event(item: _Search) -> dict[str, Any]:
+    """The SearchEvent of one answered search (built on the logging thread)."""
+    request, index_key, query_key, hits, debug, cached, at = item
+    hit = cached is not None
+    latency_ms = float(debug.get("latency_ms", 0.0))
+    tenant, _, index = index_key.partition("/")
+    breakdown: Mapping[str, float] = debug.get("latency_breakdown_ms", {})
+    decision = debug.get("decision")
+    if cached is not None:
+        cost = cached.compute_ms
+        features: Mapping[str, float] = {"size": float(cached.nbytes)}
+    else:
+        cost = float(breakdown.get("index", 0.0)) + float(breakdown.get("payload", 0.0))
+        features = {}
+    layer = debug.get("layer")
+    event: dict[str, Any] = {
+        "tenant": tenant,
+        "index": index,
+        "query_key": str(query_key),
+        "top_k": request.k,
+        "cache_layer": layer if hit and layer in _LAYERS else ("L0" if hit else "NONE"),
+        "cache_hit": hit,
+        "action": "none",
+        "action_probability": 1.0,
+        "proxy_cost": cost,
+        "latency_ms": {**breakdown, "total": latency_ms},
+        "result_ids": [h.id for h in hits],
+        "consistency": request.consistency.value,
+        "session_id": request.session_id,
+        "applied": debug.get("applied", ()),
+        "timestamp": int(at * 1000),
+    }
+    if not hit and isinstance(decision, dict) and "arm" in decision:
+        features = decision.get("features") or {}
+        event.update(
+            action=decision["arm"],
+            action_probability=decision["probability"],
+            bucket=decision.get("bucket"),
+            policy_version=decision.get("version"),
+            ttl_ms=decision.get("ttl_ms") if decision["action"] == "admit" else None,
+        )
+    event["features"] = dict(features)
+    return event
 
 
 def _complete(e: dict[str, Any]) -> dict[str, Any]:
@@ -260,63 +322,31 @@ class SearchObserver:
         self,
         request: SearchRequest,
         index_key: str,
-        query_key: str,
+        query_key: str | QueryKey,
         response: SearchResponse,
         cached: CachedResult | None,
     ) -> None:
-        """One answered search: ``cached`` is the entry on a cache hit, None on a miss."""
+        """One answered search: ``cached`` is the entry on a cache hit, None on a miss.
+
+        On the search thread: the policy's counters (its next decision depends on them)
+        and the prefetcher's table. The SearchEvent itself is built on the logging thread
+        from a tuple of what it needs (:func:`_search_event`): the response's hits are
+        copied here; its debug dict is read there, so a caller must not change it."""
         if getattr(_prefetching, "on", False):
             return
-        debug = response.debug
         hit = cached is not None
-        latency_ms = float(debug.get("latency_ms", 0.0))
-        tenant, _, index = index_key.partition("/")
+        debug = response.debug
         if self.holder is not None:
             if cached is not None:
                 self.holder.on_hit(cached)
-            self.holder.record_search(tenant, index_key, hit, latency_ms)
+            latency_ms = float(debug.get("latency_ms", 0.0))
+            self.holder.record_search(index_key.partition("/")[0], index_key, hit, latency_ms)
         if self.prefetcher is not None:  # every search delays idle-time prefetch
-            self.prefetcher.observe(request, query_key)
-        if self.emitter is None:
-            return
-        breakdown: Mapping[str, float] = debug.get("latency_breakdown_ms", {})
-        decision = debug.get("decision")
-        if hit:
-            assert cached is not None
-            cost = cached.compute_ms
-            features: Mapping[str, float] = {"size": float(cached.nbytes)}
-        else:
-            cost = float(breakdown.get("index", 0.0)) + float(breakdown.get("payload", 0.0))
-            features = {}
-        event: dict[str, Any] = {
-            "tenant": tenant,
-            "index": index,
-            "query_key": query_key,
-            "top_k": request.k,
-            "cache_layer": debug.get("layer")
-            if hit and debug.get("layer") in _LAYERS
-            else ("L0" if hit else "NONE"),
-            "cache_hit": hit,
-            "action": "none",
-            "action_probability": 1.0,
-            "proxy_cost": cost,
-            "latency_ms": {**breakdown, "total": latency_ms},
-            "result_ids": [h.id for h in response.hits],
-            "consistency": request.consistency.value,
-            "session_id": request.session_id,
-            "applied": debug.get("applied", ()),
-        }
-        if not hit and isinstance(decision, dict) and "arm" in decision:
-            features = decision.get("features") or {}
-            event.update(
-                action=decision["arm"],
-                action_probability=decision["probability"],
-                bucket=decision.get("bucket"),
-                policy_version=decision.get("version"),
-                ttl_ms=decision.get("ttl_ms") if decision["action"] == "admit" else None,
+            self.prefetcher.observe(request, str(query_key))
+        if self.emitter is not None:
+            self.emitter.emit(
+                (request, index_key, query_key, tuple(response.hits), debug, cached, time.time())
             )
-        event["features"] = dict(features)
-        self.emitter.emit(event)
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -76,7 +76,8 @@ class CacheStats:
 
     def as_dict(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in self.__dataclass_fields__} | {
-            "hit_rate": round(self.hit_rate, 6)}
+            "hit_rate": round(self.hit_rate, 6)
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +127,7 @@ class _Slot:
     entry: CachedResult
     nbytes: int
     hits: int = 0
+    scopes: tuple[str, ...] = ()  # its tenant's and its index's budget scopes
 
 
 class ResultCache:
@@ -161,8 +163,20 @@ class ResultCache:
         self._scopes: dict[str, OrderedDict[QueryKey, None]] = {}
         self._scope_bytes: dict[str, int] = {}
         self._hooks: list[Callable[[QueryKey], None]] = []
-        self._n = dict.fromkeys(("hits", "misses", "puts", "rejected", "stale_puts",
-                                 "invalidations", "evictions", "verified", "false_hits"), 0)
+        self._n = dict.fromkeys(
+            (
+                "hits",
+                "misses",
+                "puts",
+                "rejected",
+                "stale_puts",
+                "invalidations",
+                "evictions",
+                "verified",
+                "false_hits",
+            ),
+            0,
+        )
 
     # -- switches ----------------------------------------------------------------------
 
@@ -188,8 +202,9 @@ class ResultCache:
     def set_tenant_budget(self, tenant: str, budget_bytes: int | None) -> None:
         """Bound the bytes of ``tenant``'s entries (None: the default); evicts its least
         recently used entries at once if it is over."""
-        self._set_budget("t:" + tenant, budget_bytes if budget_bytes is not None
-                         else self._tenant_default)
+        self._set_budget(
+            "t:" + tenant, budget_bytes if budget_bytes is not None else self._tenant_default
+        )
 
     def set_index_budget(self, index_key: str, budget_bytes: int | None) -> None:
         """Bound the bytes of one index's entries (None: no bound of its own)."""
@@ -252,6 +267,26 @@ class ResultCache:
         found = self.hit(key, l0=False)
         return None if found is None else replace(found[0], hit_count=found[1])
 
+    def probe(
+        self, index_key: str, key: QueryKey | None
+    ) -> tuple[int, bool, tuple[CachedResult, int] | None]:
+        """The search path's first call, under one lock: :meth:`get_seq`, :meth:`enabled`
+        and, when ``key`` is given and the index is enabled, :meth:`hit` of ``key`` (a
+        miss is counted)."""
+        with self._lock:
+            st = self._indexes.get(index_key)
+            if st is None:
+                st = self._indexes[index_key] = _IndexState(self._default_enabled)
+            if key is None or not st.enabled:
+                return st.seq, st.enabled, None
+            slot = self._lru.get(key)
+            if slot is None:
+                self._n["misses"] += 1
+                return st.seq, True, None
+            self._touch(key, slot)
+            self._n["hits"] += 1
+            return st.seq, True, (slot.entry, slot.hits)
+
     def hit(self, key: QueryKey, *, l0: bool = True) -> tuple[CachedResult, int] | None:
         """The hot path's :meth:`get` (``l0``) or :meth:`fetch`: the stored entry itself
         (its ``hit_count`` is not this one's) and its hit count with this hit, without
@@ -273,7 +308,7 @@ class ResultCache:
 
     def _touch(self, key: QueryKey, slot: _Slot) -> None:
         self._lru.move_to_end(key)
-        for scope in self._scopes_of(slot.entry.index_key):
+        for scope in slot.scopes:
             lru = self._scopes.get(scope)
             if lru is not None:
                 lru.move_to_end(key)
@@ -313,18 +348,21 @@ class ResultCache:
                 self._n["stale_puts"] += 1
                 return PutOutcome(decision, verdict)
             scopes = self._scopes_of(entry.index_key)
-            if nbytes > self.budget_bytes or any(
-                    nbytes > self._budgets.get(s, self._default_budget(s)) for s in scopes):
+            budgets: list[float] = []
+            for scope in scopes:
+                own = self._budgets.get(scope)
+                budgets.append(self._default_budget(scope) if own is None else own)
+            if nbytes > self.budget_bytes or nbytes > min(budgets):
                 return PutOutcome(decision, "too-large")
             self._remove(entry.key)
             index = st.index
             if index is None or index.metric != entry.metric or index.dim != entry.vector.size:
                 self._drop_entries(entry.index_key)  # none expected: a reset comes first
                 index = st.index = InvalidationIndex(
-                    entry.metric, int(entry.vector.size), max_clusters=self._max_clusters)
+                    entry.metric, int(entry.vector.size), max_clusters=self._max_clusters
+                )
             index.add(entry.key, entry.vector, entry.kth_score, entry.filter, entry.ids)
-            self._lru[entry.key] = _Slot(replace(entry, admission=decision, hit_count=0),
-                                         nbytes)
+            self._lru[entry.key] = _Slot(_stored(entry, decision), nbytes, 0, scopes)
             self._bytes += nbytes
             for scope in scopes:
                 self._scopes.setdefault(scope, OrderedDict())[entry.key] = None
@@ -333,8 +371,9 @@ class ResultCache:
             while self._bytes > self.budget_bytes:
                 self._remove(next(iter(self._lru)))  # the least recently used
                 self._n["evictions"] += 1
-            for scope in scopes:
-                self._evict_scope(scope)
+            for scope, budget in zip(scopes, budgets, strict=True):
+                if self._scope_bytes.get(scope, 0) > budget:
+                    self._evict_scope(scope)
             return PutOutcome(decision, "stored")
 
     def _default_budget(self, scope: str) -> float:
@@ -354,6 +393,8 @@ class ResultCache:
         """None if no batch after ``seen_seq`` changes ``entry``, else why not storable."""
         if seen_seq < st.floor:
             return "unverifiable"
+        if not st.ring or st.ring[-1].seq <= seen_seq:
+            return None  # no write reported since the search began (the usual case)
         ids = set(entry.ids)
         kth = entry.kth_score
         for writes in reversed(st.ring):
@@ -368,8 +409,7 @@ class ResultCache:
                 return "stale"
             enters = would_enter(entry.metric, entry.vector, kth, vectors)
             for row, enter in zip(writes.rows, enters.tolist(), strict=True):
-                if enter and (entry.filter is None
-                              or entry.filter.matches(row.tags, row.numeric)):
+                if enter and (entry.filter is None or entry.filter.matches(row.tags, row.numeric)):
                     return "stale"
         return None
 
@@ -398,7 +438,9 @@ class ResultCache:
                 else:
                     keys |= index.affected_by_upserts(
                         np.stack([r.vector for r in rows]),
-                        [r.tags for r in rows], [r.numeric for r in rows])
+                        [r.tags for r in rows],
+                        [r.numeric for r in rows],
+                    )
             for key in keys:
                 self._remove(key)
             self._n["invalidations"] += len(keys)
@@ -437,7 +479,7 @@ class ResultCache:
         if slot is None:
             return
         self._bytes -= slot.nbytes
-        for scope in self._scopes_of(slot.entry.index_key):
+        for scope in slot.scopes:
             lru = self._scopes.get(scope)
             if lru is not None and lru.pop(key, 0) is None:
                 self._scope_bytes[scope] -= slot.nbytes
@@ -463,8 +505,9 @@ class ResultCache:
 
     def stats(self) -> CacheStats:
         with self._lock:
-            return CacheStats(entries=len(self._lru), bytes=self._bytes,
-                              budget_bytes=self.budget_bytes, **self._n)
+            return CacheStats(
+                entries=len(self._lru), bytes=self._bytes, budget_bytes=self.budget_bytes, **self._n
+            )
 
     def pruning(self, index_key: str) -> tuple[int, int]:
         """(pairs tested exactly, pairs a full scan would have tested) by upsert
@@ -474,6 +517,22 @@ class ResultCache:
             if st is None or st.index is None:
                 return 0, 0
             return st.index.checked_pairs, st.index.scanned_pairs
+
+
+_ENTRY_FIELDS = tuple(
+    f for f in CachedResult.__dataclass_fields__ if f not in ("admission", "hit_count")
+)
+
+
+def _stored(entry: CachedResult, decision: AdmissionDecision) -> CachedResult:
+    """``replace(entry, admission=decision, hit_count=0)`` without re-running the
+    entry's checks (it passed them when made): a copy of its fields, a tenth of the cost."""
+    out = object.__new__(CachedResult)
+    for name in _ENTRY_FIELDS:
+        object.__setattr__(out, name, getattr(entry, name))
+    object.__setattr__(out, "admission", decision)
+    object.__setattr__(out, "hit_count", 0)
+    return out
 
 
 class CacheInvalidator:
@@ -497,7 +556,8 @@ class CacheInvalidator:
         numeric: Mapping[str, float],
     ) -> None:
         self._rows.setdefault(index_key, []).append(
-            UpsertRow(id, vector, tuple(tags), dict(numeric)))
+            UpsertRow(id, vector, tuple(tags), dict(numeric))
+        )
 
     def deleted(self, index_key: str, id: str) -> None:
         self._deleted.setdefault(index_key, []).append(id)

@@ -8,6 +8,17 @@ Points are compared by cosine distance ``1 - cos``; for spaces whose metric is n
 (inner product, L2) the log of the norm ratio is added, since there a scaled query ranks or
 scores differently. The rule is :func:`serves`: distance at most the threshold.
 
+On the text path a second stage follows (:mod:`streams.cache.agreement`): when the query
+comes with its text and a representative was added with its text, that representative
+serves only if the two texts *agree* (:func:`agreement` at least ``min_agreement``):
+same numbers, negation, persons, entities and content-word order, and a token LCS ratio
+high enough. It exists because the default offline embedder is a bag of tokens ("poles
+dislike russians" == "russians dislike poles"). :meth:`SemanticIndex.nearest` then returns
+the nearest of the ``candidates`` closest representatives that passes it (None if none
+does); the caller still applies the distance rule. A query without text (the vector path)
+is compared by distance alone and never takes a representative added with text; a text
+query never takes one added without.
+
 Clusters are grouped by (space, index, filter, topK bucket): a query is only served a
 result of the same filter, from a cluster whose result holds at least its ``k`` hits.
 ``space`` is ``"vector"`` (the query vector itself) or ``"text"`` (an embedding of the
@@ -25,17 +36,29 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from streams.cache.agreement import TextFeatures, agreement, features
 from streams.cache.keys import QueryKey
 from streams.cache.tolerant import k_bucket
+from streams.index.exceptions import InvalidRequest
 from streams.index.filters import Filter
 from streams.index.model import Metric
 
-__all__ = ["DEFAULT_L2_THRESHOLD", "SemanticIndex", "SemanticMatch", "serves"]
+__all__ = [
+    "DEFAULT_L2_AGREEMENT",
+    "DEFAULT_L2_THRESHOLD",
+    "SemanticIndex",
+    "SemanticMatch",
+    "serves",
+    "verified",
+]
 
-# Tuned on the even rows of QQP with the default offline embedder (bench/semantic_eval.py;
-# docs/benchmarks.md "Semantic cache (QQP)"): no threshold reaches precision 0.95 there, so
-# this is the one with the highest precision (0.907 even, 0.904 odd, 0.9% of pairs served).
-DEFAULT_L2_THRESHOLD = 0.003
+# Tuned together on the even rows of QQP with the default offline embedder
+# (bench/semantic_eval.py; docs/benchmarks.md "Semantic cache (QQP)"): the pair with the
+# highest hit rate whose precision there is at least 0.96 (target 0.95 plus a margin).
+# Odd rows (reported): precision 0.951 [bootstrap 95% 0.935, 0.966], 1.7% of pairs served;
+# distance alone reaches 0.95 at no threshold (best 0.907).
+DEFAULT_L2_THRESHOLD = 0.02  # cosine distance
+DEFAULT_L2_AGREEMENT = 0.8  # agreement() of the two texts (guards, then min(content, LCS))
 
 F32 = npt.NDArray[np.float32]
 Group = tuple[str, str, str, int]
@@ -47,19 +70,31 @@ def serves(distance: npt.ArrayLike, threshold: float) -> npt.NDArray[np.bool_]:
     return out
 
 
+def verified(score: npt.ArrayLike, min_agreement: float) -> npt.NDArray[np.bool_]:
+    """Whether texts with this :func:`agreement` pass L2's text stage: no guard failed
+    (score above 0) and the score is at least ``min_agreement``."""
+    s = np.asarray(score, dtype=np.float64)
+    out: npt.NDArray[np.bool_] = (s > 0.0) & (s >= min_agreement)
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class SemanticMatch:
+    """The representative chosen; ``agreement`` is None when no text was compared."""
+
     key: QueryKey
     distance: float
+    agreement: float | None = None
 
 
 class _Group:
-    __slots__ = ("keys", "lognorm", "points", "rows", "size")
+    __slots__ = ("keys", "lognorm", "points", "rows", "size", "texts")
 
     def __init__(self, dim: int) -> None:
         self.points = np.zeros((8, dim), dtype=np.float32)
         self.lognorm = np.zeros(8, dtype=np.float64)
         self.keys: list[QueryKey | None] = [None] * 8
+        self.texts: list[TextFeatures | None] = [None] * 8
         self.rows: dict[QueryKey, int] = {}
         self.size = 0  # rows in use are [0, size); removal swaps the last row in
 
@@ -67,10 +102,23 @@ class _Group:
 class SemanticIndex:
     """Representatives per group (module docstring). ``max_per_group`` bounds each group:
     a full group takes no new clusters until one is removed (eviction in the result cache
-    removes its representative)."""
+    removes its representative). ``min_agreement``: the text stage's bar; ``candidates``:
+    how many of the closest representatives the text stage may look at per lookup."""
 
-    def __init__(self, *, max_per_group: int = 4096) -> None:
+    def __init__(
+        self,
+        *,
+        max_per_group: int = 4096,
+        min_agreement: float = DEFAULT_L2_AGREEMENT,
+        candidates: int = 4,
+    ) -> None:
+        if not 0.0 <= min_agreement <= 1.0:
+            raise ValueError("min_agreement must be in [0, 1]")
+        if candidates < 1:
+            raise ValueError("candidates must be at least 1")
         self.max_per_group = max_per_group
+        self.min_agreement = min_agreement
+        self.candidates = candidates
         self._groups: dict[Group, _Group] = {}
         self._where: dict[QueryKey, Group] = {}
 
@@ -89,8 +137,22 @@ class SemanticIndex:
             p = p / norm
         return p, (math.log(norm) if norm > 0.0 else -math.inf)
 
-    def nearest(self, group: Group, point: npt.ArrayLike, metric: Metric) -> SemanticMatch | None:
-        """The representative of ``group`` closest to ``point`` with its distance."""
+    def nearest(
+        self,
+        group: Group,
+        point: npt.ArrayLike,
+        metric: Metric,
+        text: str | None = None,
+        within: float | None = None,
+    ) -> SemanticMatch | None:
+        """The representative of ``group`` closest to ``point``, with its distance.
+
+        With ``text`` (the text stage, module docstring): the closest of the ``candidates``
+        nearest representatives that were added with a text agreeing with it, or None;
+        ``within`` skips the text work for representatives farther than that distance
+        (pass L2's threshold). Without ``text``, representatives added with a text are
+        passed over (they cannot be verified). Raises ``InvalidRequest`` for a text the
+        normaliser refuses."""
         g = self._groups.get(group)
         if g is None or g.size == 0:
             return None
@@ -101,14 +163,37 @@ class SemanticIndex:
         dist = 1.0 - sims.astype(np.float64)
         if metric is not Metric.COSINE:
             dist = dist + np.abs(g.lognorm[: g.size] - lognorm)
-        i = int(np.argmin(dist))
-        key = g.keys[i]
-        assert key is not None
-        return SemanticMatch(key, max(0.0, float(dist[i])))
+        m = min(self.candidates, g.size)
+        near = np.argpartition(dist, m - 1)[:m] if m < g.size else np.arange(g.size)
+        order = near[np.argsort(dist[near], kind="stable")].tolist()
+        if within is not None:
+            order = [i for i in order if dist[i] <= within]
+        query = None if text is None or not order else features(text)
+        for i in order:
+            rep = g.texts[i]
+            if (rep is None) != (query is None):
+                continue
+            score = None
+            if query is not None and rep is not None:
+                score = agreement(query, rep)
+                if not (score > 0.0 and score >= self.min_agreement):  # verified(), scalar
+                    continue
+            key = g.keys[i]
+            assert key is not None
+            return SemanticMatch(key, max(0.0, float(dist[i])), score)
+        return None
 
-    def add(self, group: Group, point: npt.ArrayLike, key: QueryKey) -> bool:
-        """Make ``point`` the representative of a new cluster holding ``key``'s result;
-        False when the group is full or the point is zero or of another dim."""
+    def add(
+        self, group: Group, point: npt.ArrayLike, key: QueryKey, text: str | None = None
+    ) -> bool:
+        """Make ``point`` the representative of a new cluster holding ``key``'s result,
+        with ``text`` for the text stage; False (nothing added) when the group is full,
+        the point is zero or of another dim, or the normaliser refuses the text (the
+        lookup with that text was refused already)."""
+        try:
+            feats = None if text is None else features(text)
+        except InvalidRequest:
+            return False
         p, lognorm = self._unit(point)
         if not math.isfinite(lognorm):
             return False
@@ -124,10 +209,12 @@ class SemanticIndex:
             g.points = np.vstack([g.points, np.zeros_like(g.points)])[:cap]
             g.lognorm = np.append(g.lognorm, np.zeros(g.size))
             g.keys += [None] * g.size
+            g.texts += [None] * g.size
         i = g.size
         g.points[i] = p
         g.lognorm[i] = lognorm
         g.keys[i] = key
+        g.texts[i] = feats
         g.rows[key] = i
         g.size += 1
         self._where[key] = group
@@ -146,8 +233,10 @@ class SemanticIndex:
             g.points[i] = g.points[last]
             g.lognorm[i] = g.lognorm[last]
             g.keys[i] = moved
+            g.texts[i] = g.texts[last]
             g.rows[moved] = i
         g.keys[last] = None
+        g.texts[last] = None
         g.size -= 1
         if g.size == 0:
             del self._groups[group]

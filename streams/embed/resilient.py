@@ -2,9 +2,11 @@
 
 :class:`EmbedQueue` takes texts one at a time (``submit``) and embeds them in batches:
 
-1. Each of ``max_in_flight`` worker threads takes the oldest waiting text, then keeps taking
-   until it holds ``max_batch`` texts or ``max_wait_s`` has passed since the first; so at most
-   ``max_in_flight`` batches are at the provider at once. ``submit`` blocks while
+1. Batches form one at a time: a free worker (of ``max_in_flight`` threads) takes the oldest
+   waiting text, then keeps taking until it holds ``max_batch`` texts or ``max_wait_s`` has
+   passed since the first, and sends it while the next free worker forms the next batch; so
+   texts that trickle in are not split across idle workers, and at most ``max_in_flight``
+   batches are at the provider at once. ``submit`` blocks while
    ``max_pending`` texts wait (backpressure instead of unbounded memory).
 2. A batch that fails with a retryable error (:attr:`EmbedderError.retryable`: 429, 5xx,
    timeouts) is retried after ``backoff(attempt)``: exponential, capped, with jitter, and at
@@ -180,6 +182,7 @@ class EmbedQueue:
         self._rng: Callable[[], float] = rng or random.Random().random
         self._queue: queue.Queue[_Item | object] = queue.Queue(max_pending)
         self._closing = threading.Lock()  # submit vs close: no item after the stop markers
+        self._forming = threading.Lock()  # held by the worker that is filling a batch
         self._closed = False
         self._workers = [
             threading.Thread(target=self._run, name=f"embed-{i}", daemon=True)
@@ -232,12 +235,13 @@ class EmbedQueue:
 
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
-            if first is _STOP:
-                return
-            assert isinstance(first, _Item)
-            batch = [first]
-            stop_after = self._fill(batch)
+            with self._forming:  # one batch forms at a time: idle workers do not split it
+                first = self._queue.get()
+                if first is _STOP:
+                    return
+                assert isinstance(first, _Item)
+                batch = [first]
+                stop_after = self._fill(batch)
             try:
                 self._process(batch)
             except BaseException as exc:  # never leave a future unresolved

@@ -7,9 +7,10 @@ Request ``{"model": str, "input": str | [str, ...], "encoding_format": "float" |
 "embedding", "index": i, "embedding": [...] or base64 of float32 LE}], "model": str, "usage":
 {"prompt_tokens": n, "total_tokens": n}}``. ``model`` must name a served embedder (its
 ``name``, or an alias given to :func:`embeddings_router`). Token ids as input, empty strings,
-more than ``max_inputs`` inputs, and a ``dimensions`` other than the model's are refused with
-``400 VEC_ERR_INVALID``; an unknown model is ``404 VEC_ERR_NOT_FOUND``; a provider failure
-that a retry may fix is ``503 VEC_ERR_BUSY``. The errors are raised as :class:`VecError`, so an
+an input longer than the model's ``max_tokens``, more than ``max_inputs`` inputs, and a
+``dimensions`` other than the model's are refused with ``400 VEC_ERR_INVALID``; an unknown
+model is ``404 VEC_ERR_NOT_FOUND``; a provider failure that a retry may fix is
+``503 VEC_ERR_BUSY``. The errors are raised as :class:`VecError`, so an
 app that mounts the router answers them in its own error shape; :func:`create_embeddings_app`
 is a standalone app with the data plane's shape ``{"error": {"code", "message", "field"}}``.
 The endpoint is a ``def`` endpoint: embedding runs in Starlette's thread pool, off the loop.
@@ -106,13 +107,21 @@ def embeddings_router(
                 f"model {body.model!r} has {model.dim} dimensions, asked for {body.dimensions}",
                 field="dimensions",
             )
+        counts = [len(model.token_spans(t)) for t in texts]
+        for i, n in enumerate(counts):
+            if n > model.max_tokens:  # as OpenAI does; also bounds the memory one request takes
+                raise InvalidRequest(
+                    f"input[{i}] has {n} tokens, model {body.model!r} reads at most "
+                    f"{model.max_tokens}",
+                    field="input",
+                )
         try:
             vectors = model.embed(texts)
         except EmbedderError as exc:
             if exc.retryable:
                 raise Busy(str(exc), retry_after_s=exc.retry_after_s) from exc
             raise InvalidRequest(str(exc), field="input") from exc
-        tokens = sum(len(model.token_spans(t)) for t in texts)
+        tokens = sum(counts)
         data = [
             EmbeddingItem(
                 index=i,

@@ -27,7 +27,7 @@ class WordLlamaEmbedder(Embedder):
 
     max_tokens = 512
 
-    def __init__(self, dim: int = 256, batch_size: int = 256, sort_by_length: bool = True) -> None:
+    def __init__(self, dim: int = 256, batch_size: int = 256) -> None:
         if dim not in (64, 128, 256):
             raise EmbedderError(f"wordllama dim must be 64, 128 or 256, got {dim}")
         try:
@@ -41,13 +41,17 @@ class WordLlamaEmbedder(Embedder):
         tokenizer_file = root / "tokenizers" / f"{_CONFIG}_tokenizer_config.json"
         if not weights.exists() or not tokenizer_file.exists():
             raise EmbedderError(f"wordllama files missing under {root}")
-        tokenizer = WordLlama.load_tokenizer(tokenizer_file)
         with safe_open(str(weights), framework="np", device="cpu") as f:
             table = f.get_tensor("embedding.weight")[:, :dim]
-        self._model: Any = WordLlamaInference(table, tokenizer, binary=False)
-        self._tokenizer: Any = tokenizer
+        self._model: Any = WordLlamaInference(
+            table, WordLlama.load_tokenizer(tokenizer_file), binary=False
+        )
+        # the port's contract: the model reads the first max_tokens tokens (wordllama itself
+        # reads everything, and pads a batch to its longest text, so one huge text would
+        # take batch x length x dim floats); token_spans keeps its own, untruncated tokenizer
+        self._model.tokenizer.enable_truncation(self.max_tokens)
+        self._tokenizer: Any = WordLlama.load_tokenizer(tokenizer_file)
         self._batch_size = batch_size
-        self._sort = sort_by_length  # False only to measure what the ordering saves
         self._lock = threading.Lock()  # the HF tokenizer object is not documented thread-safe
         self.dim = dim
         self.name = f"wordllama-{_CONFIG}-{dim}"
@@ -58,21 +62,9 @@ class WordLlamaEmbedder(Embedder):
         for t in texts:
             if not isinstance(t, str):
                 raise EmbedderError(f"text must be str, got {type(t).__name__}")
-        # wordllama pads each internal batch to its longest text; ordering by length first
-        # keeps long summaries from padding short ones (docs/benchmarks.md "Embedders"), and the
-        # mean pooling masks padding, so a row does not depend on its neighbours
-        order = (
-            np.argsort([len(t) for t in texts], kind="stable")
-            if self._sort
-            else np.arange(len(texts))
-        )
         with self._lock:
-            rows = self._model.embed(
-                [texts[i] for i in order], norm=False, batch_size=self._batch_size
-            )
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        out[order] = np.asarray(rows).reshape(len(texts), self.dim)
-        return normalise(out)
+            rows = self._model.embed(list(texts), norm=False, batch_size=self._batch_size)
+        return normalise(np.asarray(rows).reshape(len(texts), self.dim))
 
     def token_spans(self, text: str) -> list[tuple[int, int]]:
         with self._lock:

@@ -20,6 +20,8 @@ Routes (all JSON)::
     POST   /v1/indexes/{tenant}/{index}/query                   search by text (hits carry
                                                                 source_id, chunk, text)
     POST   /v1/snapshot                                         write a snapshot now
+    POST   /v1/embeddings                                       OpenAI-format embeddings from
+                                                                the node's offline model
     GET    /healthz                                             200, or 503 unless status is ok
     GET    /metrics                                             Prometheus exposition
 
@@ -622,6 +624,12 @@ def create_http_app(dataplane: DataPlane, *, metrics: ServiceMetrics = METRICS,
         return Response(body, media_type=content_type)
 
     app.include_router(v1)
+    if ingest is not None:  # the node's offline model, for other tools (OpenAI's format)
+        from streams.embed import DEFAULT_EMBEDDER
+        from streams.embed.server import embeddings_router
+
+        default = ingest.embedders.get(DEFAULT_EMBEDDER)
+        app.include_router(embeddings_router(default, aliases={DEFAULT_EMBEDDER: default}))
     app.add_middleware(_RequestMetrics, metrics=metrics)
     _without_422(app)
     return app

@@ -84,9 +84,10 @@ from streams.index.model import (
 )
 from streams.ingest.service import IngestService, QueryRequest
 from streams.ingest.source import Source, SourceType
-from streams.service.api import DataPlane, SearchRequest
+from streams.service.api import DataPlane, SearchRequest, SearchResponse
 from streams.service.metrics import METRICS, OK, ServiceMetrics
 from streams.service.resp_wire import (
+    Encoded,
     ErrorReply,
     ParserLimits,
     ProtocolError,
@@ -96,6 +97,7 @@ from streams.service.resp_wire import (
     encode_reply,
     printable,
 )
+from streams.service.vector_service import CachedHits
 from streams.text.neighbors import neighbors as graph_neighbors
 
 __all__ = ["Offload", "RespServer", "serve_in_thread", "serve_resp"]
@@ -122,15 +124,62 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
-def _flat(d: Mapping[str, Any]) -> dict[str, Reply]:
-    """Top-level pairs of ``d``; values that are not scalars become JSON text."""
+def _flat(d: Mapping[str, Any], entry_memo: dict[Any, Any] | None = None) -> dict[str, Reply]:
+    """Top-level pairs of ``d``; values that are not scalars become JSON text.
+    ``entry_memo``: a cache hit's memo (:class:`CachedHits`), where the JSON of the
+    values that come from the cached entry (``decision``, ``cached_at``) is kept."""
     out: dict[str, Reply] = {}
     for key, value in d.items():
+        t = type(value)
+        if t in _SCALARS:
+            out[key if type(key) is str else str(key)] = value
+            continue
         if isinstance(value, np.generic):
             value = value.item()
-        scalar = value is None or isinstance(value, (bool, int, float, str))
-        out[str(key)] = value if scalar else json.dumps(value, default=_json_default)
+        if value is None or isinstance(value, (bool, int, float, str)):
+            out[str(key)] = value
+        elif entry_memo is not None and key in _FROM_ENTRY:
+            text = entry_memo.get(("json", key))
+            if text is None:
+                text = entry_memo[("json", key)] = json.dumps(value, default=_json_default)
+            out[key] = text
+        elif t is list and len(value) <= 16 and all(type(x) is str for x in value):
+            out[str(key)] = _json_strings(value)
+        else:
+            out[str(key)] = json.dumps(value, default=_json_default)
     return out
+
+
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+_FROM_ENTRY = frozenset({"decision", "cached_at"})  # a cache hit's debug: the entry's
+_STRING_LISTS: dict[tuple[str, ...], str] = {}  # JSON of recent position-token lists
+
+
+def _json_strings(value: list[str]) -> str:
+    """``json.dumps`` of a short list of strings (the applied position tokens: the same
+    list for every search between two applied batches), remembered."""
+    key = tuple(value)
+    text = _STRING_LISTS.get(key)
+    if text is None:
+        if len(_STRING_LISTS) >= 256:
+            _STRING_LISTS.clear()
+        text = _STRING_LISTS[key] = json.dumps(value)
+    return text
+
+
+def _search_reply(response: SearchResponse, proto: int) -> Reply:
+    """``[hits, debug]`` of VEC.SEARCH. The hits of a cache hit are encoded once per
+    entry, ``k`` and protocol and kept in the entry's memo (the entry never changes)."""
+    hits = response.hits
+    if type(hits) is CachedHits:
+        memo = hits.derived
+        key = ("resp", hits.k, proto)
+        encoded = memo.get(key)
+        if encoded is None:
+            rows = [[h.id, float(h.score), h.meta] for h in hits]
+            encoded = memo[key] = Encoded(encode_reply(rows, proto))
+        return [encoded, _flat(response.debug, memo)]
+    return [[[h.id, float(h.score), h.meta] for h in hits], _flat(response.debug)]
 
 
 # -- commands -----------------------------------------------------------------------------
@@ -674,9 +723,7 @@ class RespServer:
         request = SearchRequest(**opts)
 
         def run() -> Reply:
-            response = self.dataplane.search(request)
-            hits = [[h.id, float(h.score), h.meta] for h in response.hits]
-            return [hits, _flat(response.debug)]
+            return _search_reply(self.dataplane.search(request), s.proto)
 
         return run() if request.consistency is Consistency.EVENTUAL else Offload(run)
 

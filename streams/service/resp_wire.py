@@ -20,6 +20,7 @@ from streams.exceptions import StreamvecError
 
 __all__ = [
     "CRLF",
+    "Encoded",
     "ErrorReply",
     "ParserLimits",
     "ProtocolError",
@@ -155,6 +156,12 @@ class ErrorReply(str):
     """An error reply; the text starts with its code (``VEC_ERR_DIM ...``, ``ERR ...``)."""
 
 
+class Encoded(bytes):
+    """A value already encoded for the connection's protocol (by :func:`encode_reply`),
+    written as it is: a reply part that does not change between requests (a cached
+    search result's hits) is encoded once."""
+
+
 Reply: TypeAlias = "bool | int | float | str | bytes | Sequence[Reply] | Mapping[str, Reply] | None"
 
 
@@ -186,8 +193,18 @@ def _encode(v: Any, proto: int, out: list[bytes]) -> None:
     elif t is dict:
         out.append(b"%%%d\r\n" % len(v) if proto == 3 else b"*%d\r\n" % (2 * len(v)))
         for key, item in v.items():
-            _encode(key if type(key) is str else str(key), proto, out)
-            _encode(item, proto, out)
+            data = (key if type(key) is str else str(key)).encode()
+            out.append(b"$%d\r\n%b\r\n" % (len(data), data))
+            ti = type(item)  # the scalars of a flat map (a search's debug) inline
+            if ti is str:
+                data = item.encode()
+                out.append(b"$%d\r\n%b\r\n" % (len(data), data))
+            elif ti is int:
+                out.append(b":%d\r\n" % item)
+            else:
+                _encode(item, proto, out)
+    elif t is Encoded:
+        out.append(v)
     else:
         _encode_general(v, proto, out)
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Protocol
 
-from streams.cache import CachedResult, QueryKey, ResultCache
+from streams.cache import CachedResult, ResultCache
 from streams.cache.controller import CacheController, CacheLookup
 from streams.cache.payload import PayloadCache
 from streams.cache.querylog import SearchObserver
@@ -56,7 +56,7 @@ from streams.service.snapshot import Snapshots
 from streams.service.state import StateStore
 from streams.topics import Topics
 
-__all__ = ["VectorService", "WriteAdmission"]
+__all__ = ["CachedHits", "VectorService", "WriteAdmission"]
 
 _STRIPES = 256
 MAX_EF = 4096  # SearchRequest.ef
@@ -136,6 +136,8 @@ class VectorService(DataPlane):
         self.info_sections: dict[str, Callable[[str], Any]] = {}
         # query log, policy feedback and prefetch (streams.cache.querylog); optional
         self.search_observer: SearchObserver | None = None
+        # the applied positions last turned into tokens, and the tokens (_applied_tokens)
+        self._tokens_memo: tuple[dict[tuple[str, int], int], tuple[str, ...]] | None = None
 
     # -- helpers ---------------------------------------------------------------------------
     def _config(self, tenant: str, index: str) -> IndexConfig:
@@ -385,31 +387,33 @@ class VectorService(DataPlane):
         layers = self.cache_layers if request.ef is None else None  # see SearchRequest.ef
         lookup = None if layers is None else layers.lookup(
             config, query, request.k, flt, request.consistency, request.bound_ms)
-        qkey: QueryKey | None = None if lookup is None else lookup.qkey
+        observer = self.search_observer
         if lookup is not None:
             cached = lookup.entry
-            if cached is not None and self.search_observer and self.search_observer.expired(cached):
+            if cached is not None and observer is not None and observer.expired(cached):
                 cached = None  # its admission TTL has passed: answer as a miss
             if cached is not None:
                 if self.verify_rate and self._sampler.random() < self.verify_rate:
                     self._verify(lookup, config, query, request.k, flt)
                 response = self._cached_response(cached, t0, t1, t2, lookup, request.k)
-                self._observe(config.key, response.hits)
-                if self.search_observer is not None:
-                    self.search_observer.searched(request, config.key, str(qkey), response, cached)
+                if self.hit_observers:
+                    self._observe(config.key, response.hits)
+                if observer is not None:
+                    observer.searched(request, config.key, lookup.qkey, response, cached)
                 return response
         t3 = time.perf_counter()
-        applied = tuple(self.applied.tokens())
-        l3 = layers.payloads if layers and lookup and lookup.layers else None  # L3 payloads
+        applied = self._applied_tokens()
+        caching = layers is not None and lookup is not None and bool(lookup.layers)
+        l3 = layers.payloads if caching and layers is not None else None  # L3 payloads
         fresh = self._fresh(config, query, request.k, flt, request.ef, l3)
         t4 = time.perf_counter()
         decision: Any = "none"
-        if layers is not None and lookup is not None and lookup.layers and fresh.complete:
+        if caching and fresh.complete and layers is not None and lookup is not None:
+            ids, scores, metas = _columns(fresh.hits)
             entry = CachedResult(
                 lookup.qkey, config.key, config.metric, query, request.k, flt, fresh.labels,
-                tuple(h.id for h in fresh.hits), tuple(h.score for h in fresh.hits),
-                tuple(h.meta for h in fresh.hits), applied,
-                compute_ms=(t4 - t3) * 1000, created_s=time.monotonic())
+                ids, scores, metas, applied, compute_ms=(t4 - t3) * 1000,
+                created_s=time.monotonic())
             outcome = layers.offer(lookup, entry)
             decision = "none" if outcome is None else outcome.as_dict()
         t5 = time.perf_counter()
@@ -428,13 +432,27 @@ class VectorService(DataPlane):
             },
             "widened": fresh.widened,
             "filter_exhausted": fresh.exhausted,
-            "applied": self.applied.tokens(),
+            "applied": list(applied),
         }
-        self._observe(config.key, fresh.hits)
+        if self.hit_observers:
+            self._observe(config.key, fresh.hits)
         response = SearchResponse(fresh.hits, debug)
-        if self.search_observer is not None:
-            self.search_observer.searched(request, config.key, str(qkey or ""), response, None)
+        if observer is not None:
+            observer.searched(request, config.key, "" if lookup is None else lookup.qkey,
+                              response, None)
         return response
+
+    def _applied_tokens(self) -> tuple[str, ...]:
+        """``applied.tokens()``, rebuilt only when the applied positions moved (a search
+        between two applied batches reuses the tuple)."""
+        snap = self.applied.snapshot()
+        memo = self._tokens_memo
+        if memo is not None and memo[0] == snap:
+            return memo[1]
+        tokens = tuple(LogPosition(t, p, off - 1).token for (t, p), off in sorted(snap.items())
+                       if off > 0)
+        self._tokens_memo = (snap, tokens)
+        return tokens
 
     def _observe(self, index_key: str, hits: list[Hit]) -> None:
         for observer in self.hit_observers:
@@ -469,14 +487,23 @@ class VectorService(DataPlane):
     def _cached_response(
         self, entry: CachedResult, t0: float, t1: float, t2: float, lookup: CacheLookup, k: int
     ) -> SearchResponse:
-        hits = [Hit(i, s, m) for i, s, m in zip(entry.ids[:k], entry.scores[:k],
-                                                entry.metas[:k], strict=True)]
+        derived = entry.derived
+        shared = derived.get(("hits", k))
+        if shared is None:  # the entry never changes: its Hit objects are built once
+            shared = derived[("hits", k)] = tuple(
+                Hit(i, s, m) for i, s, m in zip(entry.ids[:k], entry.scores[:k],
+                                                entry.metas[:k], strict=True))
+        hits = CachedHits(shared, derived, k)
+        decision = derived.get("decision")
+        if decision is None:
+            decision = derived["decision"] = (
+                entry.admission.as_dict() if entry.admission else "none")
         t3 = time.perf_counter()
         debug: dict[str, Any] = {
             "cache_hit": True,
             "layer": lookup.layer,
             "distance": lookup.distance,
-            "decision": entry.admission.as_dict() if entry.admission else "none",
+            "decision": dict(decision) if type(decision) is dict else decision,
             "latency_ms": round((t3 - t0) * 1000, 3),
             "latency_breakdown_ms": {
                 "validate": round((t1 - t0) * 1000, 3), "consistency": round((t2 - t1) * 1000, 3),
@@ -484,7 +511,7 @@ class VectorService(DataPlane):
             },
             "widened": 0,
             "filter_exhausted": entry.fewer_than_k,
-            "applied": self.applied.tokens(),
+            "applied": list(self._applied_tokens()),
             "cached_at": list(entry.applied),
             "cache_hit_count": lookup.hit_count,
             "query_key": str(entry.key),
@@ -545,3 +572,26 @@ class VectorService(DataPlane):
 @lru_cache(maxsize=4096)
 def _parse_filter_cached(text: str, config: IndexConfig) -> Filter:
     return parse_filter(text, config)
+
+
+class CachedHits(list[Hit]):
+    """The hits of a cache hit: a fresh list (the caller may change it) over the entry's
+    shared Hit objects, with the entry's ``derived`` memo, where a protocol may keep its
+    encoding of these ``k`` hits (:mod:`streams.service.resp` does) for the next hit. The
+    response's ``decision`` and ``cached_at`` come from the entry too (resp keeps their
+    JSON there)."""
+
+    __slots__ = ("derived", "k")
+
+    def __init__(self, hits: tuple[Hit, ...], derived: dict[Any, Any], k: int) -> None:
+        super().__init__(hits)
+        self.derived = derived
+        self.k = k
+
+
+def _columns(hits: list[Hit]) -> tuple[tuple[str, ...], tuple[float, ...], tuple[str | None, ...]]:
+    """ids, scores and metas of ``hits`` as the cache entry keeps them."""
+    if not hits:
+        return (), (), ()
+    ids, scores, metas = zip(*((h.id, h.score, h.meta) for h in hits), strict=True)
+    return ids, scores, metas
