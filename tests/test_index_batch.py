@@ -490,16 +490,25 @@ def test_exact_rerank_recovers_the_order_sq8_loses() -> None:
 
 def test_state_vectors_by_label_knows_only_current_copies(rig: Rig) -> None:
     make_index(rig)
-    x = rand(2)
+    x = rand(3)
+    x[2, 0] = 1e6  # beyond fp16: kept as fp32
     first = rig.log.append_batch([encode(rig, "a", x[0])])[-1]
-    second = rig.log.append_batch([encode(rig, "a", x[1], version=2)])[-1]
-    wait_for(rig, second)
-    got = rig.node.state.vectors_by_label(
-        "acme/docs", [label_of(0, first.offset), label_of(0, second.offset), 12345]
-    )
+    second = rig.log.append_batch([encode(rig, "a", x[1], version=2), encode(rig, "b", x[2])])
+    wait_for(rig, second[-1])
+    labels = [label_of(0, first.offset), label_of(0, second[0].offset), 12345]
+    labels.append(label_of(0, second[1].offset))
+    state = rig.node.state
+    got = state.vectors_by_label("acme/docs", labels)
     assert got[0] is None and got[2] is None
-    assert got[1] is not None
-    np.testing.assert_array_equal(got[1], x[1])
+    assert got[1] is not None and got[1].dtype == np.float16
+    np.testing.assert_allclose(got[1], x[1], rtol=1e-3)
+    assert got[3] is not None and got[3].dtype == np.float32
+    np.testing.assert_array_equal(got[3], x[2])
+    # a state written before the R keys existed: read from the entries, in fp32
+    state._db.delete(b"R" + b"acme/docs\x00" + labels[1].to_bytes(8, "big", signed=True))
+    again = state.vectors_by_label("acme/docs", labels[:2])
+    assert again[0] is None and again[1] is not None and again[1].dtype == np.float32
+    np.testing.assert_array_equal(again[1], x[1])
 
 
 def test_idle_compaction_merges_small_segments_into_one() -> None:
