@@ -41,9 +41,11 @@ class Settings(BaseSettings):
     cache_budget_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
     cache_verify_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     # cache layers of an index without IndexConfig.cache (L1/L2 are tolerant: opt in),
-    # L2's cosine distance, each tenant's share of the budget, store misses in a thread
+    # L2's cosine distance for vector queries and for text queries (VEC.QUERY, which also
+    # check the texts agree), each tenant's share of the budget, store misses in a thread
     cache_layers: tuple[Literal["L0", "L1", "L2"], ...] = ("L0",)
-    cache_l2_threshold: float = Field(default=0.02, ge=0.0, le=2.0)  # = DEFAULT_L2_THRESHOLD
+    cache_l2_threshold: float = Field(default=0.003, ge=0.0, le=2.0)  # DEFAULT_L2_VECTOR_THRESHOLD
+    cache_l2_text_threshold: float = Field(default=0.02, ge=0.0, le=2.0)  # .._TEXT_THRESHOLD
     cache_tenant_budget_bytes: int | None = Field(default=None, ge=0)
     cache_background_offers: bool = False
     # the cache policy loop: hot-path policy and query log, the policy learner's thread in

@@ -70,6 +70,7 @@ class Node:
             cache_verify_rate=self.settings.cache_verify_rate,
             cache_layers=self.settings.cache_layers,
             cache_l2_threshold=self.settings.cache_l2_threshold,
+            cache_l2_text_threshold=self.settings.cache_l2_text_threshold,
             cache_tenant_budget_bytes=self.settings.cache_tenant_budget_bytes,
             cache_background_offers=self.settings.cache_background_offers,
             policy_loop=self.settings.policy_enabled,

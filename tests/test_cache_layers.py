@@ -565,7 +565,8 @@ def test_node_settings_default_to_exact_only_and_the_tuned_threshold() -> None:
     from streams.config import Settings
 
     s = Settings()
-    assert s.cache_layers == ("L0",) and s.cache_l2_threshold == DEFAULT_L2_THRESHOLD
+    assert s.cache_layers == ("L0",) and s.cache_l2_threshold == 0.003  # vector queries
+    assert s.cache_l2_text_threshold == DEFAULT_L2_THRESHOLD  # the QQP-tuned one: text path
     assert not s.cache_background_offers
 
 

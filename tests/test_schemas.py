@@ -58,7 +58,12 @@ EXAMPLES: dict[str, dict[str, Any]] = {
             {"name": "price", "type": "numeric"},
         ],
         "quotas": {"max_vectors": 1_000_000, "max_bytes": None, "qps": 200.0},
-        "cache": {"layers": ["L0", "L1"], "memory_budget_bytes": 64 << 20, "l2_threshold": None},
+        "cache": {
+            "layers": ["L0", "L1"],
+            "memory_budget_bytes": 64 << 20,
+            "l2_threshold": None,
+            "l2_text_threshold": 0.02,
+        },
         "embedder": "all-MiniLM-L6-v2",
         "created_ms": ms("2024-05-01T12:00:00.123"),
         "version": 3,

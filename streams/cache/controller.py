@@ -50,7 +50,12 @@ from streams.cache.keys import QueryKey, query_key
 from streams.cache.payload import PayloadCache
 from streams.cache.policy import AdmissionDecision
 from streams.cache.result_cache import PutOutcome, ResultCache
-from streams.cache.semantic import DEFAULT_L2_THRESHOLD, SemanticIndex, serves
+from streams.cache.semantic import (
+    DEFAULT_L2_TEXT_THRESHOLD,
+    DEFAULT_L2_VECTOR_THRESHOLD,
+    SemanticIndex,
+    serves,
+)
 from streams.cache.tolerant import SIMHASH_BITS, TolerantKey, tolerant_key
 from streams.index.filters import Filter
 from streams.index.model import CacheSettings, Consistency, IndexConfig, Metric, Vector
@@ -82,6 +87,7 @@ class CacheLookup:
     l1_key: TolerantKey | None = None
     l2_leader: bool = False  # on a miss: no cluster within the threshold, start one
     hit_count: int = 0  # the entry's hits, this one included (its own field is not kept)
+    agreement: float | None = None  # L2 on the text path: the text stage's score
 
     @property
     def hit(self) -> bool:
@@ -91,6 +97,7 @@ class CacheLookup:
         return {
             "layer": self.layer,
             "distance": self.distance,
+            "agreement": self.agreement,
             "layers": sorted(self.layers),
             "tolerant_skipped": list(self.skipped),
         }
@@ -119,6 +126,7 @@ class LayerStats:
 class _IndexSettings:
     layers: frozenset[str]
     threshold: float
+    text_threshold: float = DEFAULT_L2_TEXT_THRESHOLD
     l0: bool = False  # the layer flags, precomputed for the hot path
     l1: bool = False
     l2: bool = False
@@ -134,14 +142,17 @@ class _Counters:
 class CacheController:
     """The layers over one :class:`ResultCache` (module docstring). ``default_layers``:
     layers of an index without cache settings; ``l2_threshold``: the node's default L2
-    distance; ``simhash_bits``: L1's key width."""
+    distance for vector queries; ``l2_text_threshold``: its distance on the text path
+    (:meth:`lookup_text`, where the text stage checks every candidate too);
+    ``simhash_bits``: L1's key width."""
 
     def __init__(
         self,
         cache: ResultCache,
         *,
         default_layers: tuple[str, ...] = ("L0",),
-        l2_threshold: float = DEFAULT_L2_THRESHOLD,
+        l2_threshold: float = DEFAULT_L2_VECTOR_THRESHOLD,
+        l2_text_threshold: float = DEFAULT_L2_TEXT_THRESHOLD,
         simhash_bits: int = SIMHASH_BITS,
         max_clusters_per_group: int = 4096,
         background_offers: bool = False,
@@ -151,9 +162,16 @@ class CacheController:
             raise ValueError(f"layers must be of {LAYERS}")
         if not 0.0 <= l2_threshold <= 2.0:
             raise ValueError("l2_threshold must be in [0, 2]")
+        if not 0.0 <= l2_text_threshold <= 2.0:
+            raise ValueError("l2_text_threshold must be in [0, 2]")
         self.cache = cache
         self.default_layers = frozenset(default_layers)
         self.l2_threshold = l2_threshold
+        self.l2_text_threshold = l2_text_threshold
+        # text-path entries that any write to their index invalidates (hybrid results):
+        # QueryKey -> the index's invalidation sequence number their search began at and
+        # the caller's generation of what else they read (the keyword index)
+        self._any_write: dict[QueryKey, tuple[int, int]] = {}
         self.simhash_bits = simhash_bits
         self._lock = threading.Lock()
         self._l1: dict[TolerantKey, QueryKey] = {}
@@ -173,8 +191,8 @@ class CacheController:
     # -- settings ------------------------------------------------------------------------
 
     def settings(self, config: IndexConfig) -> _IndexSettings:
-        """The index's layers and L2 threshold; applies its memory budget to the result
-        cache the first time a configuration is seen."""
+        """The index's layers and L2 thresholds (vector, text); applies its memory
+        budget to the result cache the first time a configuration is seen."""
         known = self._settings.get(config.key)
         if known is not None and known[0] is config.cache:
             return known[1]
@@ -183,6 +201,9 @@ class CacheController:
         out = _IndexSettings(
             layers,
             self.l2_threshold if cs is None or cs.l2_threshold is None else cs.l2_threshold,
+            self.l2_text_threshold
+            if cs is None or cs.l2_text_threshold is None
+            else cs.l2_text_threshold,
             "L0" in layers,
             "L1" in layers,
             "L2" in layers,
@@ -385,12 +406,22 @@ class CacheController:
         consistency: Consistency = Consistency.EVENTUAL,
         bound_ms: int | None = None,
         text: str | None = None,
+        *,
+        variant: str = "",
+        generation: int = 0,
     ) -> CacheLookup:
-        """L2 on the embedding of the query *text* (for a text path whose search vector
-        is not that embedding, or to skip embedding-model work: a hit here needs no
-        search vector). Only L2 is consulted; the same consistency rules apply. On a miss,
-        search and call :meth:`offer_text`. Pass the raw ``text`` (to both calls) for
-        L2's text stage (:mod:`streams.cache.agreement`): without it only distance counts."""
+        """L2 on the embedding of the query *text* (``VEC.QUERY``, dense and hybrid: a hit
+        needs no vector search, keyword search or fusion). Only L2 is consulted, at the
+        index's text threshold (``cache.l2_text_threshold``, else the node's); the same
+        consistency rules apply (call after the consistency wait). On a miss, search and
+        call :meth:`offer_text`. Pass the raw ``text`` (to both calls) for L2's text stage
+        (:mod:`streams.cache.agreement`): without it only distance counts. A hit says its
+        ``distance`` and ``agreement``. An entry offered with ``any_write`` serves only
+        while no write has reached its index since its search began. ``variant``: what
+        else the result depends on (the text search's mode and fusion); results of
+        different variants never serve each other. ``generation``: for ``any_write``
+        entries, the caller's version of whatever else the result read (the keyword index,
+        read before this call); an entry offered at another generation is stale."""
         st = self.settings(config)
         key = config.key
         layers = st.layers if self.cache.enabled(key) else frozenset()
@@ -401,11 +432,18 @@ class CacheController:
         max_age_s = _max_age_s(consistency, bound_ms)
         if max_age_s is None:
             return CacheLookup("none", None, None, dummy, seen_seq, layers, ("L2",))
-        group = SemanticIndex.group_of("text", key, flt, k)
+        group = SemanticIndex.group_of(_text_space(variant), key, flt, k)
+        threshold = st.text_threshold
         with self._lock:
             self._drain()
-            match = self._l2.nearest(group, text_embedding, Metric.COSINE, text, st.threshold)
-        if match is not None and bool(serves(match.distance, st.threshold)):
+            match = self._l2.nearest(group, text_embedding, Metric.COSINE, text, threshold)
+            if match is not None:
+                since = self._any_write.get(match.key)
+                if since is not None and since != (seen_seq, generation):  # a write since
+                    self._l2.remove(match.key)
+                    del self._any_write[match.key]
+                    match = None
+        if match is not None and bool(serves(match.distance, threshold)):
             found = self._serve(match.key, k, max_age_s)
             if found is not None:
                 self._count("L2")
@@ -417,6 +455,7 @@ class CacheController:
                     seen_seq,
                     layers,
                     hit_count=found[1],
+                    agreement=match.agreement,
                 )
         return CacheLookup("none", None, None, dummy, seen_seq, layers, (), None, True)
 
@@ -426,19 +465,47 @@ class CacheController:
         text_embedding: Vector,
         entry: CachedResult,
         text: str | None = None,
+        *,
+        any_write: bool = False,
+        variant: str = "",
+        generation: int = 0,
     ) -> PutOutcome | None:
         """Store ``entry`` (the fresh result of the text query; its ``key``/``vector``
         are those of the search vector, so it is invalidated like any entry) and make
         ``text_embedding`` the representative of a new text cluster pointing at it.
-        ``lookup`` is the :meth:`lookup_text` that missed (its ``seen_seq`` is used)."""
+        ``lookup`` is the :meth:`lookup_text` that missed (its ``seen_seq`` is used).
+
+        ``any_write``: the result depends on more than its own hits and the search vector
+        (hybrid: keyword ranks, BM25 statistics, fused scores), so the result-aware rule
+        cannot tell which writes change it. It then serves only while the index's
+        invalidation sequence number is still ``lookup.seen_seq``: any upsert or delete
+        reported for the index since the search began, or a change of ``generation``
+        (the keyword index's, taken before the search), makes it a miss (and unlinks it).
+        ``variant``, ``generation``: as given to :meth:`lookup_text`."""
         if "L2" not in lookup.layers:
             return None
+        prev: tuple[int, int] | None = None
+        seen = (lookup.seen_seq, generation)
+        if any_write:
+            with self._lock:
+                prev = self._any_write.get(entry.key)
+                self._any_write[entry.key] = seen
         outcome = self.cache.put(entry, lookup.seen_seq)
         if outcome.stored and (lookup.l2_leader or lookup.skipped):
-            group = SemanticIndex.group_of("text", entry.index_key, entry.filter, entry.k)
+            group = SemanticIndex.group_of(
+                _text_space(variant), entry.index_key, entry.filter, entry.k
+            )
             with self._lock:
                 self._drain()
-                self._l2.add(group, text_embedding, entry.key, text)
+                if entry.key in self.cache:  # not dropped since the put: no dangling link
+                    self._l2.add(group, text_embedding, entry.key, text)
+        elif any_write and not outcome.stored:  # an older entry of the key stays as it was
+            with self._lock:
+                if self._any_write.get(entry.key) == seen:
+                    if prev is None:
+                        del self._any_write[entry.key]
+                    else:
+                        self._any_write[entry.key] = prev
         return outcome
 
     # -- bookkeeping ---------------------------------------------------------------------
@@ -450,6 +517,7 @@ class CacheController:
             if key in self.cache:  # replaced, not dropped
                 continue
             self._l2.remove(key)
+            self._any_write.pop(key, None)
             for l1_key in self._l1_of.pop(key, ()):
                 if self._l1.get(l1_key) == key:
                     del self._l1[l1_key]
@@ -481,6 +549,11 @@ def _cosine_distance(a: Vector, b: Vector) -> float:
     if na == 0.0 or nb == 0.0:
         return 1.0
     return max(0.0, 1.0 - float(np.dot(a, b)) / (na * nb))
+
+
+def _text_space(variant: str) -> str:
+    """L2's space of text-path clusters of ``variant`` (``"text"`` for the plain one)."""
+    return "text" if not variant else "text:" + variant
 
 
 def _max_age_s(consistency: Consistency, bound_ms: int | None) -> float | None:

@@ -39,12 +39,26 @@ r, M and w are left as they were: only looser, so pruning stays sound until the 
 rebuild (after as many changes as there were entries at the last one) re-fits the
 clusters with a few k-means steps and recomputes them exactly.
 
+Cost split. ``add`` and ``remove`` run on the search path (a miss's offer, an eviction)
+and do O(1) work: the query goes into preallocated buffers (doubling growth) and into a
+*pending* set; nothing is clustered there. Pending entries are tested exactly by every
+write, so they need no bound. The next write (``affected_by_upserts``, on the indexer
+thread) first settles them: each joins its nearest centre (one matrix product for all;
+outliers open new clusters). After as many changes as there were entries at the last fit
+(at least 32), new centres are fitted (k-means++ on a sample, a few Lloyd steps) on a
+thread from a copy of the queries, and the next write after it finishes swaps them in,
+re-assigning every entry and recomputing every bound exactly (one n x clusters product).
+So neither the k-means nor the centre search is ever paid by a search, and the cache's
+lock is held for the swap, not the fit.
+
 Not thread-safe: :class:`ResultCache` holds its lock around every call.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -58,13 +72,17 @@ from streams.index.model import Metric, Vector
 
 __all__ = ["InvalidationIndex", "UpsertRow"]
 
+log = logging.getLogger(__name__)
+
 I64 = npt.NDArray[np.int64]
 
 _SLACK = 1e-9  # relative slack on bounds against float64 rounding
 _TINY = 1e-30
 _MIN_REBUILD = 32
+_OUTLIER = 2.0  # farther than this many cluster radii from the nearest centre: new cluster
 _KMEANS_STEPS = 5
 _KMEANS_SAMPLE = 4096
+_SEED_SAMPLE = 1024  # k-means++ seeds from at most this many points
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,33 +112,76 @@ def _passes(
 
 def _kmeans_pp(points: F64, k: int, rng: np.random.Generator) -> F64:
     """k-means++ seeding: each next centre drawn with probability proportional to its
-    squared distance from the nearest centre so far (separated groups all get one)."""
-    centres = [points[rng.integers(points.shape[0])]]
-    dsq = ((points - centres[0]) ** 2).sum(axis=1)
+    squared distance from the nearest centre so far (separated groups all get one).
+    Distances by one matvec per centre (``|p|^2 - 2 p.c + |c|^2``)."""
+    psq = np.einsum("ij,ij->i", points, points)
+    first = points[rng.integers(points.shape[0])]
+    centres = [first]
+    dsq = np.maximum(psq - 2.0 * (points @ first) + float(first @ first), 0.0)
     for _ in range(1, min(k, points.shape[0])):
         total = float(dsq.sum())
         if total <= 0.0:
             break
         nxt = points[rng.choice(points.shape[0], p=dsq / total)]
         centres.append(nxt)
-        dsq = np.minimum(dsq, ((points - nxt) ** 2).sum(axis=1))
+        d = np.maximum(psq - 2.0 * (points @ nxt) + float(nxt @ nxt), 0.0)
+        np.minimum(dsq, d, out=dsq)
     return np.array(centres, dtype=np.float64)
+
+
+def _nearest(points: F64, centres: F64) -> I64:
+    """Index of the nearest centre of each point (squared distance, one product)."""
+    dsq = np.einsum("ij,ij->i", centres, centres)[None, :] - 2.0 * points @ centres.T
+    return np.asarray(np.argmin(dsq, axis=1), dtype=np.int64)
+
+
+def _fit_centres(points: F64, k: int, seed: int) -> F64:
+    """Cluster centres for ``points``: k-means++ seeds from a sample, then a few Lloyd
+    steps on a larger sample (sums by ``np.add.reduceat``). Pure: runs off the cache's lock."""
+    rng = np.random.default_rng(seed)
+    n = points.shape[0]
+    sample = points[rng.choice(n, min(n, _KMEANS_SAMPLE), replace=False)]
+    centres = _kmeans_pp(sample[: min(sample.shape[0], _SEED_SAMPLE)], k, rng)
+    for _ in range(_KMEANS_STEPS):
+        near = _nearest(sample, centres)
+        order = np.argsort(near, kind="stable")
+        sorted_near = near[order]
+        starts = np.flatnonzero(np.r_[True, sorted_near[1:] != sorted_near[:-1]])
+        sums = np.add.reduceat(sample[order], starts, axis=0)
+        counts = np.diff(np.r_[starts, sorted_near.size])
+        centres[sorted_near[starts]] = sums / counts[:, None]
+    return centres
+
+
+class _Fit:
+    """A cluster fit running on a thread: ``centres`` set (None on failure) before
+    ``done``."""
+
+    __slots__ = ("centres", "done")
+
+    def __init__(self) -> None:
+        self.centres: F64 | None = None
+        self.done = threading.Event()
 
 
 class InvalidationIndex:
     """The cached queries of one index (all of one metric and dim), answering which of
     them a batch of writes changes (see the module docstring for the argument).
 
-    ``add``/``remove`` keep it in step with the cache; ``affected_by_upserts`` and
-    ``affected_by_ids`` return keys and change nothing. ``checked_pairs`` counts the
-    (entry, vector) pairs tested exactly, ``scanned_pairs`` those a full scan would have.
+    ``add``/``remove`` keep it in step with the cache (O(1), for the search path);
+    ``affected_by_upserts`` settles pending entries into clusters, then returns keys;
+    ``affected_by_ids`` changes nothing. ``checked_pairs`` counts the (entry, vector)
+    pairs tested exactly, ``scanned_pairs`` those a full scan would have.
     """
 
-    def __init__(self, metric: Metric, dim: int, *, max_clusters: int = 64) -> None:
+    def __init__(
+        self, metric: Metric, dim: int, *, max_clusters: int = 64, background: bool = True
+    ) -> None:
         if dim < 1 or max_clusters < 1:
             raise ValueError("dim >= 1 and max_clusters >= 1")
         self.metric = Metric(metric)
         self._higher = self.metric.higher_is_better
+        self._cosine = self.metric is Metric.COSINE
         self.dim = dim
         self.max_clusters = max_clusters
         self._g = score_margin(dim)
@@ -131,16 +192,21 @@ class InvalidationIndex:
         self._keys: list[QueryKey | None] = [None] * cap
         self._filters: list[Filter | None] = [None] * cap
         self._ids: list[tuple[str, ...]] = [()] * cap
-        self._cluster_of: list[int] = [-1] * cap
+        self._cluster_of: list[int] = [-1] * cap  # -1: pending (or free)
         self._slot: dict[QueryKey, int] = {}
         self._free: list[int] = list(range(cap - 1, -1, -1))
         self._by_id: dict[str, set[QueryKey]] = {}
+        self._pending: dict[int, None] = {}  # slots not yet in a cluster, in add order
         self._set_clusters(np.zeros((0, dim)))
         self._changes = 0
+        self._rebuilt_at = 0  # entries at the last rebuild
+        self.background = background  # re-fit the clusters on a thread (module docstring)
+        self._fit: _Fit | None = None
+        self.rebuilds = 0
         self.checked_pairs = 0
         self.scanned_pairs = 0
 
-    # -- membership --------------------------------------------------------------------
+    # -- membership (the search path: O(1), no clustering) -----------------------------
 
     def __len__(self) -> int:
         return len(self._slot)
@@ -157,29 +223,40 @@ class InvalidationIndex:
         ids: Iterable[str],
     ) -> None:
         """Track an entry: its raw query, k-th score (None: fewer than k hits), filter
-        and hit ids. Replaces an entry of the same key."""
-        q = prepare64(query, self.metric)[0]
+        and hit ids. Replaces an entry of the same key. Pending until the next write
+        settles it (module docstring)."""
+        q = np.asarray(query, dtype=np.float64).ravel()
         if q.shape != (self.dim,):
             raise ValueError(f"query of dim {q.shape[0]}, index dim {self.dim}")
+        qsq = float(q @ q)
+        if self._cosine and qsq > 0.0:  # prepare64's unit row, without its 2-D detour
+            q = q / math.sqrt(qsq)
+            qsq = float(q @ q)
         if key in self._slot:
             self.remove(key)
         if not self._free:
             self._grow()
         slot = self._free.pop()
         self._q[slot] = q
-        self._qsq[slot] = float(q @ q)
+        self._qsq[slot] = qsq
         self._thr[slot] = threshold_of(kth, self.metric)
         self._keys[slot] = key
         self._filters[slot] = filter
-        self._ids[slot] = tuple(ids)
+        hit_ids = self._ids[slot] = tuple(ids)
         self._slot[key] = slot
-        for id in self._ids[slot]:
-            self._by_id.setdefault(id, set()).add(key)
-        self._assign(slot)
-        self._changed()
+        by_id = self._by_id
+        for id in hit_ids:
+            keys = by_id.get(id)
+            if keys is None:
+                by_id[id] = {key}
+            else:
+                keys.add(key)
+        self._pending[slot] = None
+        self._changes += 1
 
     def remove(self, key: QueryKey) -> bool:
-        """Stop tracking ``key``; False if it was not tracked."""
+        """Stop tracking ``key``; False if it was not tracked. The cluster's bounds are
+        left as they were (only looser)."""
         slot = self._slot.pop(key, None)
         if slot is None:
             return False
@@ -190,14 +267,17 @@ class InvalidationIndex:
                 if not keys:
                     del self._by_id[id]
         c = self._cluster_of[slot]
-        self._members[c].discard(slot)
-        self._member_arrays[c] = None
-        self._cluster_of[slot] = -1
+        if c < 0:
+            del self._pending[slot]
+        else:
+            self._members[c].discard(slot)
+            self._member_arrays[c] = None
+            self._cluster_of[slot] = -1
         self._keys[slot] = None
         self._filters[slot] = None
         self._ids[slot] = ()
         self._free.append(slot)
-        self._changed()
+        self._changes += 1
         return True
 
     # -- queries -----------------------------------------------------------------------
@@ -206,7 +286,9 @@ class InvalidationIndex:
         """Entries whose result holds any of ``ids`` (rule (a))."""
         out: set[QueryKey] = set()
         for id in ids:
-            out |= self._by_id.get(id, set())
+            keys = self._by_id.get(id)
+            if keys:
+                out |= keys
         return out
 
     def affected_by_upserts(
@@ -217,7 +299,7 @@ class InvalidationIndex:
     ) -> set[QueryKey]:
         """Entries that any of the upserted rows would enter (rule (b)); ``vectors`` is
         n x dim raw, ``tags``/``numerics`` one per row. The caller adds rule (a) for the
-        rows' ids (:meth:`affected_by_ids`)."""
+        rows' ids (:meth:`affected_by_ids`). Settles pending entries first."""
         v = prepare64(vectors, self.metric)
         n = v.shape[0]
         if v.shape[1] != self.dim or len(tags) != n or len(numerics) != n:
@@ -225,6 +307,7 @@ class InvalidationIndex:
         out: set[QueryKey] = set()
         if n == 0 or not self._slot:
             return out
+        self.settle()
         self.scanned_pairs += n * len(self._slot)
         vsq = np.einsum("ij,ij->i", v, v)
         active = [c for c in range(len(self._members)) if self._members[c]]
@@ -232,24 +315,41 @@ class InvalidationIndex:
         memo: dict[tuple[Filter, int], bool] = {}
         for row, c in enumerate(active):
             cols = np.flatnonzero(cand[row])
-            if cols.size == 0:
-                continue
-            members = self._member_array(c)
-            self.checked_pairs += members.size * cols.size
-            ok = pair_test(self.metric, self._g, self._q[members] @ v[cols].T,
-                            self._qsq[members], vsq[cols], self._thr[members])
-            for i in np.flatnonzero(ok.any(axis=1)).tolist():
-                slot = int(members[i])
-                key = self._keys[slot]
-                assert key is not None
-                if key in out:
-                    continue
-                flt = self._filters[slot]
-                for j in cols[ok[i]].tolist():
-                    if flt is None or _passes(flt, j, tags, numerics, memo):
-                        out.add(key)
-                        break
+            if cols.size:
+                self._test(self._member_array(c), cols, v, vsq, tags, numerics, memo, out)
         return out
+
+    def _test(
+        self,
+        members: I64,
+        cols: I64,
+        v: F64,
+        vsq: F64,
+        tags: Sequence[Sequence[str]],
+        numerics: Sequence[Mapping[str, float]],
+        memo: dict[tuple[Filter, int], bool],
+        out: set[QueryKey],
+    ) -> None:
+        """Exact test of entries ``members`` against rows ``cols``; adds the keys hit."""
+        self.checked_pairs += members.size * cols.size
+        ok = pair_test(
+            self.metric,
+            self._g,
+            self._q[members] @ v[cols].T,
+            self._qsq[members],
+            vsq[cols],
+            self._thr[members],
+        )
+        for i in np.flatnonzero(ok.any(axis=1)).tolist():
+            key = self._keys[int(members[i])]
+            assert key is not None
+            if key in out:
+                continue
+            flt = self._filters[int(members[i])]
+            for j in cols[ok[i]].tolist():
+                if flt is None or _passes(flt, j, tags, numerics, memo):
+                    out.add(key)
+                    break
 
     def _candidates(self, active: I64, v: F64, vsq: F64) -> Bools:
         """(clusters x rows): False where the cluster's bound rules the row out."""
@@ -273,7 +373,87 @@ class InvalidationIndex:
         out = bound - slack <= w
         return out
 
-    # -- clusters ----------------------------------------------------------------------
+    # -- clusters (the write side) -------------------------------------------------------
+
+    def settle(self) -> None:
+        """Put every pending entry into a cluster (the write side; the search path never
+        calls it). First, centres fitted on a thread since the last call are swapped in:
+        every entry is re-assigned and every bound recomputed exactly. When the clusters
+        are stale (as many changes as entries at the last fit, at least ``_MIN_REBUILD``)
+        a new fit starts on a snapshot of the queries (``background``; else at once), or
+        at once when there are no clusters yet. The rest join their nearest centre in one
+        matrix product; an outlier (farther than ``_OUTLIER`` times the larger of that
+        cluster's radius and the median radius) opens a new cluster while there are fewer
+        than ``max_clusters``. Called by :meth:`affected_by_upserts`; callable on its own
+        to take the work off the next write."""
+        fit = self._fit
+        if fit is not None and fit.done.is_set():
+            self._fit = None
+            if fit.centres is not None and self._slot:
+                self._apply(fit.centres)
+        if not self._slot:
+            return
+        stale = self._changes > max(_MIN_REBUILD, self._rebuilt_at)
+        if not self._centres.shape[0] or (stale and not self.background):
+            self.rebuild()
+            return
+        if stale and self._fit is None:
+            self._start_fit()
+        if not self._pending:
+            return
+        slots = np.fromiter(self._pending, dtype=np.int64, count=len(self._pending))
+        self._pending.clear()
+        points = self._q[slots]
+        cen = self._centres
+        dsq = np.einsum("ij,ij->i", cen, cen)[None, :] - 2.0 * points @ cen.T
+        near = np.argmin(dsq, axis=1)
+        psq = np.einsum("ij,ij->i", points, points)
+        dist = np.sqrt(np.maximum(dsq[np.arange(slots.size), near] + psq, 0.0))
+        typical = float(np.median(self._radius))
+        outlier = dist > _OUTLIER * np.maximum(self._radius[near], typical)
+        if cen.shape[0] >= self.max_clusters:
+            outlier[:] = False
+        for c in np.unique(near[~outlier]).tolist():
+            self._join(c, slots[(near == c) & ~outlier])
+        for s in slots[outlier].tolist():  # rare: one by one, each may open a cluster
+            self._assign_one(s)
+
+    def _start_fit(self) -> None:
+        """Fit new centres on a thread, from a copy of the queries now tracked."""
+        slots = np.fromiter(self._slot.values(), dtype=np.int64, count=len(self._slot))
+        points = self._q[slots]  # a copy: the thread never reads the live buffers
+        self._changes = 0
+        self._rebuilt_at = slots.size
+        fit = self._fit = _Fit()
+        k = self._target_clusters()
+
+        def work() -> None:
+            try:
+                fit.centres = _fit_centres(points, k, slots.size)
+            except Exception:  # the old clusters stay, sound; the next stale settle retries
+                log.exception("invalidation index: cluster fit failed")
+            finally:
+                fit.done.set()
+
+        threading.Thread(target=work, name="cache-invalidation-fit", daemon=True).start()
+
+    def wait_fit(self, timeout: float | None = None) -> bool:
+        """Wait for a background fit to finish (tests); True if none is running. The
+        next :meth:`settle` swaps it in."""
+        fit = self._fit
+        return fit is None or fit.done.wait(timeout)
+
+    def _assign_one(self, slot: int) -> None:
+        q = self._q[slot]
+        n = self._centres.shape[0]
+        d = np.linalg.norm(self._centres - q, axis=1)
+        c = int(np.argmin(d))
+        if n < self.max_clusters and d[c] > _OUTLIER * max(
+            float(self._radius[c]), float(np.median(self._radius))
+        ):
+            self._add_cluster(q)
+            c = n
+        self._join(c, np.array([slot], dtype=np.int64))
 
     def _set_clusters(self, centres: F64) -> None:
         c = centres.shape[0]
@@ -288,30 +468,6 @@ class InvalidationIndex:
     def _target_clusters(self) -> int:
         return max(1, min(self.max_clusters, math.isqrt(max(len(self._slot), 1))))
 
-    def _nearest(self, points: F64, centres: F64) -> I64:
-        dsq = (np.einsum("ij,ij->i", centres, centres)[None, :] - 2.0 * points @ centres.T)
-        return np.asarray(np.argmin(dsq, axis=1), dtype=np.int64)
-
-    def _assign(self, slot: int) -> None:
-        """Put ``slot`` into the nearest cluster and widen that cluster's bounds to cover
-        it, or start a new cluster at it: while there are fewer clusters than the target,
-        or (up to ``max_clusters``) when it lies well outside the nearest one and the
-        typical cluster, which would loosen that cluster's bound for every write."""
-        q = self._q[slot]
-        n = len(self._members)
-        if n == 0 or n < self._target_clusters():
-            self._add_cluster(q)
-            self._join(n, [slot])
-            return
-        c = int(self._nearest(q[None, :], self._centres)[0])
-        if n < self.max_clusters:
-            dist = float(np.linalg.norm(q - self._centres[c]))
-            typical = float(np.median(self._radius))
-            if dist > 2.0 * max(float(self._radius[c]), typical):
-                self._add_cluster(q)
-                c = n
-        self._join(c, [slot])
-
     def _add_cluster(self, centre: F64) -> None:
         self._centres = np.vstack([self._centres, centre[None, :]])
         self._radius = np.append(self._radius, 0.0)
@@ -321,29 +477,22 @@ class InvalidationIndex:
         self._members.append(set())
         self._member_arrays.append(None)
 
-    def _join(self, c: int, slots: list[int]) -> None:
-        if len(slots) == 1:  # the search path's add: scalar arithmetic, no reductions
-            s = slots[0]
-            d = self._q[s] - self._centres[c]
-            radius = math.sqrt(float(d @ d))
-            norm = math.sqrt(float(self._qsq[s]))
-            low = high = float(self._thr[s])
-        else:
-            idx = np.array(slots, dtype=np.int64)
-            q = self._q[idx]
-            radius = float(np.linalg.norm(q - self._centres[c], axis=1).max())
-            norm = float(np.sqrt(self._qsq[idx]).max())
-            thr = self._thr[idx]
-            low, high = float(thr.min()), float(thr.max())
+    def _join(self, c: int, slots: I64) -> None:
+        """Add ``slots`` to cluster ``c``, widening its bounds to cover them."""
+        q = self._q[slots]
+        radius = float(np.sqrt(((q - self._centres[c]) ** 2).sum(axis=1).max()))
+        norm = float(np.sqrt(self._qsq[slots].max()))
+        thr = self._thr[slots]
         self._radius[c] = max(self._radius[c], radius * (1 + _SLACK) + _TINY)
         self._maxnorm[c] = max(self._maxnorm[c], norm * (1 + _SLACK) + _TINY)
         if self._higher:
-            self._weakest[c] = min(self._weakest[c], low)
+            self._weakest[c] = min(self._weakest[c], float(thr.min()))
         else:
-            self._weakest[c] = max(self._weakest[c], high)
-        self._members[c].update(slots)
+            self._weakest[c] = max(self._weakest[c], float(thr.max()))
+        members = slots.tolist()
+        self._members[c].update(members)
         self._member_arrays[c] = None
-        for s in slots:
+        for s in members:
             self._cluster_of[s] = c
 
     def _member_array(self, c: int) -> I64:
@@ -352,45 +501,46 @@ class InvalidationIndex:
             arr = self._member_arrays[c] = np.fromiter(self._members[c], dtype=np.int64)
         return arr
 
-    def _changed(self) -> None:
-        self._changes += 1
-        if self._changes > max(_MIN_REBUILD, len(self._slot)):
-            self.rebuild()
-
     def rebuild(self) -> None:
-        """Re-fit the clusters (k-means, a few steps on a sample) and recompute every
-        bound exactly. Amortised O(clusters x dim) per add/remove."""
+        """Re-fit the clusters (k-means, a few steps on a sample) over every entry,
+        pending ones included, and recompute every bound exactly, at once (a fit running
+        on a thread is dropped). :meth:`settle` calls it for the first clusters, and when
+        stale with ``background`` off."""
+        self._fit = None
         self._changes = 0
-        slots = np.fromiter(self._slot.values(), dtype=np.int64)
-        n = slots.size
-        k = self._target_clusters()
-        if n == 0:
+        self._rebuilt_at = len(self._slot)
+        if not self._slot:
+            self._pending.clear()
             self._set_clusters(np.zeros((0, self.dim)))
             return
-        rng = np.random.default_rng(n)  # deterministic for a given size: reproducible
-        points = self._q[slots]
-        sample = points[rng.choice(n, min(n, _KMEANS_SAMPLE), replace=False)]
-        centres = _kmeans_pp(sample, k, rng)
-        for _ in range(_KMEANS_STEPS):
-            near = self._nearest(sample, centres)
-            for c in range(centres.shape[0]):
-                mine = sample[near == c]
-                if mine.shape[0]:
-                    centres[c] = mine.mean(axis=0)
-        near = self._nearest(points, centres)
+        slots = np.fromiter(self._slot.values(), dtype=np.int64, count=len(self._slot))
+        self._apply(_fit_centres(self._q[slots], self._target_clusters(), slots.size))
+
+    def _apply(self, centres: F64) -> None:
+        """Make ``centres`` the clusters: every tracked entry (pending ones included) to
+        its nearest, empty ones dropped, bounds recomputed exactly."""
+        self.rebuilds += 1
+        self._pending.clear()
+        slots = np.fromiter(self._slot.values(), dtype=np.int64, count=len(self._slot))
+        near = _nearest(self._q[slots], centres)
         used = np.unique(near)
         self._set_clusters(centres[used])
         renumber = np.full(centres.shape[0], -1, dtype=np.int64)
         renumber[used] = np.arange(used.size)
+        mine = renumber[near]
+        order = np.argsort(mine, kind="stable")
+        bounds = np.searchsorted(mine[order], np.arange(used.size + 1))
         for c in range(used.size):
-            self._join(c, slots[renumber[near] == c].tolist())
+            self._join(c, slots[order[bounds[c] : bounds[c + 1]]])
 
     def _grow(self) -> None:
         old = self._q.shape[0]
         cap = 2 * old
-        self._q = np.vstack([self._q, np.zeros((old, self.dim))])
-        self._qsq = np.append(self._qsq, np.zeros(old))
-        self._thr = np.append(self._thr, np.zeros(old))
+        q = np.zeros((cap, self.dim), dtype=np.float64)
+        q[:old] = self._q
+        self._q = q
+        self._qsq = np.concatenate([self._qsq, np.zeros(old)])
+        self._thr = np.concatenate([self._thr, np.zeros(old)])
         self._keys += [None] * old
         self._filters += [None] * old
         self._ids += [()] * old
@@ -400,3 +550,7 @@ class InvalidationIndex:
     def clusters(self) -> int:
         """Clusters with at least one member (introspection, tests)."""
         return sum(1 for m in self._members if m)
+
+    def pending(self) -> int:
+        """Entries not yet in a cluster (introspection, tests)."""
+        return len(self._pending)

@@ -45,7 +45,9 @@ from streams.index.model import Metric
 
 __all__ = [
     "DEFAULT_L2_AGREEMENT",
+    "DEFAULT_L2_TEXT_THRESHOLD",
     "DEFAULT_L2_THRESHOLD",
+    "DEFAULT_L2_VECTOR_THRESHOLD",
     "SemanticIndex",
     "SemanticMatch",
     "serves",
@@ -59,6 +61,10 @@ __all__ = [
 # distance alone reaches 0.95 at no threshold (best 0.907).
 DEFAULT_L2_THRESHOLD = 0.02  # cosine distance
 DEFAULT_L2_AGREEMENT = 0.8  # agreement() of the two texts (guards, then min(content, LCS))
+# The tuning above holds for the text path only (query texts, with the text stage). A vector
+# query has no text to check, so the vector path keeps the earlier, conservative distance.
+DEFAULT_L2_TEXT_THRESHOLD = DEFAULT_L2_THRESHOLD
+DEFAULT_L2_VECTOR_THRESHOLD = 0.003  # cosine distance, no text stage
 
 F32 = npt.NDArray[np.float32]
 Group = tuple[str, str, str, int]
@@ -88,7 +94,7 @@ class SemanticMatch:
 
 
 class _Group:
-    __slots__ = ("keys", "lognorm", "points", "rows", "size", "texts")
+    __slots__ = ("keys", "lognorm", "points", "rows", "size", "texted", "texts")
 
     def __init__(self, dim: int) -> None:
         self.points = np.zeros((8, dim), dtype=np.float32)
@@ -97,6 +103,7 @@ class _Group:
         self.texts: list[TextFeatures | None] = [None] * 8
         self.rows: dict[QueryKey, int] = {}
         self.size = 0  # rows in use are [0, size); removal swaps the last row in
+        self.texted = 0  # rows added with a text (none: nearest() is one argmax)
 
 
 class SemanticIndex:
@@ -132,7 +139,7 @@ class SemanticIndex:
     @staticmethod
     def _unit(point: npt.ArrayLike) -> tuple[F32, float]:
         p = np.asarray(point, dtype=np.float32).ravel()
-        norm = float(np.linalg.norm(p))
+        norm = math.sqrt(float(p @ p))  # np.linalg.norm's sum, without its checks
         if norm > 0.0:
             p = p / norm
         return p, (math.log(norm) if norm > 0.0 else -math.inf)
@@ -160,6 +167,8 @@ class SemanticIndex:
         if p.size != g.points.shape[1]:
             return None
         sims = g.points[: g.size] @ p
+        if text is None and g.texted == 0:  # the vector path: no text stage, one pass
+            return self._closest(g, sims, lognorm, metric, within)
         dist = 1.0 - sims.astype(np.float64)
         if metric is not Metric.COSINE:
             dist = dist + np.abs(g.lognorm[: g.size] - lognorm)
@@ -182,6 +191,25 @@ class SemanticIndex:
             assert key is not None
             return SemanticMatch(key, max(0.0, float(dist[i])), score)
         return None
+
+    @staticmethod
+    def _closest(
+        g: _Group, sims: F32, lognorm: float, metric: Metric, within: float | None
+    ) -> SemanticMatch | None:
+        """:meth:`nearest` of a group without texts and a query without one: the
+        closest representative (argmax of the similarity for cosine), no sort."""
+        if metric is Metric.COSINE:
+            i = int(np.argmax(sims))
+            d = 1.0 - float(sims[i])
+        else:
+            dist = 1.0 - sims.astype(np.float64) + np.abs(g.lognorm[: g.size] - lognorm)
+            i = int(np.argmin(dist))
+            d = float(dist[i])
+        if within is not None and d > within:
+            return None
+        key = g.keys[i]
+        assert key is not None
+        return SemanticMatch(key, max(0.0, d), None)
 
     def add(
         self, group: Group, point: npt.ArrayLike, key: QueryKey, text: str | None = None
@@ -215,6 +243,7 @@ class SemanticIndex:
         g.lognorm[i] = lognorm
         g.keys[i] = key
         g.texts[i] = feats
+        g.texted += feats is not None
         g.rows[key] = i
         g.size += 1
         self._where[key] = group
@@ -226,6 +255,7 @@ class SemanticIndex:
             return False
         g = self._groups[group]
         i = g.rows.pop(key)
+        g.texted -= g.texts[i] is not None
         last = g.size - 1
         if i != last:
             moved = g.keys[last]

@@ -58,15 +58,42 @@ def _planes(dim: int, bits: int) -> npt.NDArray[np.float32]:
     return planes
 
 
+def _unit32(vector: npt.ArrayLike) -> tuple[npt.NDArray[np.float32], float]:
+    """``vector`` as a flat fp32 row scaled to unit length (when its norm is positive and
+    finite), and that norm."""
+    v = np.asarray(vector, dtype=np.float32).ravel()
+    norm = math.sqrt(float(v @ v))  # what np.linalg.norm computes, without its checks
+    if norm > 0.0 and math.isfinite(norm):
+        v = v / np.float32(norm)
+    return v, norm
+
+
+def _bits(unit: npt.NDArray[np.float32], bits: int) -> bytes:
+    """The signs of the projections of a unit row: one matvec and ``np.packbits``."""
+    proj = _planes(unit.size, bits) @ unit
+    return np.packbits(proj >= 0.0).tobytes()
+
+
 def simhash(vector: npt.ArrayLike, bits: int = SIMHASH_BITS) -> bytes:
     """The SimHash of ``vector``: bit i is set when projection i is >= 0 (a zero vector
     hashes to all ones). Invariant under positive scaling and under ``-0.0`` vs ``0.0``."""
-    v = np.asarray(vector, dtype=np.float32).ravel()
-    norm = float(np.linalg.norm(v))
-    if norm > 0.0 and math.isfinite(norm):
-        v = v / norm
-    proj = _planes(v.size, bits) @ v
-    return np.packbits(proj >= 0.0).tobytes()
+    return _bits(_unit32(vector)[0], bits)
+
+
+@lru_cache(maxsize=4096)
+def _prefix(index_key: str, metric: Metric, bucket: int, flt: Filter | None) -> hashlib.blake2b:
+    """The digest state after the key's fixed parts; a key copies it and adds the
+    SimHash (and the norm step), so the filter's text and the rest are hashed once."""
+    h = hashlib.blake2b(digest_size=16, person=b"streamvec.L1")
+    for part in (
+        index_key.encode(),
+        metric.value.encode(),
+        str(bucket).encode(),
+        ("" if flt is None else str(flt)).encode(),
+    ):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h
 
 
 def tolerant_key(
@@ -77,18 +104,13 @@ def tolerant_key(
     flt: Filter | None,
     bits: int = SIMHASH_BITS,
 ) -> TolerantKey:
-    """The L1 key of a search (module docstring)."""
-    v = np.asarray(vector, dtype=np.float32).ravel()
-    h = hashlib.blake2b(digest_size=16, person=b"streamvec.L1")
-    parts = [
-        index_key.encode(),
-        Metric(metric).value.encode(),
-        str(k_bucket(k)).encode(),
-        ("" if flt is None else str(flt)).encode(),
-        simhash(v, bits),
-    ]
-    if Metric(metric) is not Metric.COSINE:
-        norm = float(np.linalg.norm(v))
+    """The L1 key of a search (module docstring). Cost: one fp32 matvec of ``bits`` x
+    dim, a copy of a cached digest state and one or two updates."""
+    metric = Metric(metric)
+    unit, norm = _unit32(vector)
+    h = _prefix(index_key, metric, k_bucket(k), flt).copy()
+    parts = [_bits(unit, bits)]
+    if metric is not Metric.COSINE:
         step = -(2**31) if norm == 0.0 else math.floor(math.log2(norm) * _NORM_STEPS_PER_OCTAVE)
         parts.append(str(step).encode())
     for part in parts:

@@ -131,11 +131,14 @@ class CacheSettings:
     ``layers``: the layers looked up, of ``L0`` (exact), ``L1`` (tolerant key), ``L2``
     (semantic); ``NONE`` is dropped; empty: no caching. ``memory_budget_bytes``: most bytes
     this index's entries may hold (None: the node's default). ``l2_threshold``: the largest
-    cosine distance at which L2 reuses a cached result (None: the node's default)."""
+    cosine distance at which L2 reuses a cached result for a vector query (None: the node's
+    default); ``l2_text_threshold``: the same for a text query (``VEC.QUERY``), where the
+    text stage also checks the texts (None: the node's default)."""
 
     layers: tuple[str, ...] = CACHE_LAYERS
     memory_budget_bytes: int | None = None
     l2_threshold: float | None = None
+    l2_text_threshold: float | None = None
 
     def __post_init__(self) -> None:
         layers = tuple(dict.fromkeys(x for x in self.layers if x != "NONE"))
@@ -147,14 +150,15 @@ class CacheSettings:
         if budget is not None and (not isinstance(budget, int) or budget < 0):
             raise InvalidRequest("cache memory_budget_bytes must be >= 0",
                                  field="cache.memory_budget_bytes")
-        thr = self.l2_threshold
-        if thr is not None and not (isinstance(thr, (int, float)) and 0.0 <= thr <= 2.0):
-            raise InvalidRequest("cache l2_threshold must be in [0, 2]",
-                                 field="cache.l2_threshold")
+        for name in ("l2_threshold", "l2_text_threshold"):
+            thr = getattr(self, name)
+            if thr is not None and not (isinstance(thr, (int, float)) and not isinstance(
+                    thr, bool) and 0.0 <= thr <= 2.0):
+                raise InvalidRequest(f"cache {name} must be in [0, 2]", field=f"cache.{name}")
 
     def as_avro(self) -> dict[str, object]:
         return {"layers": list(self.layers), "memory_budget_bytes": self.memory_budget_bytes,
-                "l2_threshold": self.l2_threshold}
+                "l2_threshold": self.l2_threshold, "l2_text_threshold": self.l2_text_threshold}
 
     @classmethod
     def from_avro(cls, d: Mapping[str, object] | None) -> CacheSettings | None:
@@ -162,10 +166,12 @@ class CacheSettings:
             return None
         layers = d.get("layers", CACHE_LAYERS)
         budget, thr = d.get("memory_budget_bytes"), d.get("l2_threshold")
+        text_thr = d.get("l2_text_threshold")  # absent in records written before v2
         return cls(tuple(str(x) for x in layers) if isinstance(layers, (list, tuple))
                    else CACHE_LAYERS,
                    int(budget) if isinstance(budget, int) else None,
-                   float(thr) if isinstance(thr, (int, float)) else None)
+                   float(thr) if isinstance(thr, (int, float)) else None,
+                   float(text_thr) if isinstance(text_thr, (int, float)) else None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,7 @@ from streams.index.model import (
     FilterField,
     IndexConfig,
     Metric,
+    Vector,
 )
 from streams.ingest.catalog import Embedders, IndexCatalog, NodeCatalog
 from streams.ingest.chunker import Chunker
@@ -103,6 +104,7 @@ class TextSearcher(Protocol):
         tokens: tuple[str, ...] = (),
         bound_ms: int | None = None,
         timeout_ms: int = 1000,
+        vector: Vector | None = None,
     ) -> SearchResponse: ...
 
 
@@ -284,6 +286,22 @@ class IngestService:
         assert config.embedder is not None
         consistency, tokens = self._vector_tokens(request)  # first: it bounds the wait
         vector = self.embedders.get(config.embedder).embed([request.text])[0]
+        if self.text is not None:  # through the text search: L2 on the query text
+            response = self.text.search(
+                request.tenant,
+                request.index,
+                request.text,
+                request.k,
+                mode="dense",
+                filter=request.filter,
+                consistency=consistency,
+                tokens=tokens,
+                bound_ms=request.bound_ms,
+                timeout_ms=request.timeout_ms,
+                vector=np.asarray(vector, np.float32),
+            )
+            response.debug["embedder"] = config.embedder
+            return response
         response = self.dataplane.search(
             SearchRequest(
                 request.tenant,

@@ -123,6 +123,7 @@ class CacheBody(_Body):
     layers: list[Literal["NONE", "L0", "L1", "L2"]] = ["L0", "L1", "L2"]
     memory_budget_bytes: int | None = Field(None, ge=0)
     l2_threshold: float | None = Field(None, ge=0.0, le=2.0)
+    l2_text_threshold: float | None = Field(None, ge=0.0, le=2.0)  # VEC.QUERY's L2
 
 
 class RestoreBody(_Body):
@@ -439,7 +440,7 @@ def create_http_app(dataplane: DataPlane, *, metrics: ServiceMetrics = METRICS,
                 body.quotas.max_vectors, body.quotas.max_bytes, body.quotas.qps),
             cache=None if body.cache is None else CacheSettings(
                 tuple(body.cache.layers), body.cache.memory_budget_bytes,
-                body.cache.l2_threshold),
+                body.cache.l2_threshold, body.cache.l2_text_threshold),
         )
         return PositionReply(position=dataplane.create_index(config).token)
 

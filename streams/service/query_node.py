@@ -27,7 +27,7 @@ from pathlib import Path
 import faiss
 
 from streams.cache import CacheController, CacheInvalidator, ResultCache
-from streams.cache.semantic import DEFAULT_L2_THRESHOLD
+from streams.cache.semantic import DEFAULT_L2_TEXT_THRESHOLD, DEFAULT_L2_VECTOR_THRESHOLD
 from streams.capacity import CapacityManager
 from streams.dlq import DeadLetterQueue
 from streams.index.vector_index import VectorIndex
@@ -86,7 +86,8 @@ class QueryNode:
         cache_budget_bytes: int = DEFAULT_CACHE_BUDGET,
         cache_verify_rate: float = 0.0,
         cache_layers: tuple[str, ...] = ("L0",),
-        cache_l2_threshold: float = DEFAULT_L2_THRESHOLD,
+        cache_l2_threshold: float = DEFAULT_L2_VECTOR_THRESHOLD,
+        cache_l2_text_threshold: float = DEFAULT_L2_TEXT_THRESHOLD,
         cache_tenant_budget_bytes: int | None = None,
         cache_background_offers: bool = False,
         policy_loop: bool = False,
@@ -117,6 +118,7 @@ class QueryNode:
         # L0/L1/L2 over the cache; an index's IndexConfig.cache overrides these defaults
         layers = CacheController(
             self.cache, default_layers=cache_layers, l2_threshold=cache_l2_threshold,
+            l2_text_threshold=cache_l2_text_threshold,
             background_offers=cache_background_offers) if self.cache else None
         # streams.text: BM25 indexes rebuilt from the restored state, then fed by the indexer
         self.keyword = KeywordIndexes(self.data_dir / "keyword")

@@ -123,7 +123,8 @@ def _rkey(index_key: str, label: int) -> bytes:
 
 def _rvalue(vector: Vector) -> bytes:
     """fp16 is exact enough to re-rank (relative error 5e-4 a component) at half the bytes."""
-    half = vector.astype("<f2")
+    with np.errstate(over="ignore"):  # checked just below
+        half = vector.astype("<f2")
     if np.isfinite(half).all():
         return b"\x02" + half.tobytes()
     return b"\x04" + vector.astype("<f4").tobytes()

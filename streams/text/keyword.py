@@ -147,6 +147,9 @@ class KeywordIndex:
         self._index.config_reader(reload_policy="manual")
         self._writer = self._index.writer(heap_size=_WRITER_HEAP, num_threads=1)
         self._lock = threading.Lock()
+        # bumped after every change is visible: a result read at one generation is
+        # current while it is unchanged (the text cache's hybrid entries)
+        self.generation = 0
 
     def apply(self, upserts: Iterable[KeywordDoc], deletes: Iterable[str] = ()) -> None:
         """Delete ``deletes``, then add or replace ``upserts`` (an id present in both ends
@@ -166,12 +169,14 @@ class KeywordIndex:
                 self._writer.add_document(tdoc)
             self._writer.commit()
             self._index.reload()
+            self.generation += 1
 
     def clear(self) -> None:
         with self._lock:
             self._writer.delete_all_documents()
             self._writer.commit()
             self._index.reload()
+            self.generation += 1
 
     def __len__(self) -> int:
         return int(self._index.searcher().num_docs)
@@ -287,6 +292,12 @@ class KeywordIndexes:
         ki = self._indexes.get(key)
         if ki is not None:
             ki.clear()
+
+    def generation(self, key: str) -> int:
+        """:attr:`KeywordIndex.generation` of ``key`` (0 while it has none); read it
+        before searching."""
+        ki = self._indexes.get(key)
+        return 0 if ki is None else ki.generation
 
     def search(self, key: str, text: str, k: int, flt: Filter | None = None) -> list[KeywordHit]:
         ki = self._indexes.get(key)

@@ -12,18 +12,50 @@ before either index is read; the keyword index is updated before the applied pos
 advance, so a ``session``/``strong`` read sees both up to date. Hits carry the stored meta
 (source id, chunk location, text); a keyword hit deleted between the search and the
 payload join is dropped.
+
+The text cache (L2 on the query text, :meth:`CacheController.lookup_text`), for indexes
+whose cache layers hold ``L2``:
+
+- ``dense`` and ``hybrid``: after embedding, the text's embedding is looked up among the
+  cached query texts of the same mode (and fusion), filter and topK bucket, at the text
+  threshold (``cache.l2_text_threshold``, node default 0.02) *and* the text stage (the two
+  texts must agree: same numbers, negation, entities, word order). A hit answers with the
+  cached hits and debug ``layer: "L2"``, ``distance``, ``agreement``; the vector search,
+  keyword search, fusion and payload join are skipped. Served only at ``eventual``, and at
+  ``bounded`` when the entry is younger than the bound; never at ``session``/``strong``.
+- on a miss the fresh result is offered (:meth:`CacheController.offer_text`) keyed by the
+  search vector, so it is invalidated like any result. ``dense``: by the result-aware rule
+  (a write that enters its top-k or removes one of its hits). ``hybrid``: the fused answer
+  also depends on keyword ranks and BM25 statistics, which any chunk write may move, so
+  *any* write reported for the index since its search began invalidates it (``any_write``).
+  Only a result computed fresh (or from the exact L0) is offered, never one built on a
+  tolerant (L1/L2) vector hit.
+- ``keyword``: not cached (its BM25 statistics change with every write to the index).
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from typing import Any, Literal
 
+from streams.cache.canonical import CanonicalKeyMap
+from streams.cache.controller import CacheController, CacheLookup
+from streams.cache.entry import CachedResult
+from streams.cache.keys import QueryKey, query_key
 from streams.embed import DEFAULT_EMBEDDER, Embedder, open_embedder
 from streams.index.exceptions import InvalidRequest, NotFound
-from streams.index.filters import parse_filter
-from streams.index.model import LIMITS, Consistency, Hit, IndexConfig, check_name
+from streams.index.filters import Filter, parse_filter
+from streams.index.model import (
+    LIMITS,
+    Consistency,
+    Hit,
+    IndexConfig,
+    Vector,
+    check_name,
+    parse_vector,
+)
 from streams.service.api import DataPlane, SearchRequest, SearchResponse
 from streams.text.fusion import alpha_fusion, rrf
 from streams.text.keyword import KeywordIndexes
@@ -84,9 +116,12 @@ class TextSearch:
         tokens: tuple[str, ...] = (),
         bound_ms: int | None = None,
         timeout_ms: int = 1000,
+        vector: Vector | None = None,
     ) -> SearchResponse:
-        """The ``k`` best chunks for ``text``. Raises ``InvalidRequest`` (bad mode, k,
-        alpha, filter or text), ``NotFound`` (no such index), ``Busy`` (consistency)."""
+        """The ``k`` best chunks for ``text``. ``vector``: the text's embedding by the
+        index's embedder when the caller has it (else embedded here). Raises
+        ``InvalidRequest`` (bad mode, k, alpha, filter, text or vector), ``NotFound`` (no
+        such index), ``Busy`` (consistency)."""
         t0 = time.perf_counter()
         if mode not in MODES:
             raise InvalidRequest(f"mode must be one of {', '.join(MODES)}", field="mode")
@@ -102,11 +137,41 @@ class TextSearch:
         timings: dict[str, float] = {}
         dense: list[Hit] = []
         dense_debug: dict[str, Any] = {}
+        text_cache: _TextCache | None = None
+        seen_applied: tuple[str, ...] = ()
+        ranked: list[tuple[str, float]] = []
+        applied = getattr(self.service, "applied", None)
         if mode != "keyword":
-            emb = self.embedder(config)
             t1 = time.perf_counter()
-            vector = emb.embed([text])[0]
+            ctl = self._text_layers(config)
+            canon = None if ctl is None else _canonical(text)
+            # one embedding call: the text (search vector, unless given) and, for L2, the
+            # canonical text (the form L2's thresholds were tuned on) where it differs
+            texts = ([text] if vector is None else []) + (
+                [canon] if canon is not None and canon != text else []
+            )
+            embedded = self.embedder(config).embed(texts) if texts else None
+            if vector is None:
+                assert embedded is not None
+                vector = embedded[0]
+            vector = parse_vector(vector, config.dim)
             timings["embed"] = (time.perf_counter() - t1) * 1000
+            if ctl is not None and canon is not None:
+                key_vec = vector
+                if canon != text:
+                    assert embedded is not None
+                    key_vec = parse_vector(embedded[-1], config.dim)
+                text_cache = self._text_cache(ctl, config, key_vec, vector, k, flt, mode, alpha)
+            if text_cache is not None:
+                t1 = time.perf_counter()
+                if consistency is Consistency.BOUNDED:  # the bound is waited for first
+                    self._wait(consistency, tokens, bound_ms, timeout_ms)
+                hit = text_cache.lookup(consistency, bound_ms, text)
+                timings["text_cache"] = (time.perf_counter() - t1) * 1000
+                if hit is not None:
+                    return self._cached(hit, k, mode, alpha, t0, timings)
+                if applied is not None:  # what the fresh result will have seen at least
+                    seen_applied = tuple(applied.tokens())
             t1 = time.perf_counter()
             resp = self.service.search(
                 SearchRequest(
@@ -124,11 +189,9 @@ class TextSearch:
             dense, dense_debug = resp.hits, resp.debug
             timings["dense"] = (time.perf_counter() - t1) * 1000
         else:
-            wait = getattr(self.service, "wait_for", None)
-            if wait is not None:
-                t1 = time.perf_counter()
-                wait(consistency, tokens, bound_ms, timeout_ms)
-                timings["consistency"] = (time.perf_counter() - t1) * 1000
+            t1 = time.perf_counter()
+            self._wait(consistency, tokens, bound_ms, timeout_ms)
+            timings["consistency"] = (time.perf_counter() - t1) * 1000
         kw: list[tuple[str, float]] = []
         if mode != "dense":
             t1 = time.perf_counter()
@@ -159,9 +222,18 @@ class TextSearch:
                 "dense_cache_hit": dense_debug.get("cache_hit"),
             }
         )
-        applied = getattr(self.service, "applied", None)
         if "applied" not in debug and applied is not None:
             debug["applied"] = applied.tokens()
+        if text_cache is not None:
+            # only an exact dense answer is offered (not one built on a tolerant vector hit)
+            exact = dense_debug.get("layer", "none") in ("none", "L0") and (
+                mode == "dense" or len(hits) == len(ranked)  # no hit dropped by the join
+            )
+            t1 = time.perf_counter()
+            debug["text_cache"] = text_cache.offer(
+                hits, seen_applied, (t1 - t0) * 1000, text, exact
+            )
+            timings["text_cache_offer"] = (time.perf_counter() - t1) * 1000
         debug.update(
             {
                 "mode": mode,
@@ -172,6 +244,74 @@ class TextSearch:
                 "text_latency_breakdown_ms": {name: round(ms, 3) for name, ms in timings.items()},
             }
         )
+        return SearchResponse(hits, debug)
+
+    def _wait(
+        self,
+        consistency: Consistency,
+        tokens: tuple[str, ...],
+        bound_ms: int | None,
+        timeout_ms: int,
+    ) -> None:
+        wait = getattr(self.service, "wait_for", None)
+        if wait is not None:
+            wait(consistency, tokens, bound_ms, timeout_ms)
+
+    def _text_layers(self, config: IndexConfig) -> CacheController | None:
+        """The node's cache layers when L2 is on for this index, else None."""
+        ctl = getattr(self.service, "cache_layers", None)
+        if not isinstance(ctl, CacheController) or not ctl.settings(config).l2:
+            return None
+        return ctl
+
+    def _text_cache(
+        self,
+        ctl: CacheController,
+        config: IndexConfig,
+        text_vec: Vector,
+        vector: Vector,
+        k: int,
+        flt: Filter | None,
+        mode: str,
+        alpha: float | None,
+    ) -> _TextCache:
+        observer = getattr(self.service, "search_observer", None)
+        # a fused result also read the keyword index: it holds while that is unchanged
+        generation = 0 if mode == "dense" else self.keyword.generation(config.key)
+        return _TextCache(ctl, observer, config, text_vec, vector, k, flt, mode, alpha, generation)
+
+    def _cached(
+        self,
+        hit: tuple[CacheLookup, CachedResult],
+        k: int,
+        mode: str,
+        alpha: float | None,
+        t0: float,
+        timings: dict[str, float],
+    ) -> SearchResponse:
+        look, entry = hit
+        hits = [
+            Hit(i, s, m)
+            for i, s, m in zip(entry.ids[:k], entry.scores[:k], entry.metas[:k], strict=True)
+        ]
+        applied = getattr(self.service, "applied", None)
+        debug: dict[str, Any] = {
+            "cache_hit": True,
+            "layer": look.layer,
+            "distance": look.distance,
+            "agreement": look.agreement,
+            "decision": entry.admission.as_dict() if entry.admission else "none",
+            "cached_at": list(entry.applied),
+            "cache_hit_count": look.hit_count,
+            "query_key": str(entry.key),
+            "mode": mode,
+            "fusion": None if mode != "hybrid" else ("rrf" if alpha is None else "alpha"),
+            "alpha": alpha,
+            "latency_ms": round((time.perf_counter() - t0) * 1000, 3),
+            "text_latency_breakdown_ms": {name: round(ms, 3) for name, ms in timings.items()},
+        }
+        if applied is not None:
+            debug["applied"] = applied.tokens()
         return SearchResponse(hits, debug)
 
     def _join(
@@ -194,3 +334,123 @@ def _as_higher_better(hits: list[Hit], config: IndexConfig) -> list[tuple[str, f
     """Dense scores oriented so that higher is better (L2 distances negated)."""
     sign = 1.0 if config.metric.higher_is_better else -1.0
     return [(h.id, sign * h.score) for h in hits]
+
+
+class _TextCache:
+    """One text search's use of L2 on its text (module docstring): :meth:`lookup` before
+    the search, :meth:`offer` of its fresh result after a miss."""
+
+    def __init__(
+        self,
+        ctl: CacheController,
+        observer: Any,
+        config: IndexConfig,
+        text_vec: Vector,
+        vector: Vector,
+        k: int,
+        flt: Filter | None,
+        mode: str,
+        alpha: float | None,
+        generation: int,
+    ) -> None:
+        self.ctl = ctl
+        self.generation = generation
+        self.observer = observer
+        self.config = config
+        self.text_vec = text_vec  # the canonical text's embedding: L2's point
+        self.vector = vector  # the search vector: the entry's key and invalidation
+        self.k = k
+        self.flt = flt
+        self.mode = mode
+        self.alpha = alpha
+        # results of another mode or fusion never serve each other
+        self.variant = mode if mode == "dense" else f"{mode}:{'rrf' if alpha is None else alpha}"
+        self.look: CacheLookup | None = None
+
+    def lookup(
+        self, consistency: Consistency, bound_ms: int | None, text: str
+    ) -> tuple[CacheLookup, CachedResult] | None:
+        look = self.look = self.ctl.lookup_text(
+            self.config,
+            self.text_vec,
+            self.k,
+            self.flt,
+            consistency,
+            bound_ms,
+            text=text,
+            variant=self.variant,
+            generation=self.generation,
+        )
+        entry = look.entry
+        if entry is None:
+            return None
+        if self.observer is not None and self.observer.expired(entry):
+            return None  # its admission TTL has passed: answer as a miss (not re-offered)
+        return look, entry
+
+    def key(self) -> QueryKey:
+        """The entry's key: the search vector's :class:`QueryKey`; for fused results one
+        derived from it and the fusion (they are other answers to the same vector)."""
+        c = self.config
+        base = query_key(c.key, c.metric, self.vector, self.k, self.flt)
+        if self.mode == "dense":
+            return base
+        h = hashlib.blake2b(base.digest, digest_size=len(base.digest))
+        h.update(self.variant.encode())
+        return QueryKey(h.digest())
+
+    def offer(
+        self,
+        hits: list[Hit],
+        applied: tuple[str, ...],
+        compute_ms: float,
+        text: str,
+        exact: bool,
+    ) -> dict[str, Any]:
+        """Offer the fresh result after a miss; what became of it, for the debug info."""
+        look = self.look
+        if look is None or look.entry is not None:
+            return {"layer": "none", "decision": "none"}
+        out = look.as_debug()
+        if not exact:
+            out["decision"] = "not-offered"
+            return out
+        entry = CachedResult(
+            self.key(),
+            self.config.key,
+            self.config.metric,
+            self.vector,
+            self.k,
+            self.flt,
+            (-1,) * len(hits),  # index rows are not known here; nothing reads them
+            tuple(h.id for h in hits),
+            tuple(h.score for h in hits),
+            tuple(h.meta for h in hits),
+            applied,
+            compute_ms=compute_ms,
+            created_s=time.monotonic(),
+        )
+        outcome = self.ctl.offer_text(
+            look,
+            self.text_vec,
+            entry,
+            text,
+            any_write=self.mode != "dense",
+            variant=self.variant,
+            generation=self.generation,
+        )
+        out["decision"] = "none" if outcome is None else outcome.as_dict()
+        return out
+
+
+_CANON = CanonicalKeyMap()  # no aliases: the strict normal form
+
+
+def _canonical(text: str) -> str | None:
+    """The text L2 embeds and compares (case folded, spacing and prose punctuation
+    normalised: what the QQP tuning embedded); None when the normaliser refuses it (too
+    long): such a query bypasses the text cache."""
+    try:
+        return _CANON.canonical(text)
+    except InvalidRequest:
+        return None
