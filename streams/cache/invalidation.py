@@ -40,11 +40,13 @@ rebuild (after as many changes as there were entries at the last one) re-fits th
 clusters with a few k-means steps and recomputes them exactly.
 
 Cost split. ``add`` and ``remove`` run on the search path (a miss's offer, an eviction)
-and do O(1) work: the query goes into preallocated buffers (doubling growth) and into a
-*pending* set; nothing is clustered there. Pending entries are tested exactly by every
-write, so they need no bound. The next write (``affected_by_upserts``, on the indexer
-thread) first settles them: each joins its nearest centre (one matrix product for all;
-outliers open new clusters). After as many changes as there were entries at the last fit
+and do O(1) work with no numpy arithmetic: ``add`` records the key, the query array as
+given (read-only, as the cache's entries hold it), the threshold, filter and ids in
+preallocated slots (doubling growth). The next write-side call (``affected_by_ids`` or
+``affected_by_upserts``, on the indexer thread, under the cache's lock as every call)
+converts the recorded queries in one pass, indexes their ids, and settles them into
+clusters: each joins its nearest centre (one matrix product for all; outliers open new
+clusters). After as many changes as there were entries at the last fit
 (at least 32), new centres are fitted (k-means++ on a sample, a few Lloyd steps) on a
 thread from a copy of the queries, and the next write after it finishes swaps them in,
 re-assigning every entry and recomputing every bound exactly (one n x clusters product).
@@ -61,6 +63,7 @@ import math
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -154,14 +157,42 @@ def _fit_centres(points: F64, k: int, seed: int) -> F64:
 
 
 class _Fit:
-    """A cluster fit running on a thread: ``centres`` set (None on failure) before
+    """A cluster fit running on a thread over a snapshot of the entries (``slots`` and
+    their add ``gens``): the centres, each snapshot entry's cluster and every cluster's
+    bounds over its snapshot members, all set (``centres`` None on failure) before
     ``done``."""
 
-    __slots__ = ("centres", "done")
+    __slots__ = ("centres", "cluster", "done", "gens", "maxnorm", "radius", "slots", "weakest")
 
-    def __init__(self) -> None:
+    def __init__(self, slots: I64, gens: I64) -> None:
+        self.slots = slots
+        self.gens = gens
         self.centres: F64 | None = None
+        self.cluster: I64 | None = None
+        self.radius: F64 | None = None
+        self.maxnorm: F64 | None = None
+        self.weakest: F64 | None = None
         self.done = threading.Event()
+
+    def run(self, points: F64, qsq: F64, thr: F64, k: int, higher: bool) -> None:
+        """The thread's work: centres, assignment and exact bounds (what
+        :meth:`InvalidationIndex._apply` computes under the lock, done here off it)."""
+        centres = _fit_centres(points, k, points.shape[0])
+        near = _nearest(points, centres)
+        used = np.unique(near)
+        renumber = np.full(centres.shape[0], -1, dtype=np.int64)
+        renumber[used] = np.arange(used.size)
+        cluster = renumber[near]
+        centres = centres[used]
+        order = np.argsort(cluster, kind="stable")
+        starts = np.searchsorted(cluster[order], np.arange(used.size))
+        dist = np.sqrt(((points - centres[cluster]) ** 2).sum(axis=1))
+        self.radius = np.maximum.reduceat(dist[order], starts) * (1 + _SLACK) + _TINY
+        self.maxnorm = np.sqrt(np.maximum.reduceat(qsq[order], starts)) * (1 + _SLACK) + _TINY
+        reduce = np.minimum if higher else np.maximum
+        self.weakest = reduce.reduceat(thr[order], starts)
+        self.cluster = cluster
+        self.centres = centres
 
 
 class InvalidationIndex:
@@ -193,10 +224,12 @@ class InvalidationIndex:
         self._filters: list[Filter | None] = [None] * cap
         self._ids: list[tuple[str, ...]] = [()] * cap
         self._cluster_of: list[int] = [-1] * cap  # -1: pending (or free)
+        self._gen: list[int] = [0] * cap  # adds into each slot (a fit's snapshot check)
         self._slot: dict[QueryKey, int] = {}
         self._free: list[int] = list(range(cap - 1, -1, -1))
         self._by_id: dict[str, set[QueryKey]] = {}
-        self._pending: dict[int, None] = {}  # slots not yet in a cluster, in add order
+        self._raw: dict[int, npt.NDArray[Any]] = {}  # slot -> query as added (not absorbed)
+        self._pending: dict[int, None] = {}  # absorbed slots not yet in a cluster
         self._set_clusters(np.zeros((0, dim)))
         self._changes = 0
         self._rebuilt_at = 0  # entries at the last rebuild
@@ -223,35 +256,27 @@ class InvalidationIndex:
         ids: Iterable[str],
     ) -> None:
         """Track an entry: its raw query, k-th score (None: fewer than k hits), filter
-        and hit ids. Replaces an entry of the same key. Pending until the next write
-        settles it (module docstring)."""
-        q = np.asarray(query, dtype=np.float64).ravel()
-        if q.shape != (self.dim,):
-            raise ValueError(f"query of dim {q.shape[0]}, index dim {self.dim}")
-        qsq = float(q @ q)
-        if self._cosine and qsq > 0.0:  # prepare64's unit row, without its 2-D detour
-            q = q / math.sqrt(qsq)
-            qsq = float(q @ q)
+        and hit ids. Replaces an entry of the same key. Only recorded here: the next
+        write-side call converts the query and indexes the ids (module docstring). A
+        writeable ``query`` is copied (a read-only one, as :class:`CachedResult` holds,
+        is kept as it is)."""
+        q = np.asarray(query)
+        if q.size != self.dim:
+            raise ValueError(f"query of dim {q.size}, index dim {self.dim}")
+        if q.flags.writeable:
+            q = q.copy()
         if key in self._slot:
             self.remove(key)
         if not self._free:
             self._grow()
         slot = self._free.pop()
-        self._q[slot] = q
-        self._qsq[slot] = qsq
         self._thr[slot] = threshold_of(kth, self.metric)
         self._keys[slot] = key
         self._filters[slot] = filter
-        hit_ids = self._ids[slot] = tuple(ids)
+        self._ids[slot] = tuple(ids)
+        self._gen[slot] += 1
         self._slot[key] = slot
-        by_id = self._by_id
-        for id in hit_ids:
-            keys = by_id.get(id)
-            if keys is None:
-                by_id[id] = {key}
-            else:
-                keys.add(key)
-        self._pending[slot] = None
+        self._raw[slot] = q
         self._changes += 1
 
     def remove(self, key: QueryKey) -> bool:
@@ -260,19 +285,20 @@ class InvalidationIndex:
         slot = self._slot.pop(key, None)
         if slot is None:
             return False
-        for id in self._ids[slot]:
-            keys = self._by_id.get(id)
-            if keys is not None:
-                keys.discard(key)
-                if not keys:
-                    del self._by_id[id]
-        c = self._cluster_of[slot]
-        if c < 0:
-            del self._pending[slot]
-        else:
-            self._members[c].discard(slot)
-            self._member_arrays[c] = None
-            self._cluster_of[slot] = -1
+        if self._raw.pop(slot, None) is None:  # its ids were indexed
+            for id in self._ids[slot]:
+                keys = self._by_id.get(id)
+                if keys is not None:
+                    keys.discard(key)
+                    if not keys:
+                        del self._by_id[id]
+            c = self._cluster_of[slot]
+            if c < 0:
+                del self._pending[slot]
+            else:
+                self._members[c].discard(slot)
+                self._member_arrays[c] = None
+                self._cluster_of[slot] = -1
         self._keys[slot] = None
         self._filters[slot] = None
         self._ids[slot] = ()
@@ -280,10 +306,34 @@ class InvalidationIndex:
         self._changes += 1
         return True
 
+    def _absorb(self) -> None:
+        """The write side's first step: the queries recorded by :meth:`add` into the
+        float64 buffers (unit rows for cosine, one pass for all) and their hit ids into
+        the id index; they become pending (unclustered)."""
+        if not self._raw:
+            return
+        slots = np.fromiter(self._raw, dtype=np.int64, count=len(self._raw))
+        q = prepare64(np.stack([v.reshape(self.dim) for v in self._raw.values()]), self.metric)
+        self._q[slots] = q
+        self._qsq[slots] = np.einsum("ij,ij->i", q, q)
+        by_id = self._by_id
+        for slot in slots.tolist():
+            key = self._keys[slot]
+            assert key is not None
+            for id in self._ids[slot]:
+                keys = by_id.get(id)
+                if keys is None:
+                    by_id[id] = {key}
+                else:
+                    keys.add(key)
+            self._pending[slot] = None
+        self._raw.clear()
+
     # -- queries -----------------------------------------------------------------------
 
     def affected_by_ids(self, ids: Iterable[str]) -> set[QueryKey]:
-        """Entries whose result holds any of ``ids`` (rule (a))."""
+        """Entries whose result holds any of ``ids`` (rule (a)); absorbs added entries."""
+        self._absorb()
         out: set[QueryKey] = set()
         for id in ids:
             keys = self._by_id.get(id)
@@ -386,11 +436,12 @@ class InvalidationIndex:
         cluster's radius and the median radius) opens a new cluster while there are fewer
         than ``max_clusters``. Called by :meth:`affected_by_upserts`; callable on its own
         to take the work off the next write."""
+        self._absorb()
         fit = self._fit
         if fit is not None and fit.done.is_set():
             self._fit = None
             if fit.centres is not None and self._slot:
-                self._apply(fit.centres)
+                self._swap(fit)
         if not self._slot:
             return
         stale = self._changes > max(_MIN_REBUILD, self._rebuilt_at)
@@ -419,23 +470,50 @@ class InvalidationIndex:
             self._assign_one(s)
 
     def _start_fit(self) -> None:
-        """Fit new centres on a thread, from a copy of the queries now tracked."""
+        """Fit new clusters on a thread, from a copy of the entries now tracked (all
+        absorbed: :meth:`settle` absorbs first)."""
         slots = np.fromiter(self._slot.values(), dtype=np.int64, count=len(self._slot))
-        points = self._q[slots]  # a copy: the thread never reads the live buffers
+        gens = np.array([self._gen[s] for s in slots.tolist()], dtype=np.int64)
+        # copies: the thread never reads the live buffers
+        points, qsq, thr = self._q[slots], self._qsq[slots], self._thr[slots]
         self._changes = 0
         self._rebuilt_at = slots.size
-        fit = self._fit = _Fit()
-        k = self._target_clusters()
+        fit = self._fit = _Fit(slots, gens)
+        k, higher = self._target_clusters(), self._higher
 
         def work() -> None:
             try:
-                fit.centres = _fit_centres(points, k, slots.size)
+                fit.run(points, qsq, thr, k, higher)
             except Exception:  # the old clusters stay, sound; the next stale settle retries
+                fit.centres = None
                 log.exception("invalidation index: cluster fit failed")
             finally:
                 fit.done.set()
 
         threading.Thread(target=work, name="cache-invalidation-fit", daemon=True).start()
+
+    def _swap(self, fit: _Fit) -> None:
+        """Make a finished fit the clusters, under the caller's lock: its snapshot entries
+        still tracked (same slot, same add) take their fitted cluster, whose bounds cover
+        every snapshot member (removed ones only loosen them); entries added since are
+        left pending for :meth:`settle` to join. O(entries), no product over them."""
+        assert fit.centres is not None and fit.cluster is not None
+        assert fit.radius is not None and fit.maxnorm is not None and fit.weakest is not None
+        self.rebuilds += 1
+        self._set_clusters(fit.centres)
+        self._radius, self._maxnorm, self._weakest = fit.radius, fit.maxnorm, fit.weakest
+        gen, keys, cluster_of, members = self._gen, self._keys, self._cluster_of, self._members
+        kept: set[int] = set()
+        for s, g, c in zip(
+            fit.slots.tolist(), fit.gens.tolist(), fit.cluster.tolist(), strict=True
+        ):
+            if keys[s] is not None:  # not removed (nor re-added) since
+                members[c].add(s)
+                cluster_of[s] = c
+                kept.add(s)
+        self._pending = {s: None for s in self._slot.values() if s not in kept}
+        for s in self._pending:  # their old clusters are gone; settle joins them next
+            cluster_of[s] = -1
 
     def wait_fit(self, timeout: float | None = None) -> bool:
         """Wait for a background fit to finish (tests); True if none is running. The
@@ -506,6 +584,7 @@ class InvalidationIndex:
         pending ones included, and recompute every bound exactly, at once (a fit running
         on a thread is dropped). :meth:`settle` calls it for the first clusters, and when
         stale with ``background`` off."""
+        self._absorb()
         self._fit = None
         self._changes = 0
         self._rebuilt_at = len(self._slot)
@@ -545,6 +624,7 @@ class InvalidationIndex:
         self._filters += [None] * old
         self._ids += [()] * old
         self._cluster_of += [-1] * old
+        self._gen += [0] * old
         self._free.extend(range(cap - 1, old - 1, -1))
 
     def clusters(self) -> int:
@@ -553,4 +633,4 @@ class InvalidationIndex:
 
     def pending(self) -> int:
         """Entries not yet in a cluster (introspection, tests)."""
-        return len(self._pending)
+        return len(self._pending) + len(self._raw)
