@@ -41,11 +41,19 @@ OPS = st.lists(
 @pytest.mark.parametrize("background", [True, False])
 @pytest.mark.parametrize("metric", METRICS)
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), dim=st.integers(2, 6), ops=OPS,
-       spread=st.sampled_from([0.05, 0.5, 3.0]))
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    dim=st.integers(2, 6),
+    ops=OPS,
+    spread=st.sampled_from([0.05, 0.5, 3.0]),
+)
 def test_pruned_answer_equals_a_full_scan_over_random_adds_removes_and_rebuilds(
-    metric: Metric, background: bool, seed: int, dim: int,
-    ops: list[tuple[str, int, int]], spread: float,
+    metric: Metric,
+    background: bool,
+    seed: int,
+    dim: int,
+    ops: list[tuple[str, int, int]],
+    spread: float,
 ) -> None:
     """Any interleaving of adds (new keys and replaced ones), removals (pending or
     clustered entries), writes, forced rebuilds, settles and finished background fits:
@@ -95,19 +103,27 @@ def test_pruned_answer_equals_a_full_scan_over_random_adds_removes_and_rebuilds(
             rows = []
             for _ in range(n):
                 c = int(rng.integers(4))  # inside, at and beyond the clusters' rims
-                v = (centres[c] + rng.standard_normal(dim) * spread * rng.uniform(0.3, 4.0))
+                v = centres[c] + rng.standard_normal(dim) * spread * rng.uniform(0.3, 4.0)
                 v = v.astype(np.float32)
                 if entries and rng.random() < 0.2:  # exactly a cached query: ties enter
                     v = list(entries.values())[rng.integers(len(entries))][0].copy()
-                rows.append(UpsertRow(str(rng.choice(ids)), v, TAGS[rng.integers(len(TAGS))],
-                                      NUMERICS[rng.integers(len(NUMERICS))]))
+                rows.append(
+                    UpsertRow(
+                        str(rng.choice(ids)),
+                        v,
+                        TAGS[rng.integers(len(TAGS))],
+                        NUMERICS[rng.integers(len(NUMERICS))],
+                    )
+                )
             deleted = set(rng.choice(ids, size=n_deleted, replace=False).tolist())
             want = full_scan(metric, entries, rows, deleted)
             got = index.affected_by_ids(deleted | {r.id for r in rows})
             if rows:
-                got |= index.affected_by_upserts(np.stack([r.vector for r in rows]),
-                                                 [r.tags for r in rows],
-                                                 [r.numeric for r in rows])
+                got |= index.affected_by_upserts(
+                    np.stack([r.vector for r in rows]),
+                    [r.tags for r in rows],
+                    [r.numeric for r in rows],
+                )
             assert got == want
             assert not rows or index.pending() == 0  # an upsert settles every pending entry
         assert len(index) == len(entries)
@@ -212,8 +228,13 @@ def test_simhash_is_the_sign_of_each_projection(v: list[float]) -> None:
 def _reference_key(index_key: str, metric: Metric, v: np.ndarray, k: int, flt: Any) -> bytes:
     """The key as the module docstring defines it, every part hashed afresh."""
     h = hashlib.blake2b(digest_size=16, person=b"streamvec.L1")
-    parts = [index_key.encode(), metric.value.encode(), str(k_bucket(k)).encode(),
-             ("" if flt is None else str(flt)).encode(), simhash(v)]
+    parts = [
+        index_key.encode(),
+        metric.value.encode(),
+        str(k_bucket(k)).encode(),
+        ("" if flt is None else str(flt)).encode(),
+        simhash(v),
+    ]
     if metric is not Metric.COSINE:
         import math
 
@@ -239,3 +260,28 @@ def test_tolerant_key_with_a_cached_prefix_equals_the_definition(metric: Metric)
         assert tolerant_key(index_key, metric, v, k, flt) == _reference_key(
             index_key, metric, v, k, flt
         )
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_an_entry_replaced_while_a_fit_runs_is_not_taken_from_the_snapshot(
+    metric: Metric,
+) -> None:
+    """The fit's snapshot holds slot s for key A; A is removed and B added into the same
+    slot (the free list is last-in first-out) with a far query before the swap. B must
+    join a cluster that covers it, not A's fitted one."""
+    index = _clustered(metric, 64)
+    origin = np.zeros((1, 8), dtype=np.float32)
+    index.affected_by_upserts(origin, [()], [{}])
+    rng = np.random.default_rng(2)
+    for i in range(64, 200):
+        q = (rng.standard_normal(8) * 0.05 + 4).astype(np.float32)
+        index.add(qkey(i), q, kth_of(metric, q, q * 1.01), None, ())
+    index.affected_by_upserts(origin, [()], [{}])  # stale: the fit starts, snapshot taken
+    assert index.rebuilds == 1  # the fit is not swapped in before the next write
+    assert index.remove(qkey(5))
+    far = np.full(8, -40.0, dtype=np.float32)
+    index.add(qkey(10_000), far, kth_of(metric, far, far * 0.999), None, ())
+    assert index.wait_fit(30)
+    got = index.affected_by_upserts(far[None, :], [()], [{}])
+    assert index.rebuilds == 2
+    assert qkey(10_000) in got and qkey(5) not in got

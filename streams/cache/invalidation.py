@@ -48,10 +48,13 @@ converts the recorded queries in one pass, indexes their ids, and settles them i
 clusters: each joins its nearest centre (one matrix product for all; outliers open new
 clusters). After as many changes as there were entries at the last fit
 (at least 32), new centres are fitted (k-means++ on a sample, a few Lloyd steps) on a
-thread from a copy of the queries, and the next write after it finishes swaps them in,
-re-assigning every entry and recomputing every bound exactly (one n x clusters product).
-So neither the k-means nor the centre search is ever paid by a search, and the cache's
-lock is held for the swap, not the fit.
+thread from a copy of the queries; the thread also assigns that snapshot's entries and
+computes each new cluster's bounds over them. The next write after it finishes swaps them
+in: snapshot entries still tracked (same slot, same add) keep their fitted cluster, whose
+bounds cover every snapshot member (one removed since only loosens them); entries added
+since join like pending ones. So neither the k-means nor the centre search is ever paid
+by a search, and the cache's lock is held for the swap (O(entries), no product over
+them), not the fit.
 
 Not thread-safe: :class:`ResultCache` holds its lock around every call.
 """
@@ -427,15 +430,15 @@ class InvalidationIndex:
 
     def settle(self) -> None:
         """Put every pending entry into a cluster (the write side; the search path never
-        calls it). First, centres fitted on a thread since the last call are swapped in:
-        every entry is re-assigned and every bound recomputed exactly. When the clusters
-        are stale (as many changes as entries at the last fit, at least ``_MIN_REBUILD``)
-        a new fit starts on a snapshot of the queries (``background``; else at once), or
-        at once when there are no clusters yet. The rest join their nearest centre in one
-        matrix product; an outlier (farther than ``_OUTLIER`` times the larger of that
-        cluster's radius and the median radius) opens a new cluster while there are fewer
-        than ``max_clusters``. Called by :meth:`affected_by_upserts`; callable on its own
-        to take the work off the next write."""
+        calls it). First, clusters fitted on a thread since the last call are swapped in
+        (:meth:`_swap`). When the clusters are stale (as many changes as entries at the
+        last fit, at least ``_MIN_REBUILD``) a new fit starts on a snapshot of the queries
+        (``background``; else at once), or at once when there are no clusters yet. The
+        rest join their nearest centre in one matrix product; an outlier (farther than
+        ``_OUTLIER`` times the larger of that cluster's radius and the median radius) opens
+        a new cluster while there are fewer than ``max_clusters``. Called by
+        :meth:`affected_by_upserts`; callable on its own to take the work off the next
+        write."""
         self._absorb()
         fit = self._fit
         if fit is not None and fit.done.is_set():
@@ -507,7 +510,7 @@ class InvalidationIndex:
         for s, g, c in zip(
             fit.slots.tolist(), fit.gens.tolist(), fit.cluster.tolist(), strict=True
         ):
-            if keys[s] is not None:  # not removed (nor re-added) since
+            if gen[s] == g and keys[s] is not None:  # not removed (nor re-added) since
                 members[c].add(s)
                 cluster_of[s] = c
                 kept.add(s)
