@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from rocksdict import Options, Rdict, WriteBatch, WriteOptions
+from rocksdict import WriteBatch
 
-from streams.log.exceptions import TransportError
 from streams.log.port import Record
+from streams.service.state import open_store
 
 __all__ = ["IngestState", "Outcome", "SourceDone"]
 
@@ -101,15 +101,7 @@ class IngestState:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        opts = Options(raw_mode=True)
-        opts.create_if_missing(True)
-        try:
-            self._db = Rdict(str(self.path), opts)
-        except Exception as exc:  # rocksdict raises plain Exception on open errors
-            raise TransportError(f"cannot open ingest state at {self.path}: {exc}") from exc
-        self._wo = WriteOptions()
-        self._wo.sync = False
+        self._db, self._wo = open_store(self.path, "ingest state")
         self._closed = False
 
     def positions(self) -> dict[tuple[str, int], int]:

@@ -182,21 +182,29 @@ class StateBatch:
         self.positions[(topic, partition)] = next_offset
 
 
+def open_store(path: Path, what: str) -> tuple[Rdict, WriteOptions]:
+    """Open (creating) a raw-mode RocksDB at ``path`` and the write options its batches use
+    (no fsync: these stores are derived from the log, which is the durable copy).
+    :class:`TransportError` names ``what`` when it cannot be opened."""
+    path.mkdir(parents=True, exist_ok=True)
+    opts = Options(raw_mode=True)
+    opts.create_if_missing(True)
+    try:
+        db = Rdict(str(path), opts)
+    except Exception as exc:  # rocksdict raises plain Exception on open errors
+        raise TransportError(f"cannot open {what} at {path}: {exc}") from exc
+    wo = WriteOptions()
+    wo.sync = False
+    return db, wo
+
+
 class StateStore:
     """RocksDB at ``path``. Writes are not fsynced: the log is the source of truth and a
     node restarts from a snapshot (a checkpoint of this store) plus the log."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        opts = Options(raw_mode=True)
-        opts.create_if_missing(True)
-        try:
-            self._db = Rdict(str(self.path), opts)
-        except Exception as exc:  # rocksdict raises plain Exception on open errors
-            raise TransportError(f"cannot open state at {self.path}: {exc}") from exc
-        self._wo = WriteOptions()
-        self._wo.sync = False
+        self._db, self._wo = open_store(self.path, "state")
         self._closed = False
 
     # -- reads ---------------------------------------------------------------------------
