@@ -32,7 +32,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -165,12 +165,15 @@ class OnlineContext:
         cache state."""
         now = self.clock()
         req = self.request(entry, now)
+        tracker = self.tracker
         with self._lock:
-            self._decay(now)
+            if now > self._t:
+                self._decay(now)
             if hit:
                 self._saved += entry.compute_ms
-            ctx = self.tracker.observe(req)
-            self._trim()
+            ctx = tracker.observe(req)
+            if len(tracker._key) > self.max_keys:
+                self._trim()
             price = self._saved / self._window / self.budget_bytes
         return req, ctx, CacheState(now, 0, self.budget_bytes, price)
 
@@ -193,13 +196,44 @@ _NO_FILTER: Mapping[str, str] = MappingProxyType({"filter": "none"})
 _TAG_FILTER: Mapping[str, str] = MappingProxyType({"filter": "tag"})
 
 
-def _features(ctx: Context) -> dict[str, float]:
-    return {
-        "freq": ctx.freq,
-        "gap_s": min(ctx.gap_s, 1e9),
-        "size": float(ctx.size),
-        "rel_cost": ctx.rel_cost,
-    }
+def _features(ctx: Context) -> Mapping[str, float]:
+    return _Features(ctx)
+
+
+class _Features(Mapping[str, float]):
+    """The context features a decision records, built when first read (the query log's
+    thread reads them through ``AdmissionDecision.as_dict``; the search path only keeps
+    the context it already has)."""
+
+    __slots__ = ("_ctx", "_d")
+
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+        self._d: dict[str, float] | None = None
+
+    def _dict(self) -> dict[str, float]:
+        d = self._d
+        if d is None:
+            ctx = self._ctx
+            d = self._d = {
+                "freq": ctx.freq,
+                "gap_s": min(ctx.gap_s, 1e9),
+                "size": float(ctx.size),
+                "rel_cost": ctx.rel_cost,
+            }
+        return d
+
+    def __getitem__(self, name: str) -> float:
+        return self._dict()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._dict())
+
+    def __len__(self) -> int:
+        return 4
+
+    def __repr__(self) -> str:
+        return repr(self._dict())
 
 
 # -- the policies ---------------------------------------------------------------------------

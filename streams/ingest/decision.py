@@ -26,7 +26,9 @@ __all__ = ["Decision", "IndexNow", "VectorizeContext", "Vectorizer"]
 class Decision:
     """``index``: append the chunk's vector (False: the chunk is not searchable by vector;
     a previous copy of its id is deleted). ``ttl_ms``: a temporary vector. ``text_only``:
-    mark the payload text-only. ``reason``: why, for logs and debug."""
+    mark the payload text-only. ``reason``: why, for logs and debug. ``defer``: hold the
+    chunk back in the processor's queue with this priority (lower is appended first;
+    ``None``: appended with its batch)."""
 
     index: bool = True
     ttl_ms: int | None = None
@@ -35,6 +37,7 @@ class Decision:
     # payload fields written with the chunk (streams.ingest.vectorize: the decision and
     # its reasons under "vectorize", "duplicate_of")
     fields: Mapping[str, Any] | None = None
+    defer: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,19 @@ records, so a chunk embedded before the crash is not embedded again; a crash bef
 1 loses only the embedding work of the batch in flight, which is redone. Records appended
 twice (a crash between 2 and 3) carry the same ids and bytes, so the index ends the same.
 
+Held chunks (smart vectorization): a chunk whose decision carries ``defer`` (a medium/low
+Queue) is not appended with its batch. Its encoded record is held in the state, put in the
+same write batch as the position of its Source (step 3), so a crash neither loses nor
+doubles it. Held chunks are appended later, lowest priority value first (critical, high,
+medium, low), FIFO within one, in a release batch of their own (steps 1-3 with no
+position): all of them once the processor is idle (no ``documents`` record for
+``hold_idle_ms``), and under continuous load those held longer than ``hold_max_age_ms``
+and, in priority order, those beyond ``hold_max_pending`` (nothing waits forever). A newer
+version or a tombstone of a Source releases its held chunks without appending them
+(superseded) before it is built, so a stale chunk is never appended after a newer one.
+``processed`` does not pass a Source whose chunks are still held, so a ``session`` query
+with its token (and ``strong``) waits until its held chunks are appended too.
+
 Poison Sources are data: one that does not decode, does not validate (empty, oversized,
 bad meta), names an index that does not exist or has no embedder, is older than the
 version already done, or whose embedding still fails after the last retry goes to ``dlq``
@@ -47,7 +60,7 @@ from streams.ingest.catalog import Embedders, IndexCatalog
 from streams.ingest.chunker import Chunk, Chunker
 from streams.ingest.decision import IndexNow, VectorizeContext, Vectorizer
 from streams.ingest.source import Source, source_from_avro
-from streams.ingest.state import IngestState, Outcome, SourceDone
+from streams.ingest.state import Held, IngestState, Outcome, SourceDone
 from streams.log.port import Log, Record, StoredRecord, Subscription, now_ms
 from streams.schemas import catalog
 from streams.schemas.codec import AvroCodec
@@ -80,6 +93,23 @@ class ProcessorStats:
     dead_letters: int = 0
     batches: int = 0
     recovered_intents: int = 0
+    held_chunks: int = 0  # chunks held back by a deferred (medium/low Queue) decision
+    released_chunks: int = 0  # held chunks appended later
+    superseded_chunks: int = 0  # held chunks dropped: a newer version or a tombstone
+    # held chunks now, per priority (replaced, never mutated: read from other threads)
+    pending: dict[str, int] = field(default_factory=dict)
+
+
+_PRIORITIES = ("critical", "high", "medium", "low")
+
+
+def _pending_counts(held: dict[str, dict[int, Held]]) -> dict[str, int]:
+    out = dict.fromkeys(_PRIORITIES, 0)
+    for chunks in held.values():
+        for h in chunks.values():
+            name = _PRIORITIES[h.priority] if 0 <= h.priority < len(_PRIORITIES) else "low"
+            out[name] += 1
+    return out
 
 
 def chunk_tags(source: Source) -> tuple[str, ...]:
@@ -130,6 +160,10 @@ class EmbedderProcessor:
         backoff_s: float = 0.05,
         embed_batch: int = 64,
         max_in_flight: int = 2,
+        hold_idle_ms: int = 50,
+        hold_max_age_ms: int = 5_000,
+        hold_max_pending: int = 10_000,
+        release_batch: int = 512,
     ) -> None:
         self.log = log
         self.topics = topics
@@ -148,9 +182,20 @@ class EmbedderProcessor:
         self.backoff_s = backoff_s
         self.embed_batch = embed_batch
         self.max_in_flight = max_in_flight
+        if hold_idle_ms < 0 or hold_max_age_ms < 0 or hold_max_pending < 0 or release_batch < 1:
+            raise InvalidRequest("hold limits must be >= 0 and release_batch >= 1")
+        self.hold_idle_ms = hold_idle_ms
+        self.hold_max_age_ms = hold_max_age_ms
+        self.hold_max_pending = hold_max_pending
+        self.release_batch = release_batch
         self._queues: dict[int, EmbedQueue] = {}
         self.stats = ProcessorStats()
-        self.processed = AppliedPositions(state.positions())
+        # held chunks by Source key and chunk number (mirrors the state's H keys)
+        self._held: dict[str, dict[int, Held]] = {}
+        self._committed = state.positions()
+        self._last_source_ms = now_ms()
+        self._load_held()
+        self.processed = AppliedPositions(self._visible())
         self.appended = AppliedPositions()
         self.error: BaseException | None = None
         self._vsubject = catalog.subject_for(topics.vectors)
@@ -166,6 +211,7 @@ class EmbedderProcessor:
         if intent is not None:
             self._finish(intent)
             self.stats.recovered_intents += 1
+        self._load_held()
         # Everything appended before this start counts as the processor's output.
         self.appended.advance(
             {
@@ -215,8 +261,11 @@ class EmbedderProcessor:
         assert self._sub is not None, "open() first"
         recs = self._sub.poll(self.batch_sources, timeout_s)
         if not recs:
+            self._release(idle=now_ms() - self._last_source_ms >= self.hold_idle_ms)
             self.processed.advance({}, caught_up=True)
             return 0
+        self._last_source_ms = now_ms()
+        self._release(idle=False)
         decoded = decode_or_dead_letter(recs, self.codec, self.dlq, processor=PROCESSOR)
         outcome = Outcome(positions=self._sub.positions())
         planned: dict[str, int] = {}  # key -> version planned in this batch (0: tombstone)
@@ -338,6 +387,7 @@ class EmbedderProcessor:
         """Append ``w``'s records to ``outcome`` (after those of earlier records)."""
         prev = outcome.sources[w.key] if w.key in outcome.sources else self.state.source(w.key)
         old = prev.chunks if prev is not None else 0
+        self._supersede(w.key, outcome)
         s = w.source
         if s is None:  # tombstone
             tenant, index, source_id = _split_key(w.key)
@@ -401,9 +451,22 @@ class EmbedderProcessor:
                     "timestamp": ts,
                 },
             )
-            outcome.records.append(
-                Record.of(self.topics.vectors, f"{s.index_key}/{chunk.id}", value, timestamp_ms=ts)
+            record = Record.of(
+                self.topics.vectors, f"{s.index_key}/{chunk.id}", value, timestamp_ms=ts
             )
+            if decision.defer is not None:
+                r = w.rec
+                outcome.held[(w.key, chunk.chunk_no)] = Held(
+                    w.key,
+                    chunk.chunk_no,
+                    decision.defer,
+                    s.version,
+                    record,
+                    ts,
+                    (r.topic, r.partition, r.offset),
+                )
+                continue
+            outcome.records.append(record)
         for n in range(len(w.chunks), old):
             outcome.records.append(self._delete(s.tenant, s.index, f"{s.id}#{n}"))
         outcome.sources[w.key] = SourceDone(s.version, len(w.chunks))
@@ -424,7 +487,81 @@ class EmbedderProcessor:
                 reached[tp] = max(reached.get(tp, 0), pos.offset + 1)
             self.appended.advance(reached, caught_up=False)
         self.state.commit(outcome)  # 3
-        self.processed.advance(outcome.positions, caught_up=False)
+        self._committed.update(outcome.positions)
+        if outcome.held or outcome.released:
+            for key, n in outcome.released:
+                chunks = self._held.get(key)
+                if chunks is not None:
+                    chunks.pop(n, None)
+                    if not chunks:
+                        del self._held[key]
+            for h in outcome.held.values():
+                self._held.setdefault(h.key, {})[h.chunk_no] = h
+            self.stats.held_chunks += len(outcome.held)
+            self.stats.pending = _pending_counts(self._held)
+        self.processed.advance(self._visible(), caught_up=False)
+
+    # -- held chunks ----------------------------------------------------------------------
+    def _load_held(self) -> None:
+        self._held = {}
+        for h in self.state.held():
+            self._held.setdefault(h.key, {})[h.chunk_no] = h
+        self.stats.pending = _pending_counts(self._held)
+
+    def _visible(self) -> dict[tuple[str, int], int]:
+        """The committed positions, held back to the first Source with a held chunk."""
+        out = dict(self._committed)
+        for chunks in self._held.values():
+            for h in chunks.values():
+                t, p, off = h.position
+                if off < out.get((t, p), 0):
+                    out[(t, p)] = off
+        return out
+
+    def _supersede(self, key: str, outcome: Outcome) -> None:
+        """A newer version or a tombstone of ``key`` is built: its held chunks (committed,
+        or held earlier in this batch) are dropped, never appended."""
+        for k in [k for k in outcome.held if k[0] == key]:
+            del outcome.held[k]
+        dropped = [(key, n) for n in self._held.get(key, {}) if (key, n) not in outcome.released]
+        outcome.released.update(dropped)
+        self.stats.superseded_chunks += len(dropped)
+
+    def _release(self, *, idle: bool) -> None:
+        """Append held chunks in one release batch each (up to ``release_batch``): all of
+        them when ``idle``, else those older than ``hold_max_age_ms`` and, by priority,
+        those beyond ``hold_max_pending``."""
+        if not idle:  # the common case under load: nothing due, no sort
+            cutoff = now_ms() - self.hold_max_age_ms
+            count = sum(len(chunks) for chunks in self._held.values())
+            if count <= self.hold_max_pending and all(
+                h.held_ms > cutoff for chunks in self._held.values() for h in chunks.values()
+            ):
+                return
+        while self._held:
+            held = sorted(
+                (h for chunks in self._held.values() for h in chunks.values()),
+                key=lambda h: (h.priority, h.held_ms, h.key, h.chunk_no),
+            )
+            if idle:
+                due = held
+            else:
+                cutoff = now_ms() - self.hold_max_age_ms
+                excess = len(held) - self.hold_max_pending
+                due = [h for i, h in enumerate(held) if i < excess or h.held_ms <= cutoff]
+            due = due[: self.release_batch]
+            if not due:
+                return
+            outcome = Outcome()
+            for h in due:
+                done = self.state.source(h.key)
+                if done is not None and done.version == h.version:  # else stale: drop it
+                    outcome.records.append(h.record)
+                    self.stats.released_chunks += 1
+                else:
+                    self.stats.superseded_chunks += 1
+                outcome.released.add((h.key, h.chunk_no))
+            self._finish(outcome)
 
 
 def _split_key(key: str) -> tuple[str, str, str]:

@@ -31,10 +31,12 @@ Duplicates keep their own (text-only) record with ``duplicate_of``; once attache
 service the vectorizer also writes each representative's ``meta.members``
 (:meth:`SmartVectorizer.collapse`, every ``collapse_interval_s``).
 
-Queue: the processor appends every chunk of a batch at once (queued chunks too, with
-their priority recorded); a caller that defers writes uses :class:`DecisionQueue`, which
-drains critical first, FIFO within a priority. It is in memory: a caller must drain it
-before committing the input position that covers what it holds.
+Queue: a critical/high chunk is appended with its batch; a medium/low one carries
+``Decision.defer`` (its priority), and the embedder processor holds it in its RocksDB
+state and appends it later, by priority (see :mod:`streams.ingest.processor`, "Held
+chunks"). :class:`DecisionQueue` is the in-memory equivalent for other callers (critical
+first, FIFO within a priority); a caller must drain it before committing the input position
+that covers what it holds.
 """
 
 from __future__ import annotations
@@ -137,6 +139,11 @@ def _decision(
         novelty=novelty,
         reasons=reasons,
         of=of,
+        defer=(
+            int(priority)
+            if kind == "queue" and priority is not None and priority >= Priority.MEDIUM
+            else None
+        ),
     )
     fields: dict[str, Any] = {"vectorize": decision.record()}
     if of is not None:

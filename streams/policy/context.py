@@ -37,6 +37,7 @@ _S_EDGES = (1024, 4096, 16384)
 _C_EDGES = (0.5, 1.0, 2.0)
 _Q_EDGES = (1, 4, 16)
 _FILTERS = {"none": 0, "tag": 1, "range": 2, "user": 3}
+_LN2 = math.log(2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,10 +82,10 @@ class ContextTracker:
     def observe(self, req: Request) -> Context:
         """The context of ``req`` from what came before; then count ``req``."""
         ctx = self.peek(req)
-        epoch = self._epoch
+        epoch = self._n // self.half_life
         self._key[req.key] = (ctx.freq + 1.0, epoch)
         cluster = req.ctx.get("cluster")
-        if isinstance(cluster, str):
+        if cluster is not None and isinstance(cluster, str):
             self._cluster[cluster] = (ctx.cluster_freq + 1.0, epoch)
         self._last[req.key] = req.time
         if self._t0 is None:
@@ -96,24 +97,34 @@ class ContextTracker:
 
     def peek(self, req: Request) -> Context:
         """The context of ``req`` without counting it."""
-        last = self._last.get(req.key)
-        cluster = req.ctx.get("cluster")
-        filt = req.ctx.get("filter", "none")
+        # the hot path (a cache miss): the epoch once, the aged counts inline
+        key = req.key
+        last = self._last.get(key)
+        extra = req.ctx
+        cluster = extra.get("cluster")
+        filt = extra.get("filter", "none")
         mean = self._mean_cost if self._mean_cost > 0 else max(req.cost, 1e-9)
         # A count that halves every half_life requests sums a rate over half_life / ln 2
         # requests' worth of time (1 s per request until the clock has moved).
-        per_request = (self._t - self._t0) / self._n if self._t0 is not None and self._t > \
-            self._t0 else 1.0
+        t0 = self._t0
+        per_request = (self._t - t0) / self._n if t0 is not None and self._t > t0 else 1.0
+        epoch = self._n // self.half_life
+        seen = self._key.get(key)
+        freq = 0.0 if seen is None else seen[0] * 0.5 ** (epoch - seen[1])
+        if isinstance(cluster, str):
+            seen = self._cluster.get(cluster)
+            cluster_freq = 0.0 if seen is None else seen[0] * 0.5 ** (epoch - seen[1])
+        else:
+            cluster_freq = -1.0
         return Context(
-            freq=self._aged(self._key, req.key),
-            gap_s=math.inf if last is None else req.time - last,
-            size=req.size,
-            cost=req.cost,
-            rel_cost=req.cost / mean,
-            filter_kind=_FILTERS.get(filt, 4) if isinstance(filt, str) else 4,
-            cluster_freq=self._aged(self._cluster, cluster) if isinstance(cluster, str)
-            else -1.0,
-            window_s=self.half_life / math.log(2) * per_request,
+            freq,
+            math.inf if last is None else req.time - last,
+            req.size,
+            req.cost,
+            req.cost / mean,
+            _FILTERS.get(filt, 4) if isinstance(filt, str) else 4,
+            cluster_freq,
+            self.half_life / _LN2 * per_request,
         )
 
 

@@ -43,6 +43,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import faiss
 import numpy as np
 
 from streams.dlq import DeadLetterQueue, decode_or_dead_letter
@@ -226,7 +227,12 @@ class Indexer:
         # Held while a batch is applied; a snapshot takes it to see state, indexes and
         # positions that agree.
         self.lock = threading.RLock()
-        self._builder = ThreadPoolExecutor(1, thread_name_prefix="segment-builder")
+        # OpenMP's thread count is per thread: a new thread starts from the process default
+        # (all cores), not from what QueryNode set (faiss_threads). Without this a seal's
+        # HNSW add spins up one OpenMP thread per core and starves the applier.
+        self._builder = ThreadPoolExecutor(
+            1, thread_name_prefix="segment-builder",
+            initializer=faiss.omp_set_num_threads, initargs=(faiss.omp_get_max_threads(),))
         self._builds = _Builds()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

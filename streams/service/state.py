@@ -24,6 +24,7 @@ import shutil
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as _esc
 from pathlib import Path
 from typing import Any, cast
 
@@ -43,7 +44,14 @@ from streams.index.model import (
 )
 from streams.log.exceptions import TransportError
 
-__all__ = ["Entry", "StateBatch", "StateStore", "config_from_json", "config_to_json"]
+__all__ = [
+    "Entry",
+    "StateBatch",
+    "StateStore",
+    "config_from_json",
+    "config_to_json",
+    "hit_value",
+]
 
 _ENTRY_HEAD = struct.Struct("<qqI")
 _LABEL = struct.Struct(">q")
@@ -92,12 +100,20 @@ class Entry:
     expires_ms: int | None = None  # a temporary vector (VectorRecord.ttl_ms): when it expires
 
     def encode(self) -> bytes:
-        vec = self.vector.astype("<f4").tobytes()
-        fields: list[object] = [self.meta, list(self.tags), self.numeric, self.position]
-        if self.expires_ms is not None:  # older entries have four fields
-            fields.append(self.expires_ms)
-        rest = json.dumps(fields).encode()
-        return _ENTRY_HEAD.pack(self.label, self.version, len(vec)) + vec + rest
+        vec = self.vector.astype("<f4", copy=False).tobytes()
+        if not self.tags and not self.numeric:
+            # the common case, spelled as json.dumps would (asserted by the tests), without
+            # building and walking a list per entry
+            rest = f"[{_json_str(self.meta)}, [], {{}}, {_esc(self.position)}"
+            if self.expires_ms is not None:  # older entries have four fields
+                rest += f", {int(self.expires_ms)}"
+            raw = (rest + "]").encode()
+        else:
+            fields: list[object] = [self.meta, list(self.tags), self.numeric, self.position]
+            if self.expires_ms is not None:
+                fields.append(self.expires_ms)
+            raw = json.dumps(fields).encode()
+        return _ENTRY_HEAD.pack(self.label, self.version, len(vec)) + vec + raw
 
     @classmethod
     def decode(cls, raw: bytes) -> Entry:
@@ -107,6 +123,16 @@ class Entry:
         meta, tags, numeric, position, *expires = json.loads(raw[start + n :])
         return cls(label, version, vec, meta, tuple(tags), numeric, position,
                    expires[0] if expires else None)
+
+
+def _json_str(text: str | None) -> str:
+    """``json.dumps(text)`` for a str or None, minus its Python-level overhead."""
+    return "null" if text is None else _esc(text)
+
+
+def hit_value(id: str, meta: str | None) -> bytes:
+    """The ``L`` value: ``json.dumps([id, meta])``, spelled directly (the hot path)."""
+    return f"[{_esc(id)}, {_json_str(meta)}]".encode()
 
 
 def _vkey(index_key: str, id: str) -> bytes:
@@ -130,6 +156,21 @@ def _rvalue(vector: Vector) -> bytes:
     return b"\x04" + vector.astype("<f4").tobytes()
 
 
+def _rvalues(vectors: list[Vector]) -> list[bytes]:
+    """:func:`_rvalue` of each vector (all of one dim), with one fp16 conversion for all."""
+    try:
+        mat = np.stack(vectors)
+    except ValueError:  # dims differ (several indexes in one batch)
+        return [_rvalue(v) for v in vectors]
+    with np.errstate(over="ignore"):  # checked just below
+        half = mat.astype("<f2")
+    finite = np.isfinite(half).all(axis=1).tolist()
+    return [
+        b"\x02" + h.tobytes() if ok else b"\x04" + v.astype("<f4").tobytes()
+        for h, v, ok in zip(half, vectors, finite, strict=True)
+    ]
+
+
 def _tkey(index_key: str, id: str) -> bytes:
     return b"T" + index_key.encode() + b"\x00" + id.encode()
 
@@ -146,6 +187,8 @@ class StateBatch:
         self.positions: dict[tuple[str, int], int] = {}
         # what this batch wrote, so later records of the same batch read their own writes
         self._overlay: dict[tuple[str, str], Entry | None] = {}
+        # R (re-rank) values still to write: converted to fp16 together in finish()
+        self._rpending: dict[bytes, Vector] = {}
 
     def entry(self, store: StateStore, index_key: str, id: str) -> Entry | None:
         """The current entry of ``id`` as of this batch (its own writes first)."""
@@ -160,14 +203,14 @@ class StateBatch:
     def put_entry(self, index_key: str, id: str, entry: Entry, old: Entry | None) -> None:
         if old is not None:
             self._wb.delete(_lkey(index_key, old.label))
-            self._wb.delete(_rkey(index_key, old.label))
+            self._delete_r(_rkey(index_key, old.label))
             if old.expires_ms is not None and entry.expires_ms is None:
                 self._wb.delete(_tkey(index_key, id))
         if entry.expires_ms is not None:
             self._wb.put(_tkey(index_key, id), _U64.pack(entry.expires_ms))
         self._wb.put(_vkey(index_key, id), entry.encode())
-        self._wb.put(_lkey(index_key, entry.label), json.dumps([id, entry.meta]).encode())
-        self._wb.put(_rkey(index_key, entry.label), _rvalue(entry.vector))
+        self._wb.put(_lkey(index_key, entry.label), hit_value(id, entry.meta))
+        self._rpending[_rkey(index_key, entry.label)] = entry.vector
         self._overlay[(index_key, id)] = entry
 
     def delete_entry(self, index_key: str, id: str, old: Entry) -> None:
@@ -175,8 +218,22 @@ class StateBatch:
             self._wb.delete(_tkey(index_key, id))
         self._wb.delete(_vkey(index_key, id))
         self._wb.delete(_lkey(index_key, old.label))
-        self._wb.delete(_rkey(index_key, old.label))
+        self._delete_r(_rkey(index_key, old.label))
         self._overlay[(index_key, id)] = None
+
+    def _delete_r(self, rkey: bytes) -> None:
+        # a pending put of the same key (written earlier in this batch) must not land
+        # after its delete
+        self._rpending.pop(rkey, None)
+        self._wb.delete(rkey)
+
+    def finish(self) -> None:
+        """Write the pending ``R`` values (one fp16 conversion for the batch)."""
+        if self._rpending:
+            keys = list(self._rpending)
+            for k, v in zip(keys, _rvalues(list(self._rpending.values())), strict=True):
+                self._wb.put(k, v)
+            self._rpending.clear()
 
     def advance(self, topic: str, partition: int, next_offset: int) -> None:
         self.positions[(topic, partition)] = next_offset
@@ -297,6 +354,7 @@ class StateStore:
     # -- writes --------------------------------------------------------------------------
     def commit(self, batch: StateBatch) -> None:
         """Write the batch's changes and its positions in one atomic write."""
+        batch.finish()
         for (topic, p), off in batch.positions.items():
             batch._wb.put(_pkey(topic, p), _U64.pack(off))
         self._db.write(batch._wb, self._wo)
