@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     # streams.ingest.vectorize: importance/novelty decisions per chunk (off: index every
     # chunk now); streams.capacity: budget ticks of the query node (0: only on demand)
     smart_vectorize: bool = False
+    # chunks queued at medium/low priority: released when the processor is idle this long,
+    # or once held this long, or beyond this many held (highest priority first)
+    hold_idle_ms: int = Field(default=50, ge=0)
+    hold_max_age_ms: int = Field(default=5_000, ge=0)
+    hold_max_pending: int = Field(default=10_000, ge=0)
     capacity_interval_s: float = Field(default=5.0, ge=0.0)
 
     host: str = "127.0.0.1"

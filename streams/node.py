@@ -109,7 +109,8 @@ class Node:
             vectorizer=vectorizer,
             chunker=Chunker(s.chunk_tokens, s.chunk_overlap_tokens, ChatMode(s.chat_chunking)),
             batch_sources=s.ingest_batch_sources, attempts=s.embed_attempts,
-            backoff_s=s.embed_backoff_s)
+            backoff_s=s.embed_backoff_s, hold_idle_ms=s.hold_idle_ms,
+            hold_max_age_ms=s.hold_max_age_ms, hold_max_pending=s.hold_max_pending)
         return self.ingest
 
     async def serve(self) -> None:

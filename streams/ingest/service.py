@@ -357,10 +357,14 @@ def open_ingest(
     batch_sources: int = 32,
     attempts: int = 3,
     backoff_s: float = 0.05,
+    hold_idle_ms: int = 50,
+    hold_max_age_ms: int = 5_000,
+    hold_max_pending: int = 10_000,
 ) -> IngestService:
     """An embedder processor (started) on ``node``'s log, with its state at ``state_dir``,
     and the service over both (``text``: keyword/hybrid search, default the node's
-    ``text``). ``close()`` the service to stop it."""
+    ``text``). ``hold_*``: when chunks the vectorizer queued at medium/low priority are
+    released (see :mod:`streams.ingest.processor`). ``close()`` the service to stop it."""
     indexer = node.indexer
     state = IngestState(state_dir)
     catalog_ = NodeCatalog(node)
@@ -377,6 +381,9 @@ def open_ingest(
         batch_sources=batch_sources,
         attempts=attempts,
         backoff_s=backoff_s,
+        hold_idle_ms=hold_idle_ms,
+        hold_max_age_ms=hold_max_age_ms,
+        hold_max_pending=hold_max_pending,
     ).start()
     if text is None:  # the node's keyword/hybrid search, where it has one
         text = getattr(node, "text", None)
