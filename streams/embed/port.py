@@ -60,6 +60,16 @@ class Embedder(ABC):
         """Release resources (HTTP clients, threads)."""
 
 
+def check_texts(texts: Sequence[str]) -> list[str]:
+    """``texts`` as a list, every item a ``str`` (:class:`EmbedderError` otherwise): the
+    input check every provider's :meth:`Embedder.embed` starts with."""
+    out = list(texts)
+    for t in out:
+        if not isinstance(t, str):
+            raise EmbedderError(f"text must be str, got {type(t).__name__}")
+    return out
+
+
 def normalise(rows: npt.NDArray[np.floating]) -> npt.NDArray[np.float32]:
     """Rows scaled to unit L2 norm, float32; all-zero rows stay zero."""
     out = np.asarray(rows, dtype=np.float32)

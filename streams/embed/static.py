@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from streams.embed.port import Embedder, EmbedderError, normalise
+from streams.embed.port import Embedder, EmbedderError, check_texts, normalise
 
 _CONFIG = "l2_supercat"
 
@@ -57,11 +57,9 @@ class WordLlamaEmbedder(Embedder):
         self.name = f"wordllama-{_CONFIG}-{dim}"
 
     def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        texts = check_texts(texts)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        for t in texts:
-            if not isinstance(t, str):
-                raise EmbedderError(f"text must be str, got {type(t).__name__}")
         with self._lock:
             rows = self._model.embed(list(texts), norm=False, batch_size=self._batch_size)
         return normalise(np.asarray(rows).reshape(len(texts), self.dim))

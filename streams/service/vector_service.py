@@ -207,13 +207,7 @@ class VectorService(DataPlane):
             if self.admission is not None:  # capacity budgets (streams.capacity)
                 self.admission.check(config, record, is_new=current == 0)
             version = current + 1
-            value = self.codec.encode(self._vsubject, self._vschema, {
-                "tenant": record.tenant, "index": record.index, "id": record.id,
-                "vector": record.vector.astype("<f4").tobytes(), "dtype": "fp32",
-                "meta": record.meta, "tags": list(record.tags),
-                "numeric": {k: float(v) for k, v in record.numeric.items()},
-                "version": version, "timestamp": now_ms(), "ttl_ms": record.ttl_ms,
-            })
+            value = self._encode_upsert(record, version)
             pos = self.log.append(self.topics.vectors, f"{key}/{record.id}", value)
             self._pending_versions[(key, record.id)] = (version, pos)
             if self.admission is not None:
@@ -315,7 +309,7 @@ class VectorService(DataPlane):
             return gone, positions[-1]
 
     def _encode_upsert(self, record: VectorUpsert, version: int) -> bytes:
-        """The VectorRecord of a validated upsert, as ``_write`` encodes it."""
+        """The VectorRecord of a validated upsert (``_write`` and ``upsert_many``)."""
         return self._record_codec.encode(self._vsubject, self._vschema, {
             "tenant": record.tenant, "index": record.index, "id": record.id,
             "vector": record.vector.astype("<f4").tobytes(), "dtype": "fp32",
