@@ -279,6 +279,17 @@ def test_info_and_list(client: redis.Redis, index: str) -> None:
         (["VEC.ADD", TENANT, "missing", "a", "VECTOR", vec(*[1] * 8)], "VEC_ERR_NOT_FOUND"),
         (["VEC.SEARCH", TENANT, "missing", "VECTOR", vec(*[1] * 8)], "VEC_ERR_NOT_FOUND"),
         (["VEC.GET", TENANT, "{ix}", "nobody"], "VEC_ERR_NOT_FOUND"),
+        # commands added with batching, neighbours, archives and text indexes
+        (["VEC.MADD", TENANT, "{ix}", "a"], "VEC_ERR_INVALID"),  # id without its vector
+        (["VEC.MADD", TENANT, "{ix}"], "VEC_ERR_INVALID"),
+        (["VEC.SEARCH", TENANT, "{ix}", "EF", 0, "VECTOR", vec(*[1] * 8)], "VEC_ERR_INVALID"),
+        (["VEC.NEIGHBORS", TENANT, "{ix}", "a", "HOPS", 0], "VEC_ERR_INVALID"),
+        (["VEC.NEIGHBORS", TENANT, "{ix}", "a", "K", "x"], "VEC_ERR_INVALID"),
+        (["VEC.NEIGHBORS", TENANT, "{ix}", "nobody"], "VEC_ERR_NOT_FOUND"),
+        (["VEC.RESTORE", TENANT, "{ix}"], "VEC_ERR_INVALID"),
+        # no embedder processor on this server (TEXT checks: tests/test_ingest.py)
+        (["VEC.SOURCE", TENANT, "{ix}", "s1", "TEXT", "hello"], "VEC_ERR_INVALID"),
+        (["VEC.QUERY", TENANT, "{ix}", "TOPK", 3, "TEXT", "hello"], "VEC_ERR_INVALID"),
     ],
 )
 def test_error_codes_and_nothing_is_appended(
