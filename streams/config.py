@@ -43,11 +43,14 @@ class Settings(BaseSettings):
     # cache layers of an index without IndexConfig.cache (L1/L2 are tolerant: opt in),
     # L2's cosine distance for vector queries and for text queries (VEC.QUERY, which also
     # check the texts agree), each tenant's share of the budget, store misses in a thread
-    cache_layers: tuple[Literal["L0", "L1", "L2"], ...] = ("L0",)
+    cache_layers: tuple[Literal["L0", "L1", "L2", "L3"], ...] = ("L0", "L3")  # L3: payloads
     cache_l2_threshold: float = Field(default=0.003, ge=0.0, le=2.0)  # DEFAULT_L2_VECTOR_THRESHOLD
     cache_l2_text_threshold: float = Field(default=0.02, ge=0.0, le=2.0)  # .._TEXT_THRESHOLD
     cache_tenant_budget_bytes: int | None = Field(default=None, ge=0)
     cache_background_offers: bool = False
+    # which entry the L0 cache evicts over a budget: cost-aware GDSF (lowest
+    # L + hits x cost / size first, streams.cache.eviction) or least recently used
+    cache_eviction: Literal["gdsf", "lru"] = "gdsf"
     # the cache policy loop: hot-path policy and query log, the policy learner's thread in
     # `streamvec up` (a PolicyUpdate per index every N trained decisions), idle prefetch
     policy_enabled: bool = True

@@ -73,6 +73,7 @@ class Node:
             cache_l2_text_threshold=self.settings.cache_l2_text_threshold,
             cache_tenant_budget_bytes=self.settings.cache_tenant_budget_bytes,
             cache_background_offers=self.settings.cache_background_offers,
+            cache_eviction=self.settings.cache_eviction,
             policy_loop=self.settings.policy_enabled,
             prefetch=self.settings.prefetch_enabled,
             capacity_interval_s=self.settings.capacity_interval_s or None,

@@ -22,7 +22,7 @@ from streams.cache import (
     query_key,
 )
 from streams.cache.agreement import agreement, features
-from streams.cache.controller import CacheLookup
+from streams.cache.controller import L1_LINK_BYTES, CacheLookup, l2_rep_bytes
 from streams.cache.semantic import (
     DEFAULT_L2_AGREEMENT,
     DEFAULT_L2_THRESHOLD,
@@ -225,11 +225,12 @@ def test_l2_reuses_a_cluster_within_the_threshold() -> None:
     assert ctl.settings(tight).threshold == 0.0 and ctl.settings(c).threshold == 0.05
 
 
-def test_layers_switch_per_index_and_default_is_l0_only() -> None:
+def test_layers_switch_per_index_and_default_is_l0_and_l3() -> None:
     ctl = CacheController(ResultCache(1 << 20))
     q = unit(4)
     plain = cfg(index="plain", cache=None)
-    miss_then_offer(ctl, plain, q, 5, ["a"])
+    look = miss_then_offer(ctl, plain, q, 5, ["a"])
+    assert look.layers == {"L0", "L3"}  # exact results and payloads, no tolerant layer
     assert ctl.lookup(plain, q, 5, None).layer == "L0"
     assert ctl.lookup(plain, 2 * q, 5, None).layer == "none"  # no tolerant layer
     off = cfg(index="off", cache=CacheSettings(("NONE",)))
@@ -260,7 +261,8 @@ def test_tolerant_entries_are_invalidated_exactly_like_l0() -> None:
 
 
 def test_tenant_and_index_budgets_evict_only_their_own() -> None:
-    one = result(cfg(), unit(0), 5, ["a", "b"]).nbytes
+    # an entry of an index with L1 and L2 on costs its own bytes and its two links'
+    one = result(cfg(), unit(0), 5, ["a", "b"]).nbytes + L1_LINK_BYTES + l2_rep_bytes(DIM)
     cache = ResultCache(100 * one, tenant_budget_bytes=3 * one)
     ctl = CacheController(cache)
     a, b = cfg(tenant="a"), cfg(tenant="b")
@@ -565,14 +567,14 @@ def test_node_settings_default_to_exact_only_and_the_tuned_threshold() -> None:
     from streams.config import Settings
 
     s = Settings()
-    assert s.cache_layers == ("L0",) and s.cache_l2_threshold == 0.003  # vector queries
+    assert s.cache_layers == ("L0", "L3") and s.cache_l2_threshold == 0.003  # vector queries
     assert s.cache_l2_text_threshold == DEFAULT_L2_THRESHOLD  # the QQP-tuned one: text path
     assert not s.cache_background_offers
 
 
 def test_l3_payloads_never_serve_an_old_meta(rig: Rig) -> None:
     svc = rig.node.service
-    c = IndexConfig("acme", "docs", NODE_DIM, recipe="Flat", cache=CacheSettings(("L0",)))
+    c = IndexConfig("acme", "docs", NODE_DIM, recipe="Flat", cache=CacheSettings(("L0", "L3")))
     off = IndexConfig("acme", "plain", NODE_DIM, recipe="Flat", cache=CacheSettings(()))
     svc.create_index(c)
     svc.create_index(off)

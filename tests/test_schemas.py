@@ -63,6 +63,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
             "memory_budget_bytes": 64 << 20,
             "l2_threshold": None,
             "l2_text_threshold": 0.02,
+            "l3": True,
         },
         "embedder": "all-MiniLM-L6-v2",
         "created_ms": ms("2024-05-01T12:00:00.123"),
@@ -133,6 +134,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "consistency": "session",
         "session_id": "s-81",
         "timestamp": ms("2024-05-01T12:00:02.002"),
+        "removal": None,  # a search, not an entry leaving the cache
     },
     "Feedback": {
         "tenant": "acme",

@@ -16,21 +16,28 @@ Two steps, both on the hot path and both pure string work (microseconds):
 A language model may *propose* aliases (:class:`LanguageModelHook`), never on the hot path:
 :meth:`CanonicalKeyMap.propose` is called by an operator or a background job with a batch of
 recent query texts, and proposals are only added when the caller says so. There is no hook by
-default. Readers see the alias table through one reference swapped on change (copy on
-write), so lookups take no lock.
+default. :class:`AliasProposer` is that background job: it makes the map keep its recent
+normalised texts (a bounded deque append per lookup, only while a proposer is attached;
+none by default) and, in its own thread, hands them to the hook and installs the valid
+proposals as aliases. A lookup never waits for the hook. Readers see the alias table
+through one reference swapped on change (copy on write), so lookups take no lock.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import unicodedata
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from streams.index.exceptions import InvalidRequest
 
-__all__ = ["STOP_WORDS", "AliasProposal", "CanonicalKeyMap", "LanguageModelHook"]
+__all__ = ["STOP_WORDS", "AliasProposal", "AliasProposer", "CanonicalKeyMap", "LanguageModelHook"]
+
+log = logging.getLogger(__name__)
 
 _STOP_TEXT = (
     "a an the is are was were be been am do does did of to in on at for by with from and or "
@@ -89,6 +96,8 @@ class CanonicalKeyMap:
         self.max_aliases = max_aliases
         self._aliases: dict[str, str] = {}
         self._write_lock = threading.Lock()
+        # recent normalised texts for an AliasProposer; None (the default): none are kept
+        self._recent: deque[str] | None = None
         for alias, target in (aliases or {}).items():
             self.add_alias(alias, target)
 
@@ -114,7 +123,27 @@ class CanonicalKeyMap:
     def canonical(self, text: str) -> str:
         """``text`` normalised, then resolved through the alias table."""
         norm = self.normalise(text)
+        recent = self._recent
+        if recent is not None:  # an AliasProposer is attached: one deque append
+            recent.append(norm)
         return self._aliases.get(norm, norm)
+
+    def keep_recent(self, n: int | None) -> None:
+        """Keep the last ``n`` normalised texts :meth:`canonical` saw for
+        :meth:`take_recent` (None: keep none, the default)."""
+        self._recent = None if n is None else deque(maxlen=n)
+
+    def take_recent(self) -> list[str]:
+        """The texts kept since the last call, distinct, oldest first, and forget them."""
+        recent = self._recent
+        if recent is None:
+            return []
+        out: list[str] = []
+        while True:
+            try:
+                out.append(recent.popleft())
+            except IndexError:
+                return list(dict.fromkeys(out))
 
     def add_alias(self, alias: str, target: str) -> None:
         """Make ``alias`` stand for ``target`` (both normalised first). Texts that were
@@ -168,3 +197,68 @@ class CanonicalKeyMap:
                     added = False
             out.append(AliasProposal(a, t, added))
         return out
+
+
+class AliasProposer:
+    """Runs a :class:`LanguageModelHook` off the search thread (module docstring).
+
+    Every ``interval_s`` (after :meth:`start`), or on :meth:`run_once`, takes the texts
+    ``keys`` saw since the last round (at most ``batch``, the most recent) and installs
+    the hook's valid proposals as aliases (:meth:`CanonicalKeyMap.propose` with
+    ``apply=True``). A hook that raises loses that round's texts, is logged and counted
+    (``errors``, ``last_error``), and the next round runs; the table is unchanged by a
+    failed round. :meth:`close` stops the thread and makes ``keys`` keep no texts."""
+
+    def __init__(
+        self,
+        keys: CanonicalKeyMap,
+        hook: LanguageModelHook,
+        *,
+        interval_s: float = 60.0,
+        batch: int = 256,
+    ) -> None:
+        if interval_s <= 0 or batch < 1:
+            raise ValueError("interval_s > 0 and batch >= 1")
+        self.keys = keys
+        self.hook = hook
+        self.interval_s = interval_s
+        self.rounds = 0
+        self.added = 0
+        self.errors = 0
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        keys.keep_recent(batch)
+
+    def run_once(self) -> list[AliasProposal]:
+        """One round in the calling thread: the proposals, each marked ``added`` or not."""
+        texts = self.keys.take_recent()
+        if not texts:
+            return []
+        try:
+            out = self.keys.propose(self.hook, texts, apply=True)
+        except Exception as exc:  # the hook's: counted and logged, the next round runs
+            self.errors += 1
+            self.last_error = repr(exc)
+            log.exception("alias proposer: the language model hook failed")
+            return []
+        self.rounds += 1
+        self.added += sum(p.added for p in out)
+        return out
+
+    def start(self) -> AliasProposer:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="alias-proposer", daemon=True)
+            self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.run_once()
+
+    def close(self) -> None:
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+        self.keys.keep_recent(None)

@@ -1,9 +1,12 @@
 """``CacheController``: the search path's one entry into the cache layers.
 
 Lookup order (ARCHITECTURE §4): **L0** exact (:class:`QueryKey`), **L1** tolerant
-(:mod:`streams.cache.tolerant`), **L2** semantic (:mod:`streams.cache.semantic`). Each
-layer is switched per index by ``IndexConfig.cache.layers`` (node default: L0 only, so
-tolerant answers are an explicit choice of the index's owner).
+(:mod:`streams.cache.tolerant`), **L2** semantic (:mod:`streams.cache.semantic`); on a
+miss the search's payload join goes through **L3** (:mod:`streams.cache.payload`). Each
+layer is switched per index by ``IndexConfig.cache.layers`` (node default: L0 and L3, so
+tolerant answers are an explicit choice of the index's owner). A new configuration of an
+index switches its layers at its next search; a layer switched off drops the index's state
+in it (all of L0/L1/L2 off: its cached results too).
 
 One store. Every result lives once, in the :class:`ResultCache`, under its L0 key; L1 and
 L2 are secondary indexes from a tolerant key / a cluster representative to that L0 key.
@@ -20,6 +23,20 @@ consulted (``skipped`` in the lookup says so). Every lookup says which layer ans
 what distance (L1: Hamming distance 0 by construction; L2: cosine distance to the cluster's
 representative), and the node's verification (``cache_verify_rate``) counts false hits per
 layer against a fresh search.
+
+Memory. A tenant's budget (``t:<tenant>``) and an index's (``i:<tenant>/<index>``,
+``IndexConfig.cache.memory_budget_bytes``) bound the sum over the layers, estimated per
+structure: an L0 entry its :attr:`CachedResult.nbytes`; its L1 link
+:data:`L1_LINK_BYTES`; its L2 representative :func:`l2_rep_bytes` (the fp32 row with the
+array's doubling slack, the maps' entries, and the text's features on the text path); an
+L3 row :data:`~streams.cache.payload.ROW_BYTES` plus its strings. The L1/L2 bytes are
+charged to the entry they point at (added to its ``nbytes`` before the put), so the result
+cache's eviction (its policy, within each scope) drops an entry together with its links,
+and its removal hook unlinks them. L3 rows belong to no entry: the payload cache gets the
+room the scope's entries leave (:meth:`CacheController._l3_room`) and is trimmed after
+every store, so a scope over budget evicts its own rows first, never another scope's. The
+node-wide budgets (the result cache's, the payload cache's) still evict across tenants, as
+a node's memory is one. :meth:`memory` reports the bytes per layer of one tenant.
 
 Deferred offers (``background_offers=True``, off by default): the admission decision is
 taken on the search path (so the query log records what the policy chose), and the store
@@ -41,13 +58,13 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
 from streams.cache.entry import CachedResult
 from streams.cache.keys import QueryKey, query_key
-from streams.cache.payload import PayloadCache
+from streams.cache.payload import PayloadCache, scopes_of
 from streams.cache.policy import AdmissionDecision
 from streams.cache.result_cache import PutOutcome, ResultCache
 from streams.cache.semantic import (
@@ -58,15 +75,59 @@ from streams.cache.semantic import (
 )
 from streams.cache.tolerant import SIMHASH_BITS, TolerantKey, tolerant_key
 from streams.index.filters import Filter
-from streams.index.model import CacheSettings, Consistency, IndexConfig, Metric, Vector
+from streams.index.model import (
+    RESULT_LAYERS,
+    CacheSettings,
+    Consistency,
+    IndexConfig,
+    Metric,
+    Vector,
+)
 
-__all__ = ["LAYERS", "CacheController", "CacheLookup", "LayerStats"]
+__all__ = [
+    "L1_LINK_BYTES",
+    "LAYERS",
+    "CacheController",
+    "CacheLookup",
+    "LayerMemory",
+    "LayerStats",
+    "l2_rep_bytes",
+]
 
 log = logging.getLogger(__name__)
 
-LAYERS = ("L0", "L1", "L2")
+LAYERS = ("L0", "L1", "L2", "L3")
 _TOLERANT = ("L1", "L2")
 _NO_LAYERS: frozenset[str] = frozenset()
+_RESULT = frozenset(RESULT_LAYERS)
+
+# Estimated bytes per structure (module docstring), from tracemalloc (docs/benchmarks.md,
+# "Cache memory accounting"): an L1 link is a 16-byte digest (a bytes object), its entries
+# in the key map and the reverse map's set, and the entry's charge record (measured 447);
+# an L2 representative is a row of the group's fp32 matrix (counted twice: the matrix
+# doubles), its log norm, key and text slots and its map entries (measured 390 + 4 per
+# dimension); a text's features (token tuples and sets) measured 1,750 + 27 per character.
+L1_LINK_BYTES = 450
+_L2_FIXED_BYTES = 420
+_L2_TEXT_BYTES = 1800  # plus 28 per character
+
+
+class LayerMemory(TypedDict):
+    """One tenant's cache bytes per layer, their total and its budget (None: unbounded)."""
+
+    L0: int
+    L1: int
+    L2: int
+    L3: int
+    total: int
+    budget: int | None
+
+
+def l2_rep_bytes(dim: int, text: str | None = None) -> int:
+    """Estimated bytes of one L2 representative of ``dim`` dimensions (with its text's
+    features on the text path)."""
+    extra = 0 if text is None else _L2_TEXT_BYTES + 28 * len(text)
+    return _L2_FIXED_BYTES + 8 * dim + extra
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,11 +192,25 @@ class _IndexSettings:
     l1: bool = False
     l2: bool = False
     tolerant: tuple[str, ...] = ()
+    l3: bool = False
+    results: bool = False  # any of L0/L1/L2: results are cached
+
+
+@dataclass(slots=True)
+class _Links:
+    """What an entry's L1/L2 links were charged (bytes), for :meth:`memory`."""
+
+    tenant: str
+    index_key: str
+    l1: int
+    l2: int
 
 
 @dataclass(slots=True)
 class _Counters:
-    layers: dict[str, LayerStats] = field(default_factory=lambda: {x: LayerStats() for x in LAYERS})
+    layers: dict[str, LayerStats] = field(
+        default_factory=lambda: {x: LayerStats() for x in RESULT_LAYERS}
+    )
     offer_errors: int = 0
 
 
@@ -150,7 +225,7 @@ class CacheController:
         self,
         cache: ResultCache,
         *,
-        default_layers: tuple[str, ...] = ("L0",),
+        default_layers: tuple[str, ...] = ("L0", "L3"),
         l2_threshold: float = DEFAULT_L2_VECTOR_THRESHOLD,
         l2_text_threshold: float = DEFAULT_L2_TEXT_THRESHOLD,
         simhash_bits: int = SIMHASH_BITS,
@@ -181,8 +256,12 @@ class CacheController:
         self._settings: dict[str, tuple[CacheSettings | None, _IndexSettings]] = {}
         self._n = _Counters()
         self.background_offers = background_offers
-        # L3: the payload join of fresh searches of indexes with any layer on
-        self.payloads = PayloadCache(payload_budget_bytes)
+        # per entry, the bytes its L1/L2 links were charged; per tenant, their sums (l1, l2)
+        self._links: dict[QueryKey, _Links] = {}
+        self._tenant_links: dict[str, list[int]] = {}
+        # L3: the payload join of fresh searches of indexes with L3 on, within the room
+        # each tenant's and index's entries leave in their budgets
+        self.payloads = PayloadCache(payload_budget_bytes, self._l3_room)
         self._pending: queue.Queue[tuple[CacheLookup, CachedResult, AdmissionDecision] | None]
         self._pending = queue.Queue()
         self._worker: threading.Thread | None = None
@@ -191,8 +270,9 @@ class CacheController:
     # -- settings ------------------------------------------------------------------------
 
     def settings(self, config: IndexConfig) -> _IndexSettings:
-        """The index's layers and L2 thresholds (vector, text); applies its memory
-        budget to the result cache the first time a configuration is seen."""
+        """The index's layers and L2 thresholds (vector, text); the first time a
+        configuration is seen, applies its memory budget and drops the index's state in
+        the layers it switched off (module docstring)."""
         known = self._settings.get(config.key)
         if known is not None and known[0] is config.cache:
             return known[1]
@@ -208,10 +288,47 @@ class CacheController:
             "L1" in layers,
             "L2" in layers,
             tuple(x for x in _TOLERANT if x in layers),
+            "L3" in layers,
+            not layers.isdisjoint(_RESULT),
         )
         self.cache.set_index_budget(config.key, None if cs is None else cs.memory_budget_bytes)
+        if known is not None and known[1].layers != layers:
+            self._switch_off(config.key, known[1], out)
         self._settings[config.key] = (cs, out)
+        self.payloads.trim(scopes_of(config.key))  # the index's budget may have shrunk
         return out
+
+    def _switch_off(self, index_key: str, old: _IndexSettings, new: _IndexSettings) -> None:
+        """Drop ``index_key``'s state in the layers ``new`` switched off. An unlinked
+        L1/L2 link's bytes stay charged to its entry until the entry leaves the cache (an
+        overcount of the budget, never an undercount)."""
+        if old.results and not new.results:
+            self.cache.reset_index(index_key)  # its entries, with their L1/L2 links
+        with self._lock:
+            self._drain()
+            if old.l1 and not new.l1:
+                for qkey, links in self._links.items():
+                    if links.index_key == index_key:
+                        for l1_key in self._l1_of.pop(qkey, ()):
+                            if self._l1.get(l1_key) == qkey:
+                                del self._l1[l1_key]
+            if old.l2 and not new.l2:
+                self._l2.drop_index(index_key)
+        if old.l3 and not new.l3:
+            self.payloads.drop_index(index_key)
+
+    def set_tenant_budget(self, tenant: str, budget_bytes: int | None) -> None:
+        """Bound the bytes of ``tenant``'s cache state over every layer (None: the node's
+        default); evicts its own state at once if it is over."""
+        self.cache.set_tenant_budget(tenant, budget_bytes)
+        self.payloads.trim(("t:" + tenant,))
+
+    def _l3_room(self, scope: str) -> float:
+        """Bytes ``scope`` may hold in L3: its budget less what its entries hold."""
+        budget = self.cache.budget_of(scope)
+        if budget is None:
+            return float("inf")
+        return budget - self.cache.scope_bytes(scope)
 
     # -- lookup --------------------------------------------------------------------------
 
@@ -233,8 +350,8 @@ class CacheController:
         st = self.settings(config)
         key = config.key
         qkey = query_key(key, config.metric, query, k, flt)
-        if not st.layers:
-            return CacheLookup("none", None, None, qkey, 0, _NO_LAYERS)
+        if not st.results:  # no layer, or L3 only
+            return CacheLookup("none", None, None, qkey, 0, st.layers)
         # the sequence number is taken before the search reads the index
         seen_seq, enabled, found = self.cache.probe(key, qkey if st.l0 else None)
         if not enabled:
@@ -309,12 +426,21 @@ class CacheController:
     def offer(self, lookup: CacheLookup, entry: CachedResult) -> PutOutcome | None:
         """Offer a fresh result after ``lookup`` missed (``entry.key`` must be
         ``lookup.qkey``). Stored once in the result cache (admission, budget, race
-        check), then linked from L1 and L2 as the layers are enabled. None when no layer
-        is enabled for the index."""
-        if not lookup.layers:
+        check), then linked from L1 and L2 as the layers are enabled. None when none of
+        L0/L1/L2 is enabled for the index. The links' bytes are charged to the entry
+        (module docstring)."""
+        if lookup.layers.isdisjoint(_RESULT):
             return None
         if entry.key != lookup.qkey:
             raise ValueError("the entry must carry the lookup's QueryKey")
+        l1 = L1_LINK_BYTES if "L1" in lookup.layers else 0
+        l2 = (
+            l2_rep_bytes(entry.vector.size)
+            if "L2" in lookup.layers and (lookup.l2_leader or lookup.skipped)
+            else 0
+        )
+        if l1 or l2:
+            _charge(entry, l1, l2)
         if self.background_offers:
             decision = self.cache.policy.decide(entry)
             if decision.action == "admit":
@@ -336,6 +462,9 @@ class CacheController:
             return outcome
         with self._lock:
             self._drain()
+            if entry.key not in self.cache:  # dropped since the put: no dangling link
+                return outcome
+            self._account(entry)
             if lookup.l1_key is not None:
                 self._link_l1(lookup.l1_key, entry)
             elif "L1" in lookup.layers:
@@ -353,6 +482,7 @@ class CacheController:
             if "L2" in lookup.layers and (lookup.l2_leader or lookup.skipped):
                 group = SemanticIndex.group_of("vector", entry.index_key, entry.filter, entry.k)
                 self._l2.add(group, entry.vector, entry.key)
+        self.payloads.trim(scopes_of(entry.index_key))  # the entry took room from L3
         return outcome
 
     def _start_worker(self) -> None:
@@ -490,15 +620,21 @@ class CacheController:
             with self._lock:
                 prev = self._any_write.get(entry.key)
                 self._any_write[entry.key] = seen
+        linking = lookup.l2_leader or bool(lookup.skipped)
+        if linking:
+            _charge(entry, 0, l2_rep_bytes(np.asarray(text_embedding).size, text))
         outcome = self.cache.put(entry, lookup.seen_seq)
-        if outcome.stored and (lookup.l2_leader or lookup.skipped):
+        if outcome.stored:
             group = SemanticIndex.group_of(
                 _text_space(variant), entry.index_key, entry.filter, entry.k
             )
             with self._lock:
                 self._drain()
                 if entry.key in self.cache:  # not dropped since the put: no dangling link
-                    self._l2.add(group, text_embedding, entry.key, text)
+                    self._account(entry)
+                    if linking:
+                        self._l2.add(group, text_embedding, entry.key, text)
+            self.payloads.trim(scopes_of(entry.index_key))
         elif any_write and not outcome.stored:  # an older entry of the key stays as it was
             with self._lock:
                 if self._any_write.get(entry.key) == seen:
@@ -510,12 +646,38 @@ class CacheController:
 
     # -- bookkeeping ---------------------------------------------------------------------
 
+    def _account(self, entry: CachedResult) -> None:
+        """Record the link bytes charged to the stored ``entry`` (caller holds the lock)."""
+        l1, l2 = entry.derived.get(_LINKS, (0, 0))
+        old = self._links.get(entry.key)
+        if old is not None:  # replaced: the old slot's charge left with it
+            self._unaccount(old)
+        if not (l1 or l2):
+            if old is not None:
+                del self._links[entry.key]
+            return
+        tenant = entry.index_key.partition("/")[0]
+        self._links[entry.key] = _Links(tenant, entry.index_key, l1, l2)
+        sums = self._tenant_links.setdefault(tenant, [0, 0])
+        sums[0] += l1
+        sums[1] += l2
+
+    def _unaccount(self, links: _Links) -> None:
+        sums = self._tenant_links[links.tenant]
+        sums[0] -= links.l1
+        sums[1] -= links.l2
+        if sums == [0, 0]:
+            del self._tenant_links[links.tenant]
+
     def _drain(self) -> None:
         """Unlink entries the result cache dropped (caller holds the lock)."""
         while self._removed:
             key = self._removed.popleft()
             if key in self.cache:  # replaced, not dropped
                 continue
+            links = self._links.pop(key, None)
+            if links is not None:
+                self._unaccount(links)
             self._l2.remove(key)
             self._any_write.pop(key, None)
             for l1_key in self._l1_of.pop(key, ()):
@@ -531,17 +693,55 @@ class CacheController:
             s.verified += 1
             s.false_hits += int(false_hit)
 
-    def stats(self) -> dict[str, Any]:
+    def memory(self, tenant: str) -> LayerMemory:
+        """``tenant``'s cache bytes per layer (estimates, module docstring), their
+        ``total`` and its ``budget`` (None: unbounded). L0 is its entries without the
+        link bytes charged to them."""
+        scope = "t:" + tenant
         with self._lock:
             self._drain()
+            l1, l2 = self._tenant_links.get(tenant, (0, 0))
+            held = self.cache.scope_bytes(scope)
+        l3 = self.payloads.scope_bytes(scope)
+        return {
+            "L0": held - l1 - l2,
+            "L1": l1,
+            "L2": l2,
+            "L3": l3,
+            "total": held + l3,
+            "budget": self.cache.budget_of(scope),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        held = self.cache.stats().bytes
+        payloads = self.payloads.stats()
+        with self._lock:
+            self._drain()
+            l1 = sum(s[0] for s in self._tenant_links.values())
+            l2 = sum(s[1] for s in self._tenant_links.values())
             return {
                 "layers": {x: s.as_dict() for x, s in self._n.layers.items()},
                 "l1_keys": len(self._l1),
                 "l2_clusters": len(self._l2),
                 "offer_errors": self._n.offer_errors,
                 "offers_pending": self._pending.qsize(),
-                "L3": self.payloads.stats(),
+                "L3": payloads,
+                "memory": {"L0": held - l1 - l2, "L1": l1, "L2": l2, "L3": payloads["bytes"]},
             }
+
+
+_LINKS = "links"  # CachedResult.derived: the (L1, L2) bytes charged to the entry
+
+
+def _charge(entry: CachedResult, l1: int, l2: int) -> None:
+    """Add the bytes of the links the entry will get to its ``nbytes`` (the memo the
+    result cache and the policy read) before it is offered, once per entry."""
+    memo = entry.derived
+    if _LINKS in memo:
+        return
+    base = entry.nbytes
+    memo[_LINKS] = (l1, l2)
+    memo["nbytes"] = base + l1 + l2
 
 
 def _cosine_distance(a: Vector, b: Vector) -> float:

@@ -90,7 +90,8 @@ class CachedResult:
     @property
     def nbytes(self) -> int:
         """Estimated bytes this entry costs the cache: the query (fp32 here and float64 in
-        the invalidation index), the hits with their payloads, and fixed overhead."""
+        the invalidation index), the hits with their payloads, and fixed overhead; plus,
+        when the :class:`CacheController` offers it, its L1/L2 links (added to the memo)."""
         n = self.derived.get("nbytes")
         if n is None:  # asked by the policy, the cache and the query log: counted once
             hits = (sum(map(len, self.ids)) + sum(map(len, filter(None, self.metas)))

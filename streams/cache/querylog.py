@@ -11,6 +11,14 @@ logged; events are telemetry, so nothing retries them (the learner tolerates gap
 :class:`SearchObserver` is what ``VectorService.search`` calls once per answered search:
 it feeds the policy holder (hit counts, the canary comparison), the prefetcher's
 next-query table, and the emitter. Searches the prefetcher runs itself are not logged.
+
+Removal events. :meth:`SearchObserver.removed` is the cache's removal listener
+(``ResultCache.add_removal_listener``): each admitted entry that leaves the cache
+(evicted, expired, invalidated, replaced, dropped) becomes a SearchEvent whose ``removal``
+says why and when, with its hits and bytes, under the entry's own admission (key, arm,
+bucket, version). The listener runs under the cache's lock, so it only queues the slot;
+the event is built on the logging thread. An expired hit is removed from the cache at
+once (:meth:`SearchObserver.expired`), so its bytes are freed and its event says so.
 """
 
 from __future__ import annotations
@@ -38,9 +46,11 @@ from streams.topics import Topics
 
 if TYPE_CHECKING:
     from streams.cache.entry import CachedResult
+    from streams.cache.eviction import Slot
     from streams.cache.keys import QueryKey
     from streams.cache.policy import PolicyHolder
     from streams.cache.prefetch import Prefetcher
+    from streams.cache.result_cache import ResultCache
     from streams.service.api import SearchRequest, SearchResponse
 
 __all__ = ["QueryLogEmitter", "SearchObserver", "register_metrics"]
@@ -75,7 +85,7 @@ class QueryLogEmitter:
         self.linger_s = linger_s
         self._subject = catalog.subject_for(self.topic)
         self._schema = catalog.load_schema(catalog.TOPIC_VALUE_SCHEMA["query-log"])
-        self._queue: deque[dict[str, Any] | _Search] = deque()
+        self._queue: deque[dict[str, Any] | _Search | _Removal] = deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._idle = threading.Condition()
@@ -87,7 +97,7 @@ class QueryLogEmitter:
         self._thread: threading.Thread | None = None
         _EMITTERS.add(self)
 
-    def emit(self, event: dict[str, Any] | _Search) -> bool:
+    def emit(self, event: dict[str, Any] | _Search | _Removal) -> bool:
         """Queue one SearchEvent (a dict in the schema's shape; ``event_id`` and
         ``timestamp`` are filled in when missing; or what :class:`SearchObserver` hands
         over, turned into one on the logging thread). Returns False if it was dropped."""
@@ -115,7 +125,7 @@ class QueryLogEmitter:
                 time.sleep(self.linger_s)  # let a batch gather
             self._wake.clear()
             while self._queue:
-                batch: list[dict[str, Any] | _Search] = []
+                batch: list[dict[str, Any] | _Search | _Removal] = []
                 with self._idle:
                     while self._queue and len(batch) < self.batch_size:
                         batch.append(self._queue.popleft())
@@ -125,7 +135,7 @@ class QueryLogEmitter:
                     self._busy = 0
                     self._idle.notify_all()
 
-    def _append(self, events: list[dict[str, Any] | _Search]) -> None:
+    def _append(self, events: list[dict[str, Any] | _Search | _Removal]) -> None:
         """Encode and append one batch. The events are built by :class:`SearchObserver`,
         so they are written without the codec's per-record validation (3x the cost of
         the write itself, measured); an event fastavro cannot write is counted as failed
@@ -143,7 +153,12 @@ class QueryLogEmitter:
             buf.write(header)
             e: Any = item
             try:
-                e = item if isinstance(item, dict) else _search_event(item)
+                if isinstance(item, dict):
+                    e = item
+                elif isinstance(item, _Removal):
+                    e = _removal_event(item)
+                else:
+                    e = _search_event(item)
                 fastavro.schemaless_writer(buf, parsed, _complete(e))
             except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
                 self.failed += 1
@@ -247,6 +262,54 @@ def _search_event(item: _Search) -> dict[str, Any]:
     return event
 
 
+class _Removal:
+    """What :meth:`SearchObserver.removed` queues (under the cache's lock: no work)."""
+
+    __slots__ = ("at", "reason", "slot")
+
+    def __init__(self, slot: Slot, reason: str, at: float) -> None:
+        self.slot, self.reason, self.at = slot, reason, at
+
+
+_REASONS = frozenset(("evicted", "expired", "invalidated", "replaced", "dropped"))
+
+
+def _removal_event(item: _Removal) -> dict[str, Any]:
+    """The SearchEvent of an entry that left the cache (module docstring)."""
+    slot = item.slot
+    entry = slot.entry
+    d = entry.admission
+    tenant, _, index = entry.index_key.partition("/")
+    return {
+        "tenant": tenant,
+        "index": index,
+        "query_key": str(entry.key),
+        "top_k": entry.k,
+        "cache_layer": "NONE",
+        "cache_hit": False,
+        "action": "admit" if d is None else d.arm,
+        "action_probability": 1.0 if d is None else d.probability,
+        "bucket": None if d is None else d.bucket,
+        "policy_version": None if d is None else d.version,
+        "ttl_ms": None if d is None else d.ttl_ms,
+        "proxy_cost": entry.compute_ms,
+        "features": {"size": float(slot.nbytes)},
+        "latency_ms": {},
+        "result_ids": list(entry.ids),
+        "consistency": "eventual",
+        "session_id": None,
+        "applied": entry.applied,
+        "timestamp": int(item.at * 1000),
+        "removal": {
+            "reason": item.reason if item.reason in _REASONS else "other",
+            "hits": slot.hits,
+            "bytes": slot.nbytes,
+            "stored_ms": int(slot.stored_s * 1000),
+            "priority": slot.priority,
+        },
+    }
+
+
 def _complete(e: dict[str, Any]) -> dict[str, Any]:
     """The SearchEvent record of a queued event (work kept off the search thread)."""
     e.setdefault("event_id", uuid.uuid4().hex)
@@ -309,14 +372,29 @@ class SearchObserver:
         emitter: QueryLogEmitter | None = None,
         holder: PolicyHolder | None = None,
         prefetcher: Prefetcher | None = None,
+        cache: ResultCache | None = None,
     ) -> None:
         self.emitter = emitter
         self.holder = holder
         self.prefetcher = prefetcher
+        self.cache = cache
+        self.removals = 0
 
     def expired(self, entry: CachedResult) -> bool:
-        """A cache hit whose TTL has passed: answer it as a miss."""
-        return self.holder is not None and self.holder.expired(entry)
+        """A cache hit whose TTL has passed: answer it as a miss, and (with ``cache``)
+        remove it now, so that it frees its bytes and its removal is logged as expired."""
+        if self.holder is None or not self.holder.expired(entry):
+            return False
+        if self.cache is not None:
+            self.cache.expire(entry)
+        return True
+
+    def removed(self, slot: Slot, reason: str) -> None:
+        """The cache's removal listener: queue the entry's removal event (runs under the
+        cache's lock: an append to the emitter's deque, nothing else)."""
+        if self.emitter is not None:
+            self.removals += 1
+            self.emitter.emit(_Removal(slot, reason, time.time()))
 
     def searched(
         self,

@@ -20,19 +20,25 @@ index before the search read it.
 
 Threads: one lock guards everything. Searchers ``get``/``put``; the applier invalidates;
 the exact invalidation work is done under the lock, so a large batch briefly delays
-lookups of the node. Eviction is LRU within ``budget_bytes``, across all indexes, and
-within each tenant's budget (``tenant_budget_bytes``, :meth:`ResultCache.set_tenant_budget`)
-and each index's (:meth:`ResultCache.set_index_budget`, from ``IndexConfig.cache``): a
-tenant over its budget evicts its own least recently used entries, never another
-tenant's. The admission policy (:class:`AdmissionPolicy`) is asked before a put takes the
-lock. Removal hooks (:meth:`ResultCache.add_removal_hook`) hear of every entry that leaves
-(invalidated, evicted, replaced, dropped); they run under the lock and must only record.
+lookups of the node. Eviction (``eviction``) is cost-aware GDSF by default (lowest
+``H = L + value`` first, :mod:`streams.cache.eviction`: O(log n) per eviction, a hit only
+records itself) or LRU, within ``budget_bytes``, across all indexes, and within each
+tenant's budget (``tenant_budget_bytes``, :meth:`ResultCache.set_tenant_budget`) and each
+index's (:meth:`ResultCache.set_index_budget`, from ``IndexConfig.cache``): a tenant over
+its budget evicts its own entries (lowest priority, or least recently used, first), never
+another tenant's. The admission policy (:class:`AdmissionPolicy`) is asked before a put
+takes the lock. Removal hooks (:meth:`ResultCache.add_removal_hook`) hear of every entry
+that leaves, listeners (:meth:`ResultCache.add_removal_listener`) also of why
+(``evicted``, ``expired``, ``invalidated``, ``replaced``, ``dropped``); both run under the
+lock and must only record.
 """
 
 from __future__ import annotations
 
+import itertools
 import operator
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -41,13 +47,24 @@ from typing import Any
 import numpy as np
 
 from streams.cache.entry import CachedResult
+from streams.cache.eviction import (
+    EVICTIONS,
+    EvictionName,
+    EvictionScorer,
+    GDSFScorer,
+    LazyHeap,
+    Slot,
+)
 from streams.cache.invalidation import InvalidationIndex, UpsertRow
 from streams.cache.keys import QueryKey
 from streams.cache.policy import AdmissionDecision, AdmissionPolicy, AdmitAll
 from streams.cache.scoring import would_enter
 from streams.index.model import Vector
 
-__all__ = ["CacheInvalidator", "CacheStats", "PutOutcome", "ResultCache"]
+__all__ = ["REMOVAL_REASONS", "CacheInvalidator", "CacheStats", "PutOutcome", "ResultCache"]
+
+# why an entry left (what removal listeners and the query log's removal events say)
+REMOVAL_REASONS = ("evicted", "expired", "invalidated", "replaced", "dropped")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +86,8 @@ class CacheStats:
     budget_bytes: int
     verified: int
     false_hits: int
+    expirations: int = 0  # entries removed because their admission TTL passed
+    eviction: str = "lru"  # the eviction order (``gdsf`` or ``lru``)
 
     @property
     def hit_rate(self) -> float:
@@ -85,7 +104,8 @@ class CacheStats:
 class PutOutcome:
     """The admission decision (logged as the policy took it) and what became of the
     entry: ``stored``, ``rejected`` (by the policy), ``stale``, ``unverifiable``,
-    ``disabled`` (for its index) or ``too-large`` (for the whole budget)."""
+    ``disabled`` (for its index), ``too-large`` (for the whole budget) or ``evicted``
+    (stored, then valued lowest of its scope by GDSF and evicted by its own put)."""
 
     decision: AdmissionDecision
     outcome: str
@@ -124,18 +144,16 @@ class _IndexState:
     scopes: tuple[str, str] = ("", "")  # its tenant's and its own budget scope, made once
 
 
-@dataclass(slots=True)
-class _Slot:
-    entry: CachedResult
-    nbytes: int
-    hits: int = 0
-    scopes: tuple[str, ...] = ()  # its tenant's and its index's budget scopes
+_Slot = Slot  # one entry as the cache keeps it (streams.cache.eviction)
+RemovalListener = Callable[[Slot, str], None]
 
 
 class ResultCache:
     """L0 of one node (see the module docstring). ``ring_rows``: writes per index kept
     for checking puts (a search slower than that many writes is not cached);
-    ``enabled``: whether indexes start enabled (:meth:`set_enabled` switches one)."""
+    ``enabled``: whether indexes start enabled (:meth:`set_enabled` switches one);
+    ``eviction``: ``gdsf`` (default), ``lru``, or an :class:`EvictionScorer` to order GDSF
+    by (a learned value table)."""
 
     def __init__(
         self,
@@ -146,7 +164,10 @@ class ResultCache:
         ring_rows: int = 4096,
         max_clusters: int = 64,
         tenant_budget_bytes: int | None = None,
+        eviction: EvictionName | EvictionScorer = "gdsf",
     ) -> None:
+        if isinstance(eviction, str) and eviction not in EVICTIONS:
+            raise ValueError(f"eviction must be one of {EVICTIONS} or a scorer, got {eviction!r}")
         if budget_bytes < 0 or ring_rows < 1:
             raise ValueError("budget_bytes >= 0 and ring_rows >= 1")
         if tenant_budget_bytes is not None and tenant_budget_bytes < 0:
@@ -165,6 +186,16 @@ class ResultCache:
         self._scopes: dict[str, OrderedDict[QueryKey, None]] = {}
         self._scope_bytes: dict[str, int] = {}
         self._hooks: list[Callable[[QueryKey], None]] = []
+        self._listeners: list[RemovalListener] = []
+        # GDSF: a lazy heap over every entry, one per budget scope once it must evict
+        self.eviction: str = eviction if isinstance(eviction, str) else "gdsf"
+        self._gdsf = self.eviction == "gdsf"
+        self._scorer: EvictionScorer = GDSFScorer() if isinstance(eviction, str) else eviction
+        self._heap_seq = itertools.count().__next__
+        self._heap = LazyHeap(self._scorer, self._heap_seq)
+        self._scope_heaps: dict[str, LazyHeap] = {}
+        self._inflation = 0.0  # GDSF's L: the priority of the last victim
+        self._touch = self._touch_gdsf if self._gdsf else self._touch_lru
         self._n = dict.fromkeys(
             (
                 "hits",
@@ -176,6 +207,7 @@ class ResultCache:
                 "evictions",
                 "verified",
                 "false_hits",
+                "expirations",
             ),
             0,
         )
@@ -241,6 +273,24 @@ class ResultCache:
         the hook must be quick and must not call back into the cache)."""
         with self._lock:
             self._hooks.append(hook)
+
+    def add_removal_listener(self, listener: RemovalListener) -> None:
+        """Call ``listener(slot, reason)`` whenever an entry leaves (``slot``: the entry,
+        its hits, bytes, ``stored_s``; ``reason`` one of :data:`REMOVAL_REASONS`), under
+        the cache's lock like a removal hook: record only (the query log queues it)."""
+        with self._lock:
+            self._listeners.append(listener)
+
+    @property
+    def inflation(self) -> float:
+        """GDSF's ``L``: the priority of the last entry evicted (0 under LRU)."""
+        return self._inflation
+
+    def priority_of(self, key: QueryKey) -> float | None:
+        """The entry's current GDSF priority ``H`` (None: not cached, or LRU)."""
+        with self._lock:
+            slot = self._lru.get(key)
+            return None if slot is None or not self._gdsf else self._heap.priority(slot)
 
     @staticmethod
     def _scopes_of(index_key: str) -> tuple[str, str]:
@@ -311,7 +361,12 @@ class ResultCache:
         with self._lock:
             return key in self._lru
 
-    def _touch(self, key: QueryKey, slot: _Slot) -> None:
+    def _touch_gdsf(self, key: QueryKey, slot: _Slot) -> None:
+        # the hit path: its heap items stay; they are re-checked when popped
+        slot.hits += 1
+        slot.base = self._inflation
+
+    def _touch_lru(self, key: QueryKey, slot: _Slot) -> None:
         self._lru.move_to_end(key)
         for scope in slot.scopes:
             lru = self._scopes.get(scope)
@@ -365,7 +420,7 @@ class ResultCache:
                 budgets = _UNBOUNDED
             if nbytes > self.budget_bytes:
                 return PutOutcome(decision, "too-large")
-            self._remove(entry.key)
+            self._remove(entry.key, "replaced")
             index = st.index
             if index is None or index.metric != entry.metric or index.dim != entry.vector.size:
                 self._drop_entries(entry.index_key)  # none expected: a reset comes first
@@ -373,7 +428,16 @@ class ResultCache:
                     entry.metric, int(entry.vector.size), max_clusters=self._max_clusters
                 )
             index.add(entry.key, entry.vector, entry.kth_score, entry.filter, entry.ids)
-            self._lru[entry.key] = _Slot(_stored(entry, decision), nbytes, 0, scopes)
+            slot = self._lru[entry.key] = _Slot(
+                entry.key,
+                _stored(entry, decision),
+                nbytes,
+                0,
+                scopes,
+                self._inflation,
+                True,
+                time.time(),
+            )
             self._bytes += nbytes
             scope_bytes = self._scope_bytes
             for scope in scopes:
@@ -382,15 +446,18 @@ class ResultCache:
                     lru = self._scopes[scope] = OrderedDict()
                 lru[entry.key] = None
                 scope_bytes[scope] = scope_bytes.get(scope, 0) + nbytes
+            if self._gdsf:
+                self._push(slot)
             self._n["puts"] += 1
             while self._bytes > self.budget_bytes:
-                self._remove(next(iter(self._lru)))  # the least recently used
-                self._n["evictions"] += 1
+                self._evict_one(None)
             if budgets is not _UNBOUNDED:
                 for scope, budget in zip(scopes, budgets, strict=True):
                     if scope_bytes.get(scope, 0) > budget:
                         self._evict_scope(scope)
-            return PutOutcome(decision, "stored")
+            if slot.alive:
+                return PutOutcome(decision, "stored")
+            return PutOutcome(decision, "evicted")  # GDSF valued it least of all at once
 
     def _default_budget(self, scope: str) -> float:
         if scope.startswith("t:") and self._tenant_default is not None:
@@ -398,12 +465,55 @@ class ResultCache:
         return float("inf")
 
     def _evict_scope(self, scope: str) -> None:
-        """Evict the scope's least recently used entries until it fits its budget."""
+        """Evict the scope's lowest-priority (or least recently used) entries until it
+        fits its budget; other scopes' entries stay."""
         budget = self._budgets.get(scope, self._default_budget(scope))
         lru = self._scopes.get(scope)
         while lru and self._scope_bytes.get(scope, 0) > budget:
-            self._remove(next(iter(lru)))
+            self._evict_one(scope)
+            lru = self._scopes.get(scope)
+
+    def _push(self, slot: _Slot) -> None:
+        """Order a new slot in the GDSF heaps; a heap whose items of departed entries
+        (invalidated, replaced, expired: never popped) outnumber its live ones is rebuilt,
+        so the heaps stay O(entries) when nothing is evicted."""
+        heap = self._heap
+        heap.push(slot)
+        if len(heap) > 2 * len(self._lru) + 1024:
+            heap.rebuild(self._lru.values())
+        for scope in slot.scopes:
+            scoped = self._scope_heaps.get(scope)
+            if scoped is not None:
+                scoped.push(slot)
+                members = self._scopes[scope]
+                if len(scoped) > 2 * len(members) + 256:
+                    scoped.rebuild(self._lru[k] for k in members)
+
+    def _evict_one(self, scope: str | None) -> None:
+        """Evict one entry of ``scope`` (None: of the whole cache): the lowest GDSF
+        priority (raising the inflation to it), or the least recently used."""
+        members = self._lru if scope is None else self._scopes[scope]
+        if not self._gdsf:
+            self._remove(next(iter(members)), "evicted")
             self._n["evictions"] += 1
+            return
+        heap = self._heap
+        if scope is not None:
+            found = self._scope_heaps.get(scope)
+            if found is None:  # the scope's first eviction: order its entries
+                found = self._scope_heaps[scope] = LazyHeap(self._scorer, self._heap_seq)
+                found.rebuild(self._lru[k] for k in members)
+            heap = found
+        victim = heap.pop_victim(len(members))
+        if victim is None:  # cannot happen while members is not empty; be safe
+            self._remove(next(iter(members)), "evicted")
+        else:
+            slot, priority = victim
+            slot.priority = priority
+            if priority > self._inflation:
+                self._inflation = priority
+            self._remove(slot.key, "evicted")
+        self._n["evictions"] += 1
 
     def _recheck(self, st: _IndexState, entry: CachedResult, seen_seq: int) -> str | None:
         """None if no batch after ``seen_seq`` changes ``entry``, else why not storable."""
@@ -458,7 +568,7 @@ class ResultCache:
                         [r.numeric for r in rows],
                     )
             for key in keys:
-                self._remove(key)
+                self._remove(key, "invalidated")
             self._n["invalidations"] += len(keys)
             return len(keys)
 
@@ -490,10 +600,27 @@ class ResultCache:
 
     # -- bookkeeping -------------------------------------------------------------------
 
-    def _remove(self, key: QueryKey) -> None:
+    def expire(self, entry: CachedResult) -> bool:
+        """Remove ``entry`` (as a lookup just returned it) because its admission TTL
+        passed; False when the cache holds another entry under its key by now (kept). The
+        lookup that found it expired is not counted among the hits it served."""
+        with self._lock:
+            slot = self._lru.get(entry.key)
+            if slot is None or not (
+                slot.entry is entry
+                or (slot.entry.created_s == entry.created_s and slot.entry.ids == entry.ids)
+            ):
+                return False
+            slot.hits = max(0, slot.hits - 1)
+            self._remove(entry.key, "expired")
+            self._n["expirations"] += 1
+            return True
+
+    def _remove(self, key: QueryKey, reason: str = "dropped") -> None:
         slot = self._lru.pop(key, None)
         if slot is None:
             return
+        slot.alive = False
         self._bytes -= slot.nbytes
         for scope in slot.scopes:
             lru = self._scopes.get(scope)
@@ -501,16 +628,19 @@ class ResultCache:
                 self._scope_bytes[scope] -= slot.nbytes
                 if not lru:
                     del self._scopes[scope], self._scope_bytes[scope]
+                    self._scope_heaps.pop(scope, None)
         st = self._indexes.get(slot.entry.index_key)
         if st is not None and st.index is not None:
             st.index.remove(key)
         for hook in self._hooks:
             hook(key)
+        for listener in self._listeners:
+            listener(slot, reason)
 
     def _drop_entries(self, index_key: str) -> int:
         keys = [k for k, s in self._lru.items() if s.entry.index_key == index_key]
         for key in keys:
-            self._remove(key)
+            self._remove(key, "dropped")
         return len(keys)
 
     def record_verification(self, false_hit: bool) -> None:
@@ -522,7 +652,11 @@ class ResultCache:
     def stats(self) -> CacheStats:
         with self._lock:
             return CacheStats(
-                entries=len(self._lru), bytes=self._bytes, budget_bytes=self.budget_bytes, **self._n
+                entries=len(self._lru),
+                bytes=self._bytes,
+                budget_bytes=self.budget_bytes,
+                eviction=self.eviction,
+                **self._n,
             )
 
     def pruning(self, index_key: str) -> tuple[int, int]:

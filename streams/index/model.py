@@ -122,18 +122,25 @@ class IndexQuotas:
             raise InvalidRequest("quota qps must be positive", field="qps")
 
 
-CACHE_LAYERS = ("L0", "L1", "L2")
+CACHE_LAYERS = ("L0", "L1", "L2", "L3")
+RESULT_LAYERS = ("L0", "L1", "L2")  # the layers that answer a search from a cached result
 
 
 @dataclass(frozen=True, slots=True)
 class CacheSettings:
     """Search-cache settings of one index (``CacheSettings`` in IndexConfig.avsc).
-    ``layers``: the layers looked up, of ``L0`` (exact), ``L1`` (tolerant key), ``L2``
-    (semantic); ``NONE`` is dropped; empty: no caching. ``memory_budget_bytes``: most bytes
-    this index's entries may hold (None: the node's default). ``l2_threshold``: the largest
-    cosine distance at which L2 reuses a cached result for a vector query (None: the node's
+    ``layers``: the layers on, of ``L0`` (exact), ``L1`` (tolerant key), ``L2``
+    (semantic), ``L3`` (payload join of fresh searches); ``NONE`` is dropped; empty: no
+    caching at all. ``memory_budget_bytes``: most bytes this index's cache state (every
+    layer) may hold (None: the node's default). ``l2_threshold``: the largest cosine
+    distance at which L2 reuses a cached result for a vector query (None: the node's
     default); ``l2_text_threshold``: the same for a text query (``VEC.QUERY``), where the
-    text stage also checks the texts (None: the node's default)."""
+    text stage also checks the texts (None: the node's default).
+
+    In Avro, L3 is the field ``l3`` (the ``CacheLayer`` enum is shared with SearchEvent,
+    where L3 never answers a search). Records written before IndexConfig v3 have no ``l3``:
+    their payload cache was on whenever another layer was, and :meth:`from_avro` keeps it
+    so."""
 
     layers: tuple[str, ...] = CACHE_LAYERS
     memory_budget_bytes: int | None = None
@@ -157,8 +164,10 @@ class CacheSettings:
                 raise InvalidRequest(f"cache {name} must be in [0, 2]", field=f"cache.{name}")
 
     def as_avro(self) -> dict[str, object]:
-        return {"layers": list(self.layers), "memory_budget_bytes": self.memory_budget_bytes,
-                "l2_threshold": self.l2_threshold, "l2_text_threshold": self.l2_text_threshold}
+        return {"layers": [x for x in self.layers if x != "L3"],
+                "memory_budget_bytes": self.memory_budget_bytes,
+                "l2_threshold": self.l2_threshold, "l2_text_threshold": self.l2_text_threshold,
+                "l3": "L3" in self.layers}
 
     @classmethod
     def from_avro(cls, d: Mapping[str, object] | None) -> CacheSettings | None:
@@ -167,8 +176,14 @@ class CacheSettings:
         layers = d.get("layers", CACHE_LAYERS)
         budget, thr = d.get("memory_budget_bytes"), d.get("l2_threshold")
         text_thr = d.get("l2_text_threshold")  # absent in records written before v2
-        return cls(tuple(str(x) for x in layers) if isinstance(layers, (list, tuple))
-                   else CACHE_LAYERS,
+        names = (tuple(str(x) for x in layers) if isinstance(layers, (list, tuple))
+                 else CACHE_LAYERS)
+        l3 = d.get("l3")  # null in records written before v3: L3 followed the layers
+        named = "L3" in names  # a JSON form may name it among the layers (Avro cannot)
+        names = tuple(x for x in names if x != "L3")
+        if l3 is True or (l3 is None and (named or any(x in RESULT_LAYERS for x in names))):
+            names = (*names, "L3")
+        return cls(names,
                    int(budget) if isinstance(budget, int) else None,
                    float(thr) if isinstance(thr, (int, float)) else None,
                    float(text_thr) if isinstance(text_thr, (int, float)) else None)

@@ -23,6 +23,24 @@ Start: the newest update of every index is read from the compacted ``policy`` to
 Memory: an index's window holds at most ``max_window`` searches; then the pending
 decisions are resolved (as at the end of a log) and a new window starts.
 
+Removal events (a SearchEvent with ``removal`` set: an admitted entry left the cache, and
+why) replace the join's estimates where present (:class:`EventJoin`): the admission that
+stored the entry ends when it really left, and the characteristic time the hindsight
+outcomes use is the measured idle time of evicted entries instead of Che's estimate.
+
+Feedback (``feedback``, read in the same group): a ``wrong`` or ``stale`` on a search the
+cache answered counts against the decision that admitted the entry: the proxy cost of that
+hit is taken back from the decision's observed saving, plus ``wrong_penalty`` x that cost
+(so the bandit's cost of the arm rises). ``clicked`` confirms the hit (counted, no change).
+Feedback names the event (``event_id``) or the query key (the key's latest cache hit). A
+resolved decision waits ``feedback_grace_s`` of log time before it is trained, so feedback
+given shortly after a hit still reaches it; later feedback is counted as ``late``.
+
+The ``policy`` topic keeps every version a node may roll back to: each PolicyUpdate is keyed
+``tenant/index/v<version>`` (compaction keeps them all) and publishing version N deletes
+(tombstones) version ``N - keep`` (``keep`` = 16, the holder's history), so a node that
+restarts after compaction still has the versions to roll back to.
+
 :class:`PolicyFeed` is the query node's side: :meth:`PolicyFeed.load` reads the compacted
 topic to its end into a :class:`~streams.cache.policy.PolicyHolder` (before serving), and
 its thread applies every later update as it is appended, without a restart.
@@ -31,15 +49,18 @@ its thread applies every later update as it is appended, without a restart.
 from __future__ import annotations
 
 import logging
+import math
+import statistics
 import threading
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from streams.log.port import Log, LogPosition, StoredRecord
-from streams.policy.join import OutcomeJoin
+from streams.log.port import Log, LogPosition, Record, StoredRecord
+from streams.policy.join import JoinedDecision, Outcome, OutcomeJoin, _Pending
 from streams.policy.learned import ACTIONS, LearnerConfig, PolicyLearner, PolicyTable
 from streams.policy.simulator import Decision, LoggedDecision, ReplayLog
 from streams.policy.trace import Request
@@ -54,7 +75,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_GUARDRAILS",
+    "KEEP_VERSIONS",
     "LEARNER_GROUP",
+    "EventJoin",
     "OnlineLearner",
     "PolicyFeed",
     "PolicyLoop",
@@ -76,6 +99,7 @@ DEFAULT_GUARDRAILS: Mapping[str, float] = {
     "min_hit_rate": 0.0,
     "canary_share": 1.0,
 }
+KEEP_VERSIONS = 16  # versions of an index the policy topic keeps (GuardConfig.history)
 _TTLS = tuple(t for _, t in ACTIONS)
 _ARM = {name: (i, ttl) for i, (name, ttl) in enumerate(ACTIONS)}
 
@@ -135,14 +159,30 @@ def policy_record(
     }
 
 
+def policy_key(tenant: str, index: str, version: int) -> str:
+    """The ``policy`` topic's key of one version: one key per version, so compaction keeps
+    every version a node may roll back to (module docstring)."""
+    return f"{tenant}/{index}/v{version}"
+
+
 def publish_policy(
-    log: Log, topics: Topics, codec: AvroCodec, record: Mapping[str, Any]
+    log: Log,
+    topics: Topics,
+    codec: AvroCodec,
+    record: Mapping[str, Any],
+    *,
+    keep: int = KEEP_VERSIONS,
 ) -> LogPosition:
-    """Append a PolicyUpdate keyed ``tenant/index``; returns its position once durable."""
+    """Append a PolicyUpdate keyed ``tenant/index/v<version>`` and, in the same batch, a
+    tombstone for version ``version - keep``; returns the update's position once durable."""
     subject = catalog.subject_for(topics.policy)
     schema = catalog.load_schema(catalog.TOPIC_VALUE_SCHEMA["policy"])
     value = codec.encode(subject, schema, dict(record))
-    return log.append(topics.policy, f"{record['tenant']}/{record['index']}", value)
+    tenant, index, version = record["tenant"], record["index"], int(record["version"])
+    records = [Record.of(topics.policy, policy_key(tenant, index, version), value)]
+    if keep >= 1 and version - keep >= 1:
+        records.append(Record.of(topics.policy, policy_key(tenant, index, version - keep), None))
+    return log.append_batch(records)[0]
 
 
 def _decode_all(codec: AvroCodec, records: Iterable[StoredRecord]) -> list[dict[str, Any]]:
@@ -265,14 +305,151 @@ class PolicyFeed:
 # -- the learner ---------------------------------------------------------------------------
 
 
+class EventJoin(OutcomeJoin):
+    """:class:`OutcomeJoin` with the cache's removal events (module docstring).
+
+    :meth:`removed` is called in log order, ``before`` = the number of searches logged
+    before the removal event; :meth:`advance` applies each removal once the join has
+    consumed those searches. A removal matches the pending admitted decision of its key
+    whose search was stored at ``stored_s`` (the decision's event follows its put by at
+    most ``match_s``); that decision's entry is then gone at the removal's time (or, when
+    it expired, at its last hit + TTL). Evicted entries' idle times (removal - last hit)
+    give :attr:`measured_char_time_s` once ``min_samples`` are in."""
+
+    def __init__(
+        self,
+        ttls: Sequence[float | None],
+        *,
+        match_s: float = 1.0,
+        min_samples: int = 20,
+        samples: int = 1000,
+    ) -> None:
+        super().__init__(ttls)
+        self.match_s = match_s
+        self.min_samples = min_samples
+        self._removals: deque[tuple[int, str, float, float, str]] = deque()
+        self._exact: set[int] = set()  # decisions whose end a removal event gave
+        # removals logged before their decision's search event (an entry evicted by its
+        # own put): kept until that event is joined, or the horizon has passed
+        self._orphans: dict[str, list[tuple[float, float, str]]] = {}
+        self._resolved: dict[str, deque[float]] = {}  # key -> its resolved admissions' t0
+        self._requests: Sequence[Request] | None = None
+        self.late = 0  # removals whose decision had been resolved before they came
+        self._idle: deque[float] = deque(maxlen=samples)
+        self.matched = 0
+        self.unmatched = 0
+
+    def removed(self, before: int, key: str, t: float, stored_s: float, reason: str) -> None:
+        self._removals.append((before, key, t, stored_s, reason))
+
+    @property
+    def measured_char_time_s(self) -> float | None:
+        """Median idle time before eviction of matched evicted entries (None: too few)."""
+        if len(self._idle) < self.min_samples:
+            return None
+        return float(statistics.median(self._idle))
+
+    def advance(
+        self, requests: Sequence[Request], log: ReplayLog, upto: int
+    ) -> list[JoinedDecision]:
+        out: list[JoinedDecision] = []
+        self._requests = requests
+        removals = self._removals
+        while removals and removals[0][0] <= upto:
+            before, key, t, stored_s, reason = removals.popleft()
+            if before > self.consumed:
+                out.extend(super().advance(requests, log, before))
+                self._adopt(requests[before - 1].time)
+            if not self._apply(key, t, stored_s, reason):
+                self._orphans.setdefault(key, []).append((t, stored_s, reason))
+        out.extend(super().advance(requests, log, upto))
+        if upto > 0:
+            self._adopt(requests[upto - 1].time)
+        return out
+
+    def _adopt(self, now: float) -> None:
+        """Join orphaned removals with decisions whose events have arrived since; those
+        still alone ``match_s`` after they left are counted as unmatched."""
+        for key in list(self._orphans):
+            left = []
+            for o in self._orphans[key]:
+                if self._apply(key, *o):
+                    continue
+                if now - o[0] <= self.match_s:
+                    left.append(o)
+                else:
+                    self.unmatched += 1
+            if left:
+                self._orphans[key] = left
+            else:
+                del self._orphans[key]
+
+    def _apply(self, key: str, t: float, stored_s: float, reason: str) -> bool:
+        """Join one removal with its decision: the first admission of ``key`` logged at
+        or after the entry was stored (timestamps are milliseconds: 1 ms of slack). True
+        when joined, or when that decision was already resolved (counted ``late``)."""
+        best: _Pending | None = None
+        for p in self._pending.get(key, ()):
+            near = stored_s - 1e-3 <= p.t0 <= stored_s + self.match_s
+            if p.admitted and near and (best is None or p.t0 < best.t0):
+                best = p
+        if best is None:
+            if any(
+                stored_s - 1e-3 <= t0 <= stored_s + self.match_s
+                for t0 in self._resolved.get(key, ())
+            ):
+                self.late += 1  # resolved after max_events: its outcome is already out
+                return True
+            return False
+        self.matched += 1
+        best.live = False
+        last = best.t0
+        for te, _, hit in best.events:  # its last hit before it left
+            if hit and te <= t:
+                last = te
+        if reason == "expired" and best.ttl is not None:
+            best.end = min(t, last + best.ttl)
+        else:
+            best.end = t
+        if reason == "evicted":
+            self._idle.append(max(t - last, 0.0))
+        self._exact.add(best.index)
+        return True
+
+    def orphans_unmatched(self) -> None:
+        """The end of a window: removals still waiting for their decision never get one."""
+        self.unmatched += sum(map(len, self._orphans.values()))
+        self._orphans.clear()
+
+    def _resolve(self, p: _Pending) -> JoinedDecision:
+        if p.admitted and self._requests is not None:
+            seen = self._resolved.setdefault(self._requests[p.index].key, deque(maxlen=4))
+            seen.append(p.t0)
+        return super()._resolve(p)
+
+    def _held(self, p: _Pending) -> float:
+        if p.index in self._exact and p.end is not None:
+            self._exact.discard(p.index)
+            return max(p.end - p.t0, 0.0)
+        return super()._held(p)
+
+
 @dataclass(slots=True)
 class _Window:
-    """One index's searches since its window started, as the offline replay log."""
+    """One index's searches since its window started, as the offline replay log, with
+    what the feedback join needs: which admission served each cache hit."""
 
     requests: list[Request] = field(default_factory=list)
     replay: ReplayLog = field(default_factory=ReplayLog)
-    join: OutcomeJoin = field(default_factory=lambda: OutcomeJoin(_TTLS))
+    join: EventJoin = field(default_factory=lambda: EventJoin(_TTLS))
     accounted: int = 0  # requests already given to observe_log / the join
+    owner: dict[str, int] = field(default_factory=dict)  # key -> its live admission
+    served: OrderedDict[str, tuple[int, float]] = field(default_factory=OrderedDict)
+    last_hit: dict[str, tuple[int, float]] = field(default_factory=dict)
+    penalty: dict[int, float] = field(default_factory=dict)  # decision -> cost taken back
+    confirmed: dict[int, int] = field(default_factory=dict)  # decision -> clicks
+    ready: deque[tuple[float, JoinedDecision]] = field(default_factory=deque)
+    trained: set[int] = field(default_factory=set)  # decisions already learned
 
 
 @dataclass(slots=True)
@@ -299,9 +476,15 @@ class OnlineLearner:
         max_window: int = 200_000,
         config: LearnerConfig | None = None,
         guardrails: Mapping[str, float] | None = None,
+        feedback_grace_s: float = 10.0,
+        wrong_penalty: float = 1.0,
+        max_served: int = 100_000,
     ) -> None:
         self.log, self.topics, self.codec = log, topics, codec
         self.budget_bytes = budget_bytes
+        self.feedback_grace_s = feedback_grace_s
+        self.wrong_penalty = wrong_penalty
+        self.max_served = max_served
         self.group = group
         self.update_every = update_every
         self.max_window = max_window
@@ -309,7 +492,7 @@ class OnlineLearner:
         self.guardrails = dict(guardrails or {})
         self._indexes: dict[str, _IndexState] = {}
         self._newest = newest_policies(read_policies(log, topics, codec))
-        self._sub = log.subscribe([topics.query_log], group, from_start=True)
+        self._sub = log.subscribe([topics.query_log, topics.feedback], group, from_start=True)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.events = 0
@@ -317,6 +500,13 @@ class OnlineLearner:
         self.published: list[dict[str, Any]] = []
         self.error: Exception | None = None
         self.busy_s = 0.0  # time spent in steps that read events (throughput)
+        self.removals = 0
+        # removal events of windows already closed: joined, late, never joined
+        self._removal_counts = {"matched": 0, "late": 0, "unmatched": 0}
+        self.feedback = dict.fromkeys(
+            ("clicked", "wrong", "stale", "other", "unmatched", "late"), 0
+        )
+        self._waiting: OrderedDict[str, dict[str, Any]] = OrderedDict()  # event_id -> fb
 
     def _state(self, key: str) -> _IndexState:
         st = self._indexes.get(key)
@@ -335,13 +525,33 @@ class OnlineLearner:
     def _add(self, ev: Mapping[str, Any]) -> None:
         st = self._state(f"{ev['tenant']}/{ev['index']}")
         w = st.window
+        key = ev["query_key"]
+        removal = ev.get("removal")
+        if removal is not None:  # an admitted entry left the cache: not a search
+            self.removals += 1
+            w.join.removed(
+                len(w.requests),
+                key,
+                _ms(ev["timestamp"]) / 1000,
+                _ms(removal["stored_ms"]) / 1000,
+                str(removal["reason"]),
+            )
+            w.owner.pop(key, None)
+            return
         features = ev.get("features") or {}
         size = max(1, int(features.get("size", 1)))
-        w.requests.append(
-            Request(_ms(ev["timestamp"]) / 1000, ev["query_key"], size, float(ev["proxy_cost"]))
-        )
+        cost = float(ev["proxy_cost"])
+        w.requests.append(Request(_ms(ev["timestamp"]) / 1000, key, size, cost))
         w.replay.hits.append(1 if ev["cache_hit"] else 0)
+        here = len(w.requests) - 1
+        if ev["cache_hit"]:
+            self._served(w, ev, key, cost)
         arm = _ARM.get(ev["action"])
+        if not ev["cache_hit"]:
+            if arm is not None and arm[1] is not None and ev.get("bucket"):
+                w.owner[key] = here  # this admission serves the key's next hits
+            else:
+                w.owner.pop(key, None)
         if not ev["cache_hit"] and arm is not None and ev.get("bucket"):
             ttl = arm[1]
             w.replay.decisions.append(
@@ -358,16 +568,89 @@ class OnlineLearner:
             )
             self.decisions += 1
 
+    # -- feedback ---------------------------------------------------------------------------
+
+    def _served(self, w: _Window, ev: Mapping[str, Any], key: str, cost: float) -> None:
+        """A cache hit: remember which admission served it, for feedback on it."""
+        owner = w.owner.get(key)
+        if owner is None:
+            return
+        w.last_hit[key] = w.served[ev["event_id"]] = (owner, cost)
+        if len(w.served) > self.max_served:
+            w.served.popitem(last=False)
+        early = self._waiting.pop(ev["event_id"], None)
+        if early is not None:  # its feedback was read first (another topic)
+            self._feedback(early)
+
+    def _feedback(self, fb: Mapping[str, Any]) -> None:
+        """Join one Feedback record with the admission that served the hit it names."""
+        kind = str(fb.get("kind") or "other")
+        key = f"{fb['tenant']}/{fb['index']}"
+        st = self._indexes.get(key)
+        w = st.window if st is not None else None
+        found = None
+        if w is not None and fb.get("event_id"):
+            found = w.served.get(fb["event_id"])
+        if w is not None and found is None and fb.get("query_key"):
+            found = w.last_hit.get(fb["query_key"])
+        if found is None or w is None:
+            if fb.get("event_id") and fb["event_id"] not in self._waiting:
+                self._waiting[fb["event_id"]] = dict(fb)  # its event may come later
+                while len(self._waiting) > 10_000:
+                    self._waiting.popitem(last=False)
+            else:
+                self.feedback["unmatched"] += 1
+            return
+        decision, cost = found
+        if decision in w.trained:
+            self.feedback["late"] += 1
+            return
+        self.feedback[kind if kind in self.feedback else "other"] += 1
+        if kind in ("wrong", "stale"):
+            w.penalty[decision] = w.penalty.get(decision, 0.0) + (1 + self.wrong_penalty) * cost
+        elif kind == "clicked":
+            w.confirmed[decision] = w.confirmed.get(decision, 0) + 1
+
+    def _penalised(self, w: _Window, joined: Iterable[JoinedDecision]) -> list[JoinedDecision]:
+        out = []
+        for j in joined:
+            pen = w.penalty.pop(j.index, 0.0)
+            w.confirmed.pop(j.index, None)
+            if pen:
+                o = j.outcomes[j.action]
+                outcomes = list(j.outcomes)
+                outcomes[j.action] = Outcome(o.saved - pen, o.held_s, o.observed)
+                j = replace(j, outcomes=tuple(outcomes))
+            w.trained.add(j.index)
+            out.append(j)
+        return out
+
+    def _release(self, w: _Window, now: float) -> list[JoinedDecision]:
+        """Resolved decisions whose feedback grace has passed at log time ``now``."""
+        out = []
+        while w.ready and w.ready[0][0] <= now:
+            out.append(w.ready.popleft()[1])
+        return self._penalised(w, out)
+
     def _train(self, st: _IndexState, *, flush: bool = False) -> None:
         w, learner = st.window, st.learner
         stop = len(w.requests)
         if stop > w.accounted:
             learner.observe_log(w.requests, w.replay, w.accounted, stop)
-            w.join.char_time_s = learner.char_time_s
-            learner.learn(w.join.advance(w.requests, w.replay, stop))
+            measured = w.join.measured_char_time_s
+            w.join.char_time_s = learner.char_time_s if measured is None else measured
+            now = w.requests[stop - 1].time
+            for j in w.join.advance(w.requests, w.replay, stop):
+                w.ready.append((now + self.feedback_grace_s, j))
             w.accounted = stop
+            learner.learn(self._release(w, now))
         if flush or stop >= self.max_window:
-            learner.learn(w.join.flush())
+            w.join.orphans_unmatched()
+            for name in self._removal_counts:
+                self._removal_counts[name] += getattr(w.join, name)
+            for j in w.join.flush():
+                w.ready.append((math.inf, j))
+            learner.learn(self._release(w, math.inf))
             learner.new_log()
             st.window = _Window()
 
@@ -397,12 +680,19 @@ class OnlineLearner:
         ``--follow``) and publish any index with new training. Returns what it published."""
         batch = self._sub.poll(max_events, timeout_s)
         t0 = time.perf_counter()
+        feedback = []
         for r in batch:
             if r.value is None:
                 continue
+            if r.topic == self.topics.feedback:
+                feedback.append(r)
+                continue
             _, ev = self.codec.decode(r.value)
             self._add(ev)
-        self.events += len(batch)
+        for r in feedback:  # after the batch's searches: they may be what it names
+            if r.value is not None:
+                self._feedback(self.codec.decode(r.value)[1])
+        self.events += len(batch) - len(feedback)
         published = []
         for key, st in self._indexes.items():
             self._train(st, flush=flush)
@@ -417,8 +707,9 @@ class OnlineLearner:
     def caught_up(self) -> bool:
         pos = self._sub.positions()
         return all(
-            pos.get((self.topics.query_log, p), 0) >= end
-            for p, end in self.log.end_offsets(self.topics.query_log).items()
+            pos.get((topic, p), 0) >= end
+            for topic in (self.topics.query_log, self.topics.feedback)
+            for p, end in self.log.end_offsets(topic).items()
         )
 
     def run_to_end(self) -> list[dict[str, Any]]:
@@ -453,6 +744,15 @@ class OnlineLearner:
             self._thread = None
         self._sub.close()
 
+    def removal_counts(self) -> dict[str, int]:
+        """Removal events joined with the decision that admitted their entry (``matched``),
+        come after it was resolved (``late``), or that found no decision (``unmatched``)."""
+        out = dict(self._removal_counts)
+        for st in self._indexes.values():
+            for name in out:
+                out[name] += getattr(st.window.join, name)
+        return out
+
     def stats(self) -> dict[str, Any]:
         return {
             "events": self.events,
@@ -460,6 +760,9 @@ class OnlineLearner:
             "published": len(self.published),
             "error": None if self.error is None else repr(self.error),
             "events_per_s": self.events / self.busy_s if self.busy_s else 0.0,
+            "removals": self.removals,
+            "removals_joined": self.removal_counts(),
+            "feedback": dict(self.feedback),
             "versions": {k: st.version for k, st in sorted(self._indexes.items())},
         }
 
@@ -495,7 +798,8 @@ class PolicyLoop:
         self.emitter = QueryLogEmitter(log, topics, codec, capacity=query_log_capacity)
         self.feed = PolicyFeed(log, topics, codec, self.holder)
         self.prefetcher = Prefetcher(service) if prefetch else None
-        self.observer = SearchObserver(self.emitter, self.holder, self.prefetcher)
+        self.observer = SearchObserver(self.emitter, self.holder, self.prefetcher, cache=cache)
+        cache.add_removal_listener(self.observer.removed)  # removal events in query-log
         service.search_observer = self.observer
         service.info_sections["policy"] = lambda _key: self.observer.stats()
 

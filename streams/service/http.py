@@ -120,7 +120,7 @@ class QuotasBody(_Body):
 class CacheBody(_Body):
     """Search-cache settings of an index (IndexConfig.cache); null fields: node defaults."""
 
-    layers: list[Literal["NONE", "L0", "L1", "L2"]] = ["L0", "L1", "L2"]
+    layers: list[Literal["NONE", "L0", "L1", "L2", "L3"]] = ["L0", "L1", "L2", "L3"]
     memory_budget_bytes: int | None = Field(None, ge=0)
     l2_threshold: float | None = Field(None, ge=0.0, le=2.0)
     l2_text_threshold: float | None = Field(None, ge=0.0, le=2.0)  # VEC.QUERY's L2
@@ -178,6 +178,8 @@ class QueryBody(_Body):
     tokens: list[str] = Field([], description="positions to wait for, documents or vectors")
     bound_ms: int | None = Field(None, ge=0)
     timeout_ms: int = Field(1000, ge=1)
+    session_id: str | None = Field(None, min_length=1, max_length=128,
+                                   description="client session (query log, prefetch)")
 
 
 class _VectorIn(_Body):
@@ -317,7 +319,8 @@ def _config_json(c: IndexConfig) -> dict[str, Any]:
             "quotas": None if c.quotas is None else {
                 "max_vectors": c.quotas.max_vectors, "max_bytes": c.quotas.max_bytes,
                 "qps": c.quotas.qps},
-            "cache": None if c.cache is None else c.cache.as_avro()}
+            "cache": None if c.cache is None else {  # the model's layers: L3 included
+                **c.cache.as_avro(), "layers": list(c.cache.layers)}}
 
 
 def _stored_json(v: StoredVector) -> VectorReply:
@@ -584,7 +587,8 @@ def create_http_app(dataplane: DataPlane, *, metrics: ServiceMetrics = METRICS,
         """Search by text; each hit's meta carries ``source_id``, ``chunk`` and ``text``."""
         response = _ingest().query(QueryRequest(
             tenant, index, body.text, body.k, body.mode, body.filter, body.consistency,
-            tuple(body.tokens), body.bound_ms, body.timeout_ms, body.alpha))
+            tuple(body.tokens), body.bound_ms, body.timeout_ms, body.alpha,
+            session_id=body.session_id))
         hits = [HitReply(id=h.id, score=float(h.score), meta=_meta(h.meta))
                 for h in response.hits]
         return SearchReply(hits=hits, debug=jsonable_encoder(response.debug,

@@ -27,6 +27,7 @@ from pathlib import Path
 import faiss
 
 from streams.cache import CacheController, CacheInvalidator, ResultCache
+from streams.cache.eviction import EvictionName
 from streams.cache.semantic import DEFAULT_L2_TEXT_THRESHOLD, DEFAULT_L2_VECTOR_THRESHOLD
 from streams.capacity import CapacityManager
 from streams.dlq import DeadLetterQueue
@@ -85,11 +86,12 @@ class QueryNode:
         cache_enabled: bool = True,
         cache_budget_bytes: int = DEFAULT_CACHE_BUDGET,
         cache_verify_rate: float = 0.0,
-        cache_layers: tuple[str, ...] = ("L0",),
+        cache_layers: tuple[str, ...] = ("L0", "L3"),
         cache_l2_threshold: float = DEFAULT_L2_VECTOR_THRESHOLD,
         cache_l2_text_threshold: float = DEFAULT_L2_TEXT_THRESHOLD,
         cache_tenant_budget_bytes: int | None = None,
         cache_background_offers: bool = False,
+        cache_eviction: EvictionName = "gdsf",
         policy_loop: bool = False,
         prefetch: bool = False,
         capacity_interval_s: float | None = None,
@@ -113,8 +115,8 @@ class QueryNode:
         self.restore_s = time.perf_counter() - t0
         self.applied = AppliedPositions(self.state.positions())
         self.dlq = DeadLetterQueue(log, topics, codec)
-        self.cache = ResultCache(cache_budget_bytes, tenant_budget_bytes=cache_tenant_budget_bytes
-                                 ) if cache_enabled else None
+        self.cache = ResultCache(cache_budget_bytes, tenant_budget_bytes=cache_tenant_budget_bytes,
+                                 eviction=cache_eviction) if cache_enabled else None
         # L0/L1/L2 over the cache; an index's IndexConfig.cache overrides these defaults
         layers = CacheController(
             self.cache, default_layers=cache_layers, l2_threshold=cache_l2_threshold,

@@ -398,7 +398,8 @@ class VectorService(DataPlane):
         t3 = time.perf_counter()
         applied = self._applied_tokens()
         caching = layers is not None and lookup is not None and bool(lookup.layers)
-        l3 = layers.payloads if caching and layers is not None else None  # L3 payloads
+        l3 = (layers.payloads if caching and layers is not None and lookup is not None
+              and "L3" in lookup.layers else None)  # L3 payloads, where switched on
         fresh = self._fresh(config, query, request.k, flt, request.ef, l3)
         t4 = time.perf_counter()
         decision: Any = "none"
@@ -540,6 +541,9 @@ class VectorService(DataPlane):
             "applied": self.applied.tokens(),
             "cache": self.cache.stats().as_dict() if self.cache is not None else None,
             "cache_layers": self.cache_layers.stats() if self.cache_layers else None,
+            # this tenant's cache bytes per layer, their total and its budget
+            "cache_memory": (self.cache_layers.memory(config.tenant)
+                             if self.cache_layers else None),
             **{name: section(config.key) for name, section in self.info_sections.items()},
         }
 
