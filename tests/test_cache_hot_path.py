@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from streams.cache import CachedResult, QueryKey, ResultCache
 from streams.cache.controller import CacheController
@@ -30,7 +32,13 @@ from streams.index.model import (
     VectorUpsert,
 )
 from streams.service.api import SearchRequest
-from streams.service.resp import RespServer, serve_in_thread
+from streams.service.resp import (
+    RespServer,
+    _encode_flat,
+    _flat,
+    _search_reply,
+    serve_in_thread,
+)
 from streams.service.resp_wire import Encoded, encode_reply
 from streams.service.vector_service import CachedHits
 from tests.rigs import Rig
@@ -282,3 +290,64 @@ def test_the_query_log_event_is_built_later_from_what_the_search_answered(rig: R
     assert all(e["query_key"] == key and e["session_id"] == "s" for e in events)
     assert events[1]["cache_layer"] == "L0" and events[1]["features"]["size"] > 0
     assert events[0]["cache_layer"] == "NONE" and events[0]["timestamp"]
+
+
+# -- the RESP search reply, encoded in one pass --------------------------------------------
+@pytest.mark.parametrize("proto", [2, 3])
+def test_search_reply_bytes_equal_the_general_encoders(rig: Rig, proto: int) -> None:
+    """``_search_reply`` writes the debug map directly (``_encode_flat``) and keeps its
+    entry's JSON as bytes: the bytes are those of ``encode_reply([rows, _flat(debug)])``,
+    for a miss, a first and a repeated L0 hit, and an L1 hit, in RESP2 and RESP3."""
+    svc = rig.node.service
+    q = unit(21)
+    answers = [
+        svc.search(SearchRequest("acme", "docs", q, 4)),  # miss
+        svc.search(SearchRequest("acme", "docs", q, 4)),  # L0
+        svc.search(SearchRequest("acme", "docs", q, 4)),  # L0 again: memo filled
+        svc.search(SearchRequest("acme", "docs", q * np.float32(2.0), 3)),  # L1
+    ]
+    assert [a.debug["layer"] for a in answers] == ["none", "L0", "L0", "L1"]
+    for answer in answers:
+        rows = [[h.id, float(h.score), h.meta] for h in answer.hits]
+        want = encode_reply([rows, _flat(answer.debug)], proto)
+        assert _search_reply(answer, proto) == want
+        assert _search_reply(answer, proto) == want  # from the memo this time
+
+
+_JSON_VALUE = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+_DEBUG_VALUE = (
+    _JSON_VALUE
+    | st.dictionaries(
+        st.sampled_from(["validate", "cache", "é", "a b", 'x"y']),
+        st.floats() | st.integers(),
+        max_size=3,
+    )
+    | st.lists(st.text(max_size=6), max_size=20)
+    | st.sampled_from([np.float32(0.25), np.int64(3), np.bool_(True)])
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    d=st.dictionaries(
+        st.sampled_from(["layer", "decision", "cached_at", "applied", "k", "é"])
+        | st.text(max_size=6),
+        _DEBUG_VALUE,
+        max_size=8,
+    ),
+    proto=st.sampled_from([2, 3]),
+    memo=st.booleans(),
+)
+def test_encode_flat_equals_encoding_the_flat_map(
+    d: dict[str, Any], proto: int, memo: bool
+) -> None:
+    entry_memo: dict[Any, Any] | None = {} if memo else None
+    want = encode_reply(_flat(d), proto)
+    assert _encode_flat(d, proto, entry_memo) == want
+    assert _encode_flat(d, proto, entry_memo) == want  # a filled memo answers the same

@@ -85,6 +85,8 @@ class QueryRequest:
     bound_ms: int | None = None
     timeout_ms: int = 1000
     alpha: float | None = None  # hybrid: weight of dense in alpha fusion; None: RRF
+    # client session: its dense search carries it to the query log and the prefetcher
+    session_id: str | None = None
 
 
 class TextSearcher(Protocol):
@@ -105,6 +107,7 @@ class TextSearcher(Protocol):
         bound_ms: int | None = None,
         timeout_ms: int = 1000,
         vector: Vector | None = None,
+        session_id: str | None = None,
     ) -> SearchResponse: ...
 
 
@@ -282,6 +285,7 @@ class IngestService:
                 tokens=tokens,
                 bound_ms=request.bound_ms,
                 timeout_ms=request.timeout_ms,
+                session_id=request.session_id,
             )
         assert config.embedder is not None
         consistency, tokens = self._vector_tokens(request)  # first: it bounds the wait
@@ -299,6 +303,7 @@ class IngestService:
                 bound_ms=request.bound_ms,
                 timeout_ms=request.timeout_ms,
                 vector=np.asarray(vector, np.float32),
+                session_id=request.session_id,
             )
             response.debug["embedder"] = config.embedder
             return response
@@ -313,6 +318,7 @@ class IngestService:
                 tokens,
                 request.bound_ms,
                 request.timeout_ms,
+                session_id=request.session_id,
             )
         )
         response.debug["mode"] = request.mode

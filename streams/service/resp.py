@@ -17,7 +17,8 @@ HELLO [2|3] AUTH SELECT 0 INFO QUIT`` and the data plane::
     VEC.GET tenant index id [CONSISTENCY level [token ...]]              -> map
     VEC.SEARCH tenant index [TOPK k] VECTOR <fp32 bytes> [FILTER expr]
                [CONSISTENCY level [token ...]] [TIMEOUT ms] [BOUND ms]
-               [EF n (efSearch of this search; uncached)]                -> [hits, debug]
+               [EF n (efSearch of this search; uncached)]
+               [SESSION id (client session, 1..128 chars: query log, prefetch)] -> [hits, debug]
     VEC.INFO tenant index                                                -> map
     VEC.LIST [tenant]                                                    -> ["tenant/index", ...]
     VEC.ARCHIVED tenant index                          -> ids the capacity manager archived
@@ -27,7 +28,8 @@ HELLO [2|3] AUTH SELECT 0 INFO QUIT`` and the data plane::
                [TITLE t] [URI u] [CHANNEL c] [USER u] [IF_VERSION v]     -> position token
     VEC.SOURCEDEL tenant index source_id                                 -> position token
     VEC.QUERY tenant index [TOPK k] TEXT <text> [MODE dense|keyword|hybrid] [ALPHA a]
-               [FILTER expr] [CONSISTENCY level [token ...]] [TIMEOUT ms] -> [hits, debug]
+               [FILTER expr] [CONSISTENCY level [token ...]] [TIMEOUT ms]
+               [SESSION id]                                              -> [hits, debug]
 
 Options come in any order (so ``redis-cli -x ... VECTOR`` can pass the vector from stdin as
 the last argument). ``NUM`` takes pairs until the next keyword and may be repeated. Maps are
@@ -59,6 +61,7 @@ import enum
 import itertools
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -168,8 +171,9 @@ def _json_strings(value: list[str]) -> str:
 
 
 def _search_reply(response: SearchResponse, proto: int) -> Reply:
-    """``[hits, debug]`` of VEC.SEARCH. The hits of a cache hit are encoded once per
-    entry, ``k`` and protocol and kept in the entry's memo (the entry never changes)."""
+    """``[hits, debug]`` of VEC.SEARCH, encoded here. The hits of a cache hit are encoded
+    once per entry, ``k`` and protocol and kept in the entry's memo (the entry never
+    changes); the debug map is encoded directly (:func:`_encode_flat`)."""
     hits = response.hits
     if type(hits) is CachedHits:
         memo = hits.derived
@@ -178,8 +182,103 @@ def _search_reply(response: SearchResponse, proto: int) -> Reply:
         if encoded is None:
             rows = [[h.id, float(h.score), h.meta] for h in hits]
             encoded = memo[key] = Encoded(encode_reply(rows, proto))
-        return [encoded, _flat(response.debug, memo)]
-    return [[[h.id, float(h.score), h.meta] for h in hits], _flat(response.debug)]
+        return Encoded(b"*2\r\n" + encoded + _encode_flat(response.debug, proto, memo))
+    rows = [[h.id, float(h.score), h.meta] for h in hits]
+    return Encoded(b"*2\r\n" + encode_reply(rows, proto) + _encode_flat(response.debug, proto))
+
+
+def _encode_flat(
+    d: Mapping[str, Any], proto: int, entry_memo: dict[Any, Any] | None = None
+) -> bytes:
+    """``encode_reply(_flat(d, entry_memo), proto)`` without the intermediate map: the
+    same bytes (tests/test_cache_hot_path.py compares them), a search's debug map written
+    in one pass. Scalars inline; the rest as :func:`_flat` makes them (JSON text)."""
+    out = [b"%%%d\r\n" % len(d) if proto == 3 else b"*%d\r\n" % (2 * len(d))]
+    append = out.append
+    for key, value in d.items():
+        head = _KEY_BULKS.get(key)
+        if head is None:
+            data = (key if type(key) is str else str(key)).encode()
+            head = b"$%d\r\n%b\r\n" % (len(data), data)
+            if type(key) is str and len(_KEY_BULKS) < 1024:  # debug keys: a fixed set
+                _KEY_BULKS[key] = head
+        append(head)
+        t = type(value)
+        if t is str:
+            data = value.encode()
+            append(b"$%d\r\n%b\r\n" % (len(data), data))
+        elif t is int:
+            append(b":%d\r\n" % value)
+        elif t is bool:
+            append(
+                (b"#t\r\n" if value else b"#f\r\n")
+                if proto == 3
+                else (b":1\r\n" if value else b":0\r\n")
+            )
+        elif value is None:
+            append(b"_\r\n" if proto == 3 else b"$-1\r\n")
+        elif t is float:
+            text = repr(value).encode()
+            append(b",%b\r\n" % text if proto == 3 else b"$%d\r\n%b\r\n" % (len(text), text))
+        elif (
+            entry_memo is not None
+            and key in _FROM_ENTRY
+            and not isinstance(value, (np.generic, str, int, float))
+        ):  # as _flat does
+            bulk: bytes | None = entry_memo.get(("bulk", key))
+            if bulk is None:
+                js = entry_memo.get(("json", key))
+                if js is None:
+                    js = entry_memo[("json", key)] = json.dumps(value, default=_json_default)
+                data = js.encode()
+                bulk = entry_memo[("bulk", key)] = b"$%d\r\n%b\r\n" % (len(data), data)
+            append(bulk)
+        elif t is list and len(value) <= 16 and all(type(x) is str for x in value):
+            append(_json_strings_bulk(value))
+        elif t is dict and (float_map := _float_map_json(value)) is not None:
+            data = float_map.encode()
+            append(b"$%d\r\n%b\r\n" % (len(data), data))
+        else:
+            append(encode_reply(_flat({key: value}, entry_memo)[str(key)], proto))
+    return b"".join(out)
+
+
+_KEY_BULKS: dict[str, bytes] = {}  # a debug key's bulk string
+_STRING_LIST_BULKS: dict[tuple[str, ...], bytes] = {}  # _json_strings as a bulk string
+
+
+def _json_strings_bulk(value: list[str]) -> bytes:
+    key = tuple(value)
+    bulk = _STRING_LIST_BULKS.get(key)
+    if bulk is None:
+        if len(_STRING_LIST_BULKS) >= 256:
+            _STRING_LIST_BULKS.clear()
+        data = _json_strings(value).encode()
+        bulk = _STRING_LIST_BULKS[key] = b"$%d\r\n%b\r\n" % (len(data), data)
+    return bulk
+
+
+# per key tuple of a float map: its JSON as a %-format, or None when a key needs escaping
+_FLOAT_MAP_FORMATS: dict[tuple[Any, ...], str | None] = {}
+
+
+def _float_map_json(value: dict[Any, Any]) -> str | None:
+    """``json.dumps(value)`` of a small map of plain identifiers to finite floats (the
+    latency breakdown), or None for any other map (then :func:`_flat` encodes it)."""
+    keys = tuple(value)
+    fmt = _FLOAT_MAP_FORMATS.get(keys, "")
+    if fmt == "":
+        plain = all(type(k) is str and k.isidentifier() and k.isascii() for k in keys)
+        fmt = "{" + ", ".join(f'"{k}": %r' for k in keys) + "}" if plain else None
+        if len(_FLOAT_MAP_FORMATS) < 256:
+            _FLOAT_MAP_FORMATS[keys] = fmt
+    if fmt is None:
+        return None
+    values = tuple(value.values())
+    for v in values:
+        if type(v) is not float or not math.isfinite(v):
+            return None
+    return fmt % values
 
 
 # -- commands -----------------------------------------------------------------------------
@@ -198,17 +297,37 @@ class _Session:
     closing: bool = False
 
 
+_KEYWORD_BYTES: dict[frozenset[str], dict[bytes, str]] = {}
+
+
+def _keyword_bytes(keywords: frozenset[str]) -> dict[bytes, str]:
+    """``keywords`` by their upper-case bytes: the usual spelling is found without
+    decoding and upper-casing the argument (one dict probe per option)."""
+    table = _KEYWORD_BYTES.get(keywords)
+    if table is None:
+        table = _KEYWORD_BYTES[keywords] = {kw.encode(): kw for kw in keywords}
+    return table
+
+
 class _Args:
     """A cursor over one command's arguments; every error is VEC_ERR_INVALID."""
 
     def __init__(self, command: str, args: list[bytes], keywords: frozenset[str] = frozenset()):
         self.command, self.args, self.keywords, self.i = command, args, keywords, 0
+        self._upper = _keyword_bytes(keywords)
 
     def more(self) -> bool:
         return self.i < len(self.args)
 
+    def _keyword(self, data: bytes) -> str | None:
+        kw = self._upper.get(data)
+        if kw is None:
+            word = data.decode("latin-1").upper()
+            kw = word if word in self.keywords else None
+        return kw
+
     def at_keyword(self) -> bool:
-        return self.more() and self.args[self.i].decode("latin-1").upper() in self.keywords
+        return self.more() and self._keyword(self.args[self.i]) is not None
 
     def raw(self, what: str) -> bytes:
         if not self.more():
@@ -224,9 +343,13 @@ class _Args:
 
     def integer(self, what: str, low: int = 0) -> int:
         data = self.raw(what)
-        if not _INT_RE.fullmatch(data) or int(data) < low:
-            raise InvalidRequest(f"{self.command}: {what} must be an integer >= {low}", field=what)
-        return int(data)
+        if len(data) <= 18 and data.isdigit():  # the usual case: no sign, ASCII digits
+            value = int(data)
+            if value >= low:
+                return value
+        elif _INT_RE.fullmatch(data) and int(data) >= low:
+            return int(data)
+        raise InvalidRequest(f"{self.command}: {what} must be an integer >= {low}", field=what)
 
     def number(self, what: str) -> float:
         try:
@@ -247,13 +370,31 @@ class _Args:
         except ``NUM``."""
         seen: set[str] = set()
         while self.more():
-            kw = self.text("option").upper()
-            if kw not in self.keywords:
-                raise InvalidRequest(f"{self.command}: unknown option {printable(kw.encode())!r}")
+            data = self.args[self.i]
+            found = self._upper.get(data)
+            if found is None:
+                kw = self.text("option").upper()
+                if kw not in self.keywords:
+                    raise InvalidRequest(
+                        f"{self.command}: unknown option {printable(kw.encode())!r}"
+                    )
+            else:
+                kw, self.i = found, self.i + 1
             if kw in seen and kw != "NUM":
                 raise InvalidRequest(f"{self.command}: {kw} given twice", field=kw.lower())
             seen.add(kw)
             yield kw
+
+    def session_id(self) -> str:
+        """A client session id (``SESSION``): 1 to 128 characters of UTF-8, as HTTP's
+        ``session_id``; the query log and the prefetcher key on it."""
+        value = self.text("session_id")
+        if not 1 <= len(value) <= MAX_SESSION_ID:
+            raise InvalidRequest(
+                f"{self.command}: SESSION must be 1 to {MAX_SESSION_ID} characters",
+                field="session_id",
+            )
+        return value
 
     def tokens(self) -> tuple[str, ...]:
         out = []
@@ -269,18 +410,22 @@ class _Args:
 def _vector(data: bytes) -> Vector:
     """fp32 little-endian bytes -> float32 array; the data plane checks dim and finiteness."""
     if len(data) % 4:
-        raise InvalidRequest("VECTOR must be fp32 little-endian bytes (a multiple of 4)",
-                             field="vector")
+        raise InvalidRequest(
+            "VECTOR must be fp32 little-endian bytes (a multiple of 4)", field="vector"
+        )
     return np.frombuffer(data, dtype="<f4").astype(np.float32)
 
 
 _CREATE_KW = frozenset({"DIM", "METRIC", "DTYPE", "RECIPE", "FIELDS", "EMBEDDER"})
-_SOURCE_KW = frozenset({"TEXT", "TYPE", "META", "TITLE", "URI", "CHANNEL", "USER",
-                        "IF_VERSION"})
-_QUERY_KW = frozenset({"TOPK", "TEXT", "MODE", "FILTER", "CONSISTENCY", "TIMEOUT", "BOUND",
-                       "ALPHA"})
+_SOURCE_KW = frozenset({"TEXT", "TYPE", "META", "TITLE", "URI", "CHANNEL", "USER", "IF_VERSION"})
+_QUERY_KW = frozenset(
+    {"TOPK", "TEXT", "MODE", "FILTER", "CONSISTENCY", "TIMEOUT", "BOUND", "ALPHA", "SESSION"}
+)
 _WRITE_KW = frozenset({"VECTOR", "META", "TAGS", "NUM", "IF_VERSION"})
-_SEARCH_KW = frozenset({"TOPK", "VECTOR", "FILTER", "CONSISTENCY", "TIMEOUT", "BOUND", "EF"})
+_SEARCH_KW = frozenset(
+    {"TOPK", "VECTOR", "FILTER", "CONSISTENCY", "TIMEOUT", "BOUND", "EF", "SESSION"}
+)
+MAX_SESSION_ID = 128  # characters, as HTTP's ``session_id``
 # Pipelined back to back, these are written as one batch (RespServer._write_run).
 _BATCHED_WRITES = frozenset({b"VEC.ADD", b"VEC.UPSERT"})
 _MAX_WRITE_RUN = 4096
@@ -317,18 +462,37 @@ class RespServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._ids = itertools.count(1)
         self._processed = 0
+        # (command, code) -> the counter's inc and the histogram's observe of those labels:
+        # prometheus_client's ``labels()`` is a locked lookup per call (label values are
+        # bounded: known commands and codes, see streams.service.metrics)
+        self._observers: dict[
+            tuple[str, str], tuple[Callable[[], None], Callable[[float], None]]
+        ] = {}
         self._commands: dict[bytes, tuple[str, Handler]] = {
-            name.encode(): (name, handler) for name, handler in {
-                "PING": self._ping, "ECHO": self._echo, "COMMAND": self._command,
-                "CLIENT": self._client, "HELLO": self._hello, "AUTH": self._auth,
-                "SELECT": self._select, "INFO": self._info, "QUIT": self._quit,
-                "VEC.CREATE": self._vec_create, "VEC.ADD": self._vec_add,
-                "VEC.UPSERT": self._vec_upsert, "VEC.DEL": self._vec_del,
+            name.encode(): (name, handler)
+            for name, handler in {
+                "PING": self._ping,
+                "ECHO": self._echo,
+                "COMMAND": self._command,
+                "CLIENT": self._client,
+                "HELLO": self._hello,
+                "AUTH": self._auth,
+                "SELECT": self._select,
+                "INFO": self._info,
+                "QUIT": self._quit,
+                "VEC.CREATE": self._vec_create,
+                "VEC.ADD": self._vec_add,
+                "VEC.UPSERT": self._vec_upsert,
+                "VEC.DEL": self._vec_del,
                 "VEC.MADD": self._vec_madd,
-                "VEC.GET": self._vec_get, "VEC.SEARCH": self._vec_search,
-                "VEC.INFO": self._vec_info, "VEC.LIST": self._vec_list,
-                "VEC.ARCHIVED": self._vec_archived, "VEC.RESTORE": self._vec_restore,
-                "VEC.SOURCE": self._vec_source, "VEC.SOURCEDEL": self._vec_sourcedel,
+                "VEC.GET": self._vec_get,
+                "VEC.SEARCH": self._vec_search,
+                "VEC.INFO": self._vec_info,
+                "VEC.LIST": self._vec_list,
+                "VEC.ARCHIVED": self._vec_archived,
+                "VEC.RESTORE": self._vec_restore,
+                "VEC.SOURCE": self._vec_source,
+                "VEC.SOURCEDEL": self._vec_sourcedel,
                 "VEC.QUERY": self._vec_query,
                 "VEC.NEIGHBORS": self._vec_neighbors,
             }.items()
@@ -474,10 +638,14 @@ class RespServer:
             loop = asyncio.get_running_loop()
             try:
                 results = await loop.run_in_executor(
-                    self._executor, lambda: self.dataplane.upsert_many(records, conds))
+                    self._executor, lambda: self.dataplane.upsert_many(records, conds)
+                )
                 for i, result in zip(slots, results, strict=True):
-                    replies[i] = (ErrorReply(f"{result.code} {result}")
-                                  if isinstance(result, VecError) else result.token)
+                    replies[i] = (
+                        ErrorReply(f"{result.code} {result}")
+                        if isinstance(result, VecError)
+                        else result.token
+                    )
             except Exception:
                 log.exception("RESP pipelined writes failed")
                 for i in slots:
@@ -486,7 +654,7 @@ class RespServer:
         for args, reply in zip(run, replies, strict=True):
             label = "VEC.ADD" if args[0].upper() == b"VEC.ADD" else "VEC.UPSERT"
             code = reply.split(" ", 1)[0] if isinstance(reply, ErrorReply) else OK
-            self.metrics.observe("resp", label, code, each)
+            self._observe(label, code, each)
         return replies, held
 
     async def _execute(self, session: _Session, args: list[bytes]) -> Reply:
@@ -510,8 +678,21 @@ class RespServer:
         except Exception:
             log.exception("RESP command %s failed", label)
             reply, code = ErrorReply("ERR internal error (logged by the server)"), "ERR"
-        self.metrics.observe("resp", label, code, time.perf_counter() - t0)
+        self._observe(label, code, time.perf_counter() - t0)
         return reply
+
+    def _observe(self, label: str, code: str, seconds: float) -> None:
+        """``metrics.observe("resp", label, code, seconds)`` with the labelled children
+        looked up once per (command, code)."""
+        pair = self._observers.get((label, code))
+        if pair is None:
+            metrics = self.metrics
+            pair = self._observers[(label, code)] = (
+                metrics.requests.labels("resp", label, code).inc,
+                metrics.latency.labels("resp", label).observe,
+            )
+        pair[0]()
+        pair[1](seconds)
 
     # -- Redis commands -------------------------------------------------------------------
     def _ping(self, s: _Session, args: list[bytes]) -> Reply:
@@ -553,8 +734,15 @@ class RespServer:
                 if word.upper() == b"SETNAME":
                     s.name = args[i + 1].decode("utf-8", "replace")
             s.proto = int(args[0])
-        return {"server": "streamvec", "version": __version__, "proto": s.proto, "id": s.id,
-                "mode": "standalone", "role": "master", "modules": []}
+        return {
+            "server": "streamvec",
+            "version": __version__,
+            "proto": s.proto,
+            "id": s.id,
+            "mode": "standalone",
+            "role": "master",
+            "modules": [],
+        }
 
     def _auth(self, s: _Session, args: list[bytes]) -> Reply:
         return SimpleString("OK") if args else ErrorReply("ERR wrong number of arguments")
@@ -564,10 +752,18 @@ class RespServer:
 
     def _info(self, s: _Session, args: list[bytes]) -> Reply:
         lines = [
-            "# Server", "server:streamvec", f"streamvec_version:{__version__}",
-            "redis_mode:standalone", f"tcp_port:{self.port}", "",
-            "# Clients", f"connected_clients:{len(self._writers)}", "",
-            "# Stats", f"total_commands_processed:{self._processed}", "",
+            "# Server",
+            "server:streamvec",
+            f"streamvec_version:{__version__}",
+            "redis_mode:standalone",
+            f"tcp_port:{self.port}",
+            "",
+            "# Clients",
+            f"connected_clients:{len(self._writers)}",
+            "",
+            "# Stats",
+            f"total_commands_processed:{self._processed}",
+            "",
         ]
         return "\r\n".join(lines)
 
@@ -597,8 +793,9 @@ class RespServer:
                 while a.i + 1 < len(a.args) and a.args[a.i + 1].lower() in (b"tag", b"numeric"):
                     fields.append(FilterField(a.text("field"), a.choice("kind", FieldKind)))
                 if not fields:
-                    raise InvalidRequest("VEC.CREATE: FIELDS needs name tag|numeric pairs",
-                                         field="fields")
+                    raise InvalidRequest(
+                        "VEC.CREATE: FIELDS needs name tag|numeric pairs", field="fields"
+                    )
         if embedder is not None:
             return self._create_text_index(tenant, index, embedder, opts, tuple(fields))
         if "dim" not in opts:
@@ -666,8 +863,11 @@ class RespServer:
         def run() -> Reply:
             results = self.dataplane.upsert_many(records)
             for i, result in zip(slots, results, strict=True):
-                replies[i] = (ErrorReply(f"{result.code} {result}")
-                              if isinstance(result, VecError) else result.token)
+                replies[i] = (
+                    ErrorReply(f"{result.code} {result}")
+                    if isinstance(result, VecError)
+                    else result.token
+                )
             return replies
 
         return Offload(run)
@@ -693,9 +893,15 @@ class RespServer:
 
         def run() -> Reply:
             v = self.dataplane.get(tenant, index, id, consistency=consistency, tokens=tokens)
-            return {"id": v.id, "vector": np.asarray(v.vector, "<f4").tobytes(), "meta": v.meta,
-                    "tags": list(v.tags), "numeric": {k: float(x) for k, x in v.numeric.items()},
-                    "version": int(v.version), "position": v.position}
+            return {
+                "id": v.id,
+                "vector": np.asarray(v.vector, "<f4").tobytes(),
+                "meta": v.meta,
+                "tags": list(v.tags),
+                "numeric": {k: float(x) for k, x in v.numeric.items()},
+                "version": int(v.version),
+                "position": v.position,
+            }
 
         return run() if consistency is Consistency.EVENTUAL else Offload(run)
 
@@ -716,6 +922,8 @@ class RespServer:
                 opts["timeout_ms"] = a.integer("timeout_ms", 1)
             elif kw == "EF":
                 opts["ef"] = a.integer("ef", 1)
+            elif kw == "SESSION":
+                opts["session_id"] = a.session_id()
             else:
                 opts["bound_ms"] = a.integer("bound_ms", 0)
         if "vector" not in opts:
@@ -745,8 +953,9 @@ class RespServer:
                 tokens = a.tokens()
 
         def run() -> Reply:
-            found = graph_neighbors(self.dataplane, tenant, index, id, hops, k,
-                                    consistency=consistency, tokens=tokens)
+            found = graph_neighbors(
+                self.dataplane, tenant, index, id, hops, k, consistency=consistency, tokens=tokens
+            )
             return [[n.id, float(n.score), n.hop, n.via, n.meta] for n in found]
 
         return Offload(run)
@@ -757,8 +966,14 @@ class RespServer:
             raise InvalidRequest(f"{command}: this node runs no embedder processor")
         return self.ingest
 
-    def _create_text_index(self, tenant: str, index: str, embedder: str, opts: dict[str, Any],
-                           fields: tuple[FilterField, ...]) -> Offload:
+    def _create_text_index(
+        self,
+        tenant: str,
+        index: str,
+        embedder: str,
+        opts: dict[str, Any],
+        fields: tuple[FilterField, ...],
+    ) -> Offload:
         """``VEC.CREATE tenant index EMBEDDER name [METRIC m] [DTYPE d] [RECIPE r] [FIELDS
         ...]``: dim comes from the embedder (a DIM given must agree)."""
         ingest = self._ingest("VEC.CREATE")
@@ -767,10 +982,10 @@ class RespServer:
         def run() -> Reply:
             model_dim = ingest.embedder(embedder).dim if dim is not None else None
             if dim is not None and dim != model_dim:
-                raise InvalidRequest(f"VEC.CREATE: DIM {dim} but embedder {embedder} gives "
-                                     f"{model_dim}", field="dim")
-            return ingest.create_text_index(tenant, index, embedder, fields=fields,
-                                            **opts).token
+                raise InvalidRequest(
+                    f"VEC.CREATE: DIM {dim} but embedder {embedder} gives {model_dim}", field="dim"
+                )
+            return ingest.create_text_index(tenant, index, embedder, fields=fields, **opts).token
 
         return Offload(run)
 
@@ -783,8 +998,14 @@ class RespServer:
         tenant, index, id = a.text("tenant"), a.text("index"), a.text("source_id")
         opts: dict[str, Any] = {}
         if_version: int | None = None
-        names = {"META": "meta", "TITLE": "title", "URI": "uri", "CHANNEL": "channel_id",
-                 "USER": "user_id", "TEXT": "text"}
+        names = {
+            "META": "meta",
+            "TITLE": "title",
+            "URI": "uri",
+            "CHANNEL": "channel_id",
+            "USER": "user_id",
+            "TEXT": "text",
+        }
         for kw in a.options():
             if kw == "TYPE":
                 opts["type"] = a.choice("type", SourceType)
@@ -807,9 +1028,10 @@ class RespServer:
 
     def _vec_query(self, s: _Session, args: list[bytes]) -> Reply | Offload:
         """``VEC.QUERY tenant index [TOPK k] TEXT <text> [MODE dense|keyword|hybrid]
-        [ALPHA a] [FILTER expr] [CONSISTENCY level [token ...]] [TIMEOUT ms] [BOUND ms]``
-        -> ``[hits, debug]`` as VEC.SEARCH; each hit's meta holds its source id, chunk
-        location and text."""
+        [ALPHA a] [FILTER expr] [CONSISTENCY level [token ...]] [TIMEOUT ms] [BOUND ms]
+        [SESSION id]`` -> ``[hits, debug]`` as VEC.SEARCH; each hit's meta holds its source
+        id, chunk location and text. ``SESSION`` reaches the query log and the prefetcher
+        with the query's dense search (modes dense and hybrid; keyword mode logs nothing)."""
         ingest = self._ingest("VEC.QUERY")
         a = _Args("VEC.QUERY", args, _QUERY_KW)
         opts: dict[str, Any] = {"tenant": a.text("tenant"), "index": a.text("index")}
@@ -821,8 +1043,9 @@ class RespServer:
             elif kw == "MODE":
                 mode = a.text("mode").lower()
                 if mode not in ("dense", "keyword", "hybrid"):
-                    raise InvalidRequest("VEC.QUERY: MODE must be dense|keyword|hybrid",
-                                         field="mode")
+                    raise InvalidRequest(
+                        "VEC.QUERY: MODE must be dense|keyword|hybrid", field="mode"
+                    )
                 opts["mode"] = mode
             elif kw == "ALPHA":
                 opts["alpha"] = a.number("alpha")
@@ -833,6 +1056,8 @@ class RespServer:
                 opts["tokens"] = a.tokens()
             elif kw == "TIMEOUT":
                 opts["timeout_ms"] = a.integer("timeout_ms", 1)
+            elif kw == "SESSION":
+                opts["session_id"] = a.session_id()
             else:
                 opts["bound_ms"] = a.integer("bound_ms", 0)
         if "text" not in opts:

@@ -97,11 +97,15 @@ class RespParser:
         return int(text)
 
     def _parse(self) -> list[bytes] | None:
+        # Header lines are read inline (no call per line): a count of ASCII digits is
+        # converted directly, anything else goes through _int's check, so the errors are
+        # the same (tests/test_resp.py compares this parser with the one it replaced).
         buf = self._buf
         while self._args is None:
-            if self._pos >= len(buf):
+            pos = self._pos
+            if pos >= len(buf):
                 return None
-            if buf[self._pos] != ord("*"):
+            if buf[pos] != 42:  # not '*': an inline command
                 line = self._line(b"\n", "inline request")
                 if line is None:
                     return None
@@ -109,34 +113,50 @@ class RespParser:
                 if args:
                     return args
                 continue  # an empty line, as Redis: ignored
-            line = self._line(CRLF, "mbulk count string")
-            if line is None:
+            end = buf.find(CRLF, pos)
+            if end < 0:
+                if len(buf) - pos > self.limits.max_inline_bytes:
+                    raise ProtocolError("too big mbulk count string")
                 return None
-            n = self._int(line[1:], "multibulk length")
+            text = buf[pos + 1 : end]
+            self._pos = end + 2
+            if 0 < len(text) <= 18 and text.isdigit():
+                n = int(text)
+            else:
+                n = self._int(bytes(text), "multibulk length")
             if n > self.limits.max_elements:
                 raise ProtocolError("invalid multibulk length")
             if n > 0:  # *0 and *-1 are ignored
                 self._args, self._remaining, self._bulk = [], n, -1
+        args_out = self._args
         while self._remaining:
             if self._bulk < 0:
-                if self._pos >= len(buf):
+                pos = self._pos
+                if pos >= len(buf):
                     return None
-                if buf[self._pos] != ord("$"):
-                    got = printable(bytes(buf[self._pos : self._pos + 1]))
+                if buf[pos] != 36:  # '$'
+                    got = printable(bytes(buf[pos : pos + 1]))
                     raise ProtocolError(f"expected '$', got {got!r}")
-                line = self._line(CRLF, "bulk count string")
-                if line is None:
+                end = buf.find(CRLF, pos)
+                if end < 0:
+                    if len(buf) - pos > self.limits.max_inline_bytes:
+                        raise ProtocolError("too big bulk count string")
                     return None
-                n = self._int(line[1:], "bulk length")
+                text = buf[pos + 1 : end]
+                if 0 < len(text) <= 18 and text.isdigit():
+                    n = int(text)
+                else:
+                    n = self._int(bytes(text), "bulk length")
                 if not 0 <= n <= self.limits.max_bulk_bytes:
                     raise ProtocolError("invalid bulk length")
-                self._bulk = n
-            end = self._pos + self._bulk
+                self._pos, self._bulk = end + 2, n
+            start = self._pos
+            end = start + self._bulk
             if len(buf) < end + 2:
                 return None
-            if buf[end : end + 2] != CRLF:
+            if buf[end] != 13 or buf[end + 1] != 10:
                 raise ProtocolError("bulk string not terminated by CRLF")
-            self._args.append(bytes(buf[self._pos : end]))
+            args_out.append(bytes(buf[start:end]))
             self._pos, self._bulk, self._remaining = end + 2, -1, self._remaining - 1
         command, self._args = self._args, None
         return command

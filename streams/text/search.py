@@ -117,9 +117,11 @@ class TextSearch:
         bound_ms: int | None = None,
         timeout_ms: int = 1000,
         vector: Vector | None = None,
+        session_id: str | None = None,
     ) -> SearchResponse:
         """The ``k`` best chunks for ``text``. ``vector``: the text's embedding by the
-        index's embedder when the caller has it (else embedded here). Raises
+        index's embedder when the caller has it (else embedded here). ``session_id``: the
+        client session, carried by the dense search to the query log and the prefetcher. Raises
         ``InvalidRequest`` (bad mode, k, alpha, filter, text or vector), ``NotFound`` (no
         such index), ``Busy`` (consistency)."""
         t0 = time.perf_counter()
@@ -184,6 +186,7 @@ class TextSearch:
                     tokens=tokens,
                     bound_ms=bound_ms,
                     timeout_ms=timeout_ms,
+                    session_id=session_id,
                 )
             )
             dense, dense_debug = resp.hits, resp.debug
