@@ -51,12 +51,20 @@ class Settings(BaseSettings):
     # which entry the L0 cache evicts over a budget: cost-aware GDSF (lowest
     # L + hits x cost / size first, streams.cache.eviction) or least recently used
     cache_eviction: Literal["gdsf", "lru"] = "gdsf"
+    # on which miss of a query its result is cached: 1 (the first) or 2 (the doorkeeper:
+    # a first miss only records the key's hash, streams.cache.doorkeeper)
+    cache_admit_after: Literal[1, 2] = 1
     # the cache policy loop: hot-path policy and query log, the policy learner's thread in
     # `streamvec up` (a PolicyUpdate per index every N trained decisions), idle prefetch
     policy_enabled: bool = True
     policy_learner: bool = True
     policy_update_every: int = Field(default=5_000, ge=1)
     prefetch_enabled: bool = False
+    # the hot path's guardrails (streams.cache.policy.GuardConfig): a version older than
+    # this falls back; what decides then; searches per side before a version is judged
+    policy_max_age_s: float = Field(default=24 * 3600.0, gt=0.0)
+    policy_fallback: Literal["rules", "lru"] = "rules"
+    policy_min_searches: int = Field(default=200, ge=1)
 
     # the embedder processor (documents -> chunks -> vectors): chunk windows in the model's
     # tokens, chat Sources chunked per message or per turn, provider retries with backoff

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
+from streams.cache.policy import GuardConfig
 from streams.config import Settings
 from streams.ingest import ChatMode, Chunker, Embedders, IngestService, open_ingest
 from streams.ingest.service import TextSearcher
@@ -74,9 +75,15 @@ class Node:
             cache_tenant_budget_bytes=self.settings.cache_tenant_budget_bytes,
             cache_background_offers=self.settings.cache_background_offers,
             cache_eviction=self.settings.cache_eviction,
+            cache_admit_after=self.settings.cache_admit_after,
             policy_loop=self.settings.policy_enabled,
             prefetch=self.settings.prefetch_enabled,
             capacity_interval_s=self.settings.capacity_interval_s or None,
+            policy_guard=GuardConfig(
+                max_age_s=self.settings.policy_max_age_s,
+                fallback=self.settings.policy_fallback,
+                min_searches=self.settings.policy_min_searches,
+            ),
         ).start()
         return self.query
 

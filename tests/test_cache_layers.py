@@ -461,10 +461,13 @@ def test_node_serves_layers_with_debug_and_counts_false_hits(rig: Rig) -> None:
     assert tol.debug["layer"] in ("L1", "L2"), tol.debug
     info = svc.info("acme", "docs")["cache_layers"]["layers"]
     assert info["L1"]["verified"] >= 1 and info["L0"]["verified"] >= 1
-    assert info["L0"]["false_hits"] == 0 and info["L1"]["false_hits"] == 0
+    assert info["L0"]["false_hits"] == 0
     fresh_near = _fresh_ids(rig, c, near, 10, None)
     layer = tol.debug["layer"]
     assert info[layer]["false_hits"] == int([h.id for h in tol.hits] != fresh_near)
+    # the other tolerant layer counted none (the rescaled L1 hit above is exact for cosine;
+    # the k-7 miss at strong stored its bucket's 10 hits, so L1 may serve `near` too)
+    assert info["L2" if layer == "L1" else "L1"]["false_hits"] == 0
 
     # a write that enters the cached top-k invalidates every layer's link to it
     token = svc.upsert(VectorUpsert("acme", "docs", "hot", q.copy())).token

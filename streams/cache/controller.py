@@ -62,6 +62,7 @@ from typing import Any, TypedDict
 
 import numpy as np
 
+from streams.cache.doorkeeper import Doorkeeper
 from streams.cache.entry import CachedResult
 from streams.cache.keys import QueryKey, query_key
 from streams.cache.payload import PayloadCache, scopes_of
@@ -149,6 +150,9 @@ class CacheLookup:
     l2_leader: bool = False  # on a miss: no cluster within the threshold, start one
     hit_count: int = 0  # the entry's hits, this one included (its own field is not kept)
     agreement: float | None = None  # L2 on the text path: the text stage's score
+    # on a miss: whether to build and offer the fresh result (False: the doorkeeper held
+    # the key's first miss, streams.cache.doorkeeper)
+    offer: bool = True
 
     @property
     def hit(self) -> bool:
@@ -232,7 +236,11 @@ class CacheController:
         max_clusters_per_group: int = 4096,
         background_offers: bool = False,
         payload_budget_bytes: int = 16 * 1024 * 1024,
+        admit_after: int = 1,
+        doorkeeper_keys: int = 65_536,
     ) -> None:
+        if admit_after not in (1, 2):
+            raise ValueError("admit_after must be 1 or 2")
         if any(x not in LAYERS for x in default_layers):
             raise ValueError(f"layers must be of {LAYERS}")
         if not 0.0 <= l2_threshold <= 2.0:
@@ -256,6 +264,8 @@ class CacheController:
         self._settings: dict[str, tuple[CacheSettings | None, _IndexSettings]] = {}
         self._n = _Counters()
         self.background_offers = background_offers
+        # admit_after 2: a miss offers its result only if its key missed recently before
+        self.doorkeeper = Doorkeeper(doorkeeper_keys) if admit_after == 2 else None
         # per entry, the bytes its L1/L2 links were charged; per tenant, their sums (l1, l2)
         self._links: dict[QueryKey, _Links] = {}
         self._tenant_links: dict[str, list[int]] = {}
@@ -360,11 +370,14 @@ class CacheController:
         if found is not None:
             self._count("L0")
             return CacheLookup("L0", found[0], 0.0, qkey, seen_seq, layers, hit_count=found[1])
+        dk = self.doorkeeper
         if not st.tolerant:
-            return CacheLookup("none", None, None, qkey, seen_seq, layers)
+            return CacheLookup("none", None, None, qkey, seen_seq, layers,
+                               offer=dk is None or dk.admit(qkey))
         max_age_s = _max_age_s(consistency, bound_ms)
         if max_age_s is None:
-            return CacheLookup("none", None, None, qkey, seen_seq, layers, st.tolerant)
+            return CacheLookup("none", None, None, qkey, seen_seq, layers, st.tolerant,
+                               offer=dk is None or dk.admit(qkey))
         l1_key: TolerantKey | None = None
         if st.l1:
             l1_key = tolerant_key(key, config.metric, query, k, flt, self.simhash_bits)
@@ -383,7 +396,8 @@ class CacheController:
             group = SemanticIndex.group_of("vector", key, flt, k)
             with self._lock:
                 self._drain()
-                match = self._l2.nearest(group, query, config.metric)
+                # within the threshold only: the projected prefilter (semantic.py)
+                match = self._l2.nearest(group, query, config.metric, within=st.threshold)
             if match is not None and bool(serves(match.distance, st.threshold)):
                 found = self._serve(match.key, k, max_age_s)
                 if found is not None:
@@ -400,7 +414,12 @@ class CacheController:
                         hit_count=found[1],
                     )
             leader = True  # no cluster near enough, or its result cannot serve this query
-        return CacheLookup("none", None, None, qkey, seen_seq, layers, (), l1_key, leader)
+        # the doorkeeper keys an L1 index by its tolerant key (near duplicates count as
+        # one query), else by the exact key
+        offer = dk is None or dk.admit(qkey if l1_key is None else l1_key)
+        return CacheLookup(
+            "none", None, None, qkey, seen_seq, layers, (), l1_key, leader, offer=offer
+        )
 
     def _serve(
         self, target: QueryKey | None, k: int, max_age_s: float
@@ -427,9 +446,10 @@ class CacheController:
         """Offer a fresh result after ``lookup`` missed (``entry.key`` must be
         ``lookup.qkey``). Stored once in the result cache (admission, budget, race
         check), then linked from L1 and L2 as the layers are enabled. None when none of
-        L0/L1/L2 is enabled for the index. The links' bytes are charged to the entry
-        (module docstring)."""
-        if lookup.layers.isdisjoint(_RESULT):
+        L0/L1/L2 is enabled for the index, or the doorkeeper held the miss
+        (``lookup.offer`` False: a caller that checks it need not build the entry). The
+        links' bytes are charged to the entry (module docstring)."""
+        if not lookup.offer or lookup.layers.isdisjoint(_RESULT):
             return None
         if entry.key != lookup.qkey:
             raise ValueError("the entry must carry the lookup's QueryKey")
@@ -725,6 +745,7 @@ class CacheController:
                 "l2_clusters": len(self._l2),
                 "offer_errors": self._n.offer_errors,
                 "offers_pending": self._pending.qsize(),
+                "doorkeeper": None if self.doorkeeper is None else self.doorkeeper.stats(),
                 "L3": payloads,
                 "memory": {"L0": held - l1 - l2, "L1": l1, "L2": l2, "L3": payloads["bytes"]},
             }

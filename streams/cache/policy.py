@@ -18,7 +18,8 @@ ARCHITECTURE §3) can be trained and evaluated offline against it.
   guardrails that put the rules (or plain LRU) back in charge, recording why: the version
   is older than ``max_age_s``; its decisions' p99 exceeds ``decision_budget_us``; on its
   canary share of tenants (stable hash) the hit rate or search p99 is worse than the rules'
-  on the other tenants, or breaks the version's own ``min_hit_rate``/``p99_budget_ms``.
+  on the other tenants (a version for every tenant: than the rules' last window before it
+  came in force), or breaks the version's own ``min_hit_rate``/``p99_budget_ms``.
   :meth:`PolicyHolder.rollback` restores a named earlier version as a new version.
 
 Domain code: no I/O. Decisions are microseconds (docs/benchmarks.md, "Online policy loop").
@@ -393,6 +394,9 @@ class GuardConfig:
     p99_tolerance: float = 0.25  # relative rise in search p99 tolerated
     fallback: Literal["rules", "lru"] = "rules"
     history: int = 16  # versions kept per index for rollback
+    # rules-decided searches per control window: the control is bounded (a node with no
+    # version in force records every search into it)
+    control_window: int = 4096
 
 
 class _Window:
@@ -452,6 +456,10 @@ class PolicyHolder:
         self._active: dict[str, _Active] = {}  # replaced whole on change: readers never lock
         self._history: dict[str, dict[int, PolicyVersion]] = {}
         self._control = _Window()
+        # the last control window that reached min_searches: what a version is compared
+        # with while the current one is short (a version for every tenant: the rules'
+        # last window before it came in force)
+        self._baseline: _Window | None = None
         self._lock = threading.Lock()
         self.fallbacks: deque[dict[str, Any]] = deque(maxlen=64)
         self.counts = {"decisions": 0, "learned": 0, "fallback_count": 0, "applied": 0}
@@ -568,26 +576,34 @@ class PolicyHolder:
 
     def record_search(self, tenant: str, index_key: str, hit: bool, latency_ms: float) -> None:
         """Feed one answered search to the comparison of canary and control; trips the
-        regression guardrails."""
+        regression guardrails. Searches the rules decided fill the control window (at
+        most ``control_window``, then it becomes the baseline and a new one starts)."""
         a = self._route(tenant, index_key)
+        g = self.guard
         with self._lock:
-            (self._control if a is None else a.window).add(hit, latency_ms)
-            if a is None or a.window.lookups < self.guard.min_searches:
+            if a is None:
+                self._control.add(hit, latency_ms)
+                if self._control.lookups >= max(g.control_window, g.min_searches):
+                    self._baseline, self._control = self._control, _Window()
+                return
+            a.window.add(hit, latency_ms)
+            if a.window.lookups < g.min_searches:
                 return
             reason = self._regression(a)
             a.window = _Window()
-            if self._control.lookups >= self.guard.min_searches:
-                self._control = _Window()
+            if self._control.lookups >= g.min_searches:
+                self._baseline, self._control = self._control, _Window()
         if reason is not None:
             self._fall_back(a, reason)
 
     def _regression(self, a: _Active) -> str | None:
-        v, w, c, g = a.policy.version, a.window, self._control, self.guard
+        v, w, g = a.policy.version, a.window, self.guard
+        c = self._control if self._control.lookups >= g.min_searches else self._baseline
         if v.min_hit_rate > 0 and w.hit_rate < v.min_hit_rate:
             return f"hit rate {w.hit_rate:.3f} < min_hit_rate {v.min_hit_rate:g}"
         if v.p99_budget_ms > 0 and w.p99() > v.p99_budget_ms:
             return f"p99 {w.p99():.2f} ms > budget {v.p99_budget_ms:g} ms"
-        if c.lookups < g.min_searches:
+        if c is None:
             return None
         if w.hit_rate < c.hit_rate - g.hit_rate_tolerance:
             return f"hit rate regression: {w.hit_rate:.3f} vs rules {c.hit_rate:.3f}"

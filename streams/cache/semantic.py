@@ -93,11 +93,50 @@ class SemanticMatch:
     agreement: float | None = None
 
 
+# The vector path's prefilter (SemanticIndex.nearest with ``within``): each unit row is
+# also kept projected by a fixed random orthonormal map to PROJ_DIMS dimensions. A
+# projection with orthonormal rows never lengthens a vector, and for unit rows the cosine
+# distance is half the squared Euclidean one, so a representative within ``within`` of the
+# query is within sqrt(2 * within) of it in the projection: rows farther than that there
+# are skipped without reading their full row (exact, no false negatives). One matmul over
+# a contiguous (n, PROJ_DIMS) array instead of (n, dim): 3,000 representatives of 384
+# dimensions read 384 KB instead of 4.6 MB.
+PROJ_DIMS = 32
+_PROJ_SLACK = 1e-4  # float32 rounding of the projected distances
+_PROJ: dict[int, F32] = {}
+
+
+def _projection(dim: int) -> F32:
+    """The fixed (PROJ_DIMS, dim) map with orthonormal rows (seeded: the same in every
+    process)."""
+    m = _PROJ.get(dim)
+    if m is None:
+        g = np.random.default_rng(dim).standard_normal((dim, PROJ_DIMS))
+        q, _ = np.linalg.qr(g)  # (dim, PROJ_DIMS), orthonormal columns
+        m = _PROJ[dim] = np.ascontiguousarray(q.T, dtype=np.float32)
+    return m
+
+
 class _Group:
-    __slots__ = ("keys", "lognorm", "points", "rows", "size", "texted", "texts")
+    __slots__ = (
+        "keys",
+        "lognorm",
+        "points",
+        "proj",
+        "projection",
+        "projsq",
+        "rows",
+        "size",
+        "texted",
+        "texts",
+    )
 
     def __init__(self, dim: int) -> None:
         self.points = np.zeros((8, dim), dtype=np.float32)
+        # the rows projected (PROJ_DIMS wide), where the dimension is larger than that
+        self.projection = _projection(dim) if dim > PROJ_DIMS else None
+        self.proj = np.zeros((8, PROJ_DIMS), dtype=np.float32)
+        self.projsq = np.zeros(8, dtype=np.float32)
         self.lognorm = np.zeros(8, dtype=np.float64)
         self.keys: list[QueryKey | None] = [None] * 8
         self.texts: list[TextFeatures | None] = [None] * 8
@@ -166,9 +205,11 @@ class SemanticIndex:
         p, lognorm = self._unit(point)
         if p.size != g.points.shape[1]:
             return None
-        sims = g.points[: g.size] @ p
         if text is None and g.texted == 0:  # the vector path: no text stage, one pass
-            return self._closest(g, sims, lognorm, metric, within)
+            if within is not None and g.projection is not None:
+                return self._within(g, p, lognorm, metric, within)
+            return self._closest(g, g.points[: g.size] @ p, lognorm, metric, within)
+        sims = g.points[: g.size] @ p
         dist = 1.0 - sims.astype(np.float64)
         if metric is not Metric.COSINE:
             dist = dist + np.abs(g.lognorm[: g.size] - lognorm)
@@ -191,6 +232,35 @@ class SemanticIndex:
             assert key is not None
             return SemanticMatch(key, max(0.0, float(dist[i])), score)
         return None
+
+    @classmethod
+    def _within(
+        cls, g: _Group, p: F32, lognorm: float, metric: Metric, within: float
+    ) -> SemanticMatch | None:
+        """:meth:`_closest` of the representatives within ``within`` only, through the
+        projected rows (the prefilter above :data:`PROJ_DIMS`): the same answer as
+        :meth:`_closest` whenever that one is within ``within``, else None."""
+        assert g.projection is not None
+        q = g.projection @ p
+        proj = g.proj[: g.size]
+        # squared distance in the projection: |Pr|^2 - 2 Pr.Pq + |Pq|^2 (|Pr|^2 kept)
+        d2 = g.projsq[: g.size] - 2.0 * (proj @ q) + float(q @ q)
+        near = np.flatnonzero(d2 <= 2.0 * within + _PROJ_SLACK)
+        if near.size == 0:
+            return None
+        sims = g.points[near] @ p
+        if metric is Metric.COSINE:
+            j = int(np.argmax(sims))
+            d = 1.0 - float(sims[j])
+        else:
+            dist = 1.0 - sims.astype(np.float64) + np.abs(g.lognorm[near] - lognorm)
+            j = int(np.argmin(dist))
+            d = float(dist[j])
+        if d > within:
+            return None
+        key = g.keys[int(near[j])]
+        assert key is not None
+        return SemanticMatch(key, max(0.0, d), None)
 
     @staticmethod
     def _closest(
@@ -236,11 +306,16 @@ class SemanticIndex:
             cap = 2 * g.size
             g.points = np.vstack([g.points, np.zeros_like(g.points)])[:cap]
             g.lognorm = np.append(g.lognorm, np.zeros(g.size))
+            g.proj = np.vstack([g.proj, np.zeros_like(g.proj)])[:cap]
+            g.projsq = np.append(g.projsq, np.zeros(g.size, dtype=np.float32))
             g.keys += [None] * g.size
             g.texts += [None] * g.size
         i = g.size
         g.points[i] = p
         g.lognorm[i] = lognorm
+        if g.projection is not None:
+            pr = g.proj[i] = g.projection @ p
+            g.projsq[i] = float(pr @ pr)
         g.keys[i] = key
         g.texts[i] = feats
         g.texted += feats is not None
@@ -262,6 +337,8 @@ class SemanticIndex:
             assert moved is not None
             g.points[i] = g.points[last]
             g.lognorm[i] = g.lognorm[last]
+            g.proj[i] = g.proj[last]
+            g.projsq[i] = g.projsq[last]
             g.keys[i] = moved
             g.texts[i] = g.texts[last]
             g.rows[moved] = i

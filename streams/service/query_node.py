@@ -28,6 +28,7 @@ import faiss
 
 from streams.cache import CacheController, CacheInvalidator, ResultCache
 from streams.cache.eviction import EvictionName
+from streams.cache.policy import GuardConfig
 from streams.cache.semantic import DEFAULT_L2_TEXT_THRESHOLD, DEFAULT_L2_VECTOR_THRESHOLD
 from streams.capacity import CapacityManager
 from streams.dlq import DeadLetterQueue
@@ -92,9 +93,11 @@ class QueryNode:
         cache_tenant_budget_bytes: int | None = None,
         cache_background_offers: bool = False,
         cache_eviction: EvictionName = "gdsf",
+        cache_admit_after: int = 1,
         policy_loop: bool = False,
         prefetch: bool = False,
         capacity_interval_s: float | None = None,
+        policy_guard: GuardConfig | None = None,
     ) -> None:
         # FAISS's OpenMP workers spin while waiting; beside many searcher threads on few
         # cores that turned millisecond segment builds into seconds (measured on 2 cores).
@@ -121,7 +124,8 @@ class QueryNode:
         layers = CacheController(
             self.cache, default_layers=cache_layers, l2_threshold=cache_l2_threshold,
             l2_text_threshold=cache_l2_text_threshold,
-            background_offers=cache_background_offers) if self.cache else None
+            background_offers=cache_background_offers,
+            admit_after=cache_admit_after) if self.cache else None
         # streams.text: BM25 indexes rebuilt from the restored state, then fed by the indexer
         self.keyword = KeywordIndexes(self.data_dir / "keyword")
         self.keyword_docs = self.keyword.rebuild(self.state)
@@ -142,7 +146,8 @@ class QueryNode:
         # the cache policy loop (streams.policy.learner.PolicyLoop): hot-path policy, query
         # log, policy updates applied live, prefetch
         self.policy_loop = PolicyLoop(log, topics, codec, self.service, self.cache,
-                                      prefetch=prefetch) if policy_loop and self.cache else None
+                                      prefetch=prefetch, guard=policy_guard,
+                                      ) if policy_loop and self.cache else None
         self._snapshot_interval_s = snapshot_interval_s
         self._stop = threading.Event()
         self._snapshotter: threading.Thread | None = None

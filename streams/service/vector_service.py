@@ -31,8 +31,10 @@ from typing import Any, Protocol
 
 from streams.cache import CachedResult, ResultCache
 from streams.cache.controller import CacheController, CacheLookup
+from streams.cache.doorkeeper import FIRST_SEEN
 from streams.cache.payload import PayloadCache
 from streams.cache.querylog import SearchObserver
+from streams.cache.tolerant import k_bucket
 from streams.index.exceptions import Busy, InvalidRequest, NotFound, VecError, VersionConflict
 from streams.index.filters import Filter, parse_filter
 from streams.index.model import (
@@ -59,6 +61,7 @@ from streams.topics import Topics
 __all__ = ["CachedHits", "VectorService", "WriteAdmission"]
 
 _STRIPES = 256
+_TOLERANT = frozenset(("L1", "L2"))  # the layers that group entries by topK bucket
 MAX_EF = 4096  # SearchRequest.ef
 
 
@@ -400,13 +403,22 @@ class VectorService(DataPlane):
         caching = layers is not None and lookup is not None and bool(lookup.layers)
         l3 = (layers.payloads if caching and layers is not None and lookup is not None
               and "L3" in lookup.layers else None)  # L3 payloads, where switched on
-        fresh = self._fresh(config, query, request.k, flt, request.ef, l3)
+        # L1/L2 group entries by topK bucket (5/10/20/50/100): a miss there searches the
+        # bucket's k and stores that, so every k of the bucket can reuse it (first k)
+        search_k = request.k
+        if (caching and lookup is not None and lookup.offer
+                and not lookup.layers.isdisjoint(_TOLERANT)):
+            search_k = k_bucket(request.k)
+        fresh = self._fresh(config, query, search_k, flt, request.ef, l3)
+        hits = fresh.hits if search_k == request.k else fresh.hits[: request.k]
         t4 = time.perf_counter()
         decision: Any = "none"
-        if caching and fresh.complete and layers is not None and lookup is not None:
+        if caching and lookup is not None and not lookup.offer:
+            decision = FIRST_SEEN  # the doorkeeper held the key's first miss: no entry
+        elif caching and fresh.complete and layers is not None and lookup is not None:
             ids, scores, metas = _columns(fresh.hits)
             entry = CachedResult(
-                lookup.qkey, config.key, config.metric, query, request.k, flt, fresh.labels,
+                lookup.qkey, config.key, config.metric, query, search_k, flt, fresh.labels,
                 ids, scores, metas, applied, compute_ms=(t4 - t3) * 1000,
                 created_s=time.monotonic())
             outcome = layers.offer(lookup, entry)
@@ -426,12 +438,12 @@ class VectorService(DataPlane):
                 "index": round(fresh.index_ms, 3), "payload": round(fresh.payload_ms, 3),
             },
             "widened": fresh.widened,
-            "filter_exhausted": fresh.exhausted,
+            "filter_exhausted": fresh.exhausted and len(hits) < request.k,
             "applied": list(applied),
         }
         if self.hit_observers:
-            self._observe(config.key, fresh.hits)
-        response = SearchResponse(fresh.hits, debug)
+            self._observe(config.key, hits)
+        response = SearchResponse(hits, debug)
         if observer is not None:
             observer.searched(request, config.key, "" if lookup is None else lookup.qkey,
                               response, None)
@@ -505,7 +517,7 @@ class VectorService(DataPlane):
                 "cache": round((t3 - t2) * 1000, 3),
             },
             "widened": 0,
-            "filter_exhausted": entry.fewer_than_k,
+            "filter_exhausted": len(entry.ids) < k,  # the entry may hold more than k
             "applied": list(self._applied_tokens()),
             "cached_at": list(entry.applied),
             "cache_hit_count": lookup.hit_count,
