@@ -266,8 +266,9 @@ def policy_eval(
         str, typer.Option(help="lp (LP relaxation, HiGHS) | knapsack (looser, cheaper)")
     ] = "lp",
 ) -> None:
-    """Replay traces through LRU, LFU, GDSF, the rules and the learned policy at equal
-    memory, and compare the proxy cost each saves with the offline bound."""
+    """Replay traces through LRU, LFU, GDSF, the rules, the bandit (VW admission/TTL over
+    GDSF) and the learned policy (learned eviction) at equal memory, and compare the proxy
+    cost each saves with the offline bound."""
     from streams.policy import (
         POLICIES,
         WORKLOADS,

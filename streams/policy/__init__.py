@@ -6,6 +6,8 @@ Domain code: no I/O except reading and writing traces (:mod:`.trace`). The piece
 - :mod:`.simulator` the replay loop; :mod:`.policies` LRU, LFU, GDSF, the rules.
 - :mod:`.context` what the hot path sees and its bucket; :mod:`.join` decisions joined with
   outcomes; :mod:`.learned` the VW bandit and its exported table.
+- :mod:`.eviction` the learned eviction: the hit-density table learned from the log, the
+  shadow caches that pick a table, and :class:`EvictionTable`, the hot-path rank.
 - :mod:`.bounds` Belady and the LP / knapsack upper bounds; :mod:`.evaluate` all of it.
 """
 
@@ -20,6 +22,13 @@ from streams.policy.evaluate import (
     evaluate_trace,
     evaluate_workloads,
     reports_to_json,
+)
+from streams.policy.eviction import (
+    EvictingCache,
+    EvictionConfig,
+    EvictionRun,
+    EvictionTable,
+    replay_learned_eviction,
 )
 from streams.policy.exceptions import BoundUnavailable, PolicyError, TraceFormatError
 from streams.policy.learned import (
@@ -47,6 +56,10 @@ __all__ = [
     "BoundUnavailable",
     "ControlledCache",
     "Decision",
+    "EvictingCache",
+    "EvictionConfig",
+    "EvictionRun",
+    "EvictionTable",
     "GDSFCache",
     "LFUCache",
     "LRUCache",
@@ -71,6 +84,7 @@ __all__ = [
     "read_trace",
     "replay",
     "replay_learned",
+    "replay_learned_eviction",
     "reports_to_json",
     "write_trace",
 ]

@@ -1,10 +1,12 @@
 """Replay a trace through every policy at equal memory and compare them with the bound.
 
-:func:`evaluate_trace` runs LRU, LFU, GDSF, the rules and the learned policy (learning online
-over the same trace, cold) on one trace at one byte budget, computes the offline bound
-(:func:`~streams.policy.bounds.lp_bound`, falling back to the knapsack bound when the LP is
-unavailable) and returns a :class:`WorkloadReport`. :func:`evaluate_workloads` does it for
-generated workload families. Nothing here does I/O; the CLI prints and writes the reports.
+:func:`evaluate_trace` runs LRU, LFU, GDSF, the rules, the bandit (GDSF eviction with the VW
+admission/TTL table of :mod:`.learned`) and the learned policy (the learned eviction of
+:mod:`.eviction`; both learn online over the same trace, cold) on one trace at one byte
+budget, computes the offline bound (:func:`~streams.policy.bounds.lp_bound`, falling back to
+the knapsack bound when the LP is unavailable) and returns a :class:`WorkloadReport`.
+:func:`evaluate_workloads` does it for generated workload families. Nothing here does I/O;
+the CLI prints and writes the reports.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from streams.policy.bounds import Bound, knapsack_bound, lp_bound
+from streams.policy.eviction import EvictionConfig, EvictionTable, replay_learned_eviction
 from streams.policy.exceptions import BoundUnavailable
 from streams.policy.learned import LearnerConfig, PolicyTable, replay_learned
 from streams.policy.policies import ControlledCache, GDSFCache, LFUCache, LRUCache, RuleAdmission
@@ -31,7 +34,7 @@ __all__ = [
     "reports_to_json",
 ]
 
-POLICIES = ("lru", "lfu", "gdsf", "rules", "learned")
+POLICIES = ("lru", "lfu", "gdsf", "rules", "bandit", "learned")
 BoundKind = Literal["lp", "knapsack"]
 
 
@@ -63,7 +66,9 @@ class WorkloadReport:
     bound: Bound  # the tightest bound computed (LP unless unavailable)
     knapsack: Bound
     rows: tuple[PolicyRow, ...]
-    table: PolicyTable | None  # the learned policy's last table
+    table: PolicyTable | None  # the bandit's last admission/TTL table
+    eviction: EvictionTable | None = None  # the learned policy's last eviction table
+    picks: tuple[str, ...] = ()  # the table the learned policy picked, per period
 
     def row(self, policy: str) -> PolicyRow:
         return next(r for r in self.rows if r.policy == policy)
@@ -83,6 +88,7 @@ def evaluate_trace(
     config: LearnerConfig | None = None,
     progress: Callable[[int], None] | None = None,
     stage: Callable[[str], None] | None = None,
+    eviction: EvictionConfig | None = None,
 ) -> WorkloadReport:
     """Replay ``requests`` through :data:`POLICIES` at ``budget_bytes`` and bound them.
 
@@ -100,8 +106,11 @@ def evaluate_trace(
     for policy, make in sims.items():
         say(f"{name}: {policy}")
         results[policy] = replay(make(), requests, progress)
+    say(f"{name}: bandit")
+    bandit = replay_learned(requests, budget_bytes, config, progress)
+    results["bandit"] = bandit.result
     say(f"{name}: learned")
-    learned = replay_learned(requests, budget_bytes, config, progress)
+    learned = replay_learned_eviction(requests, budget_bytes, eviction, progress)
     results["learned"] = learned.result
     say(f"{name}: bound")
     knap = knapsack_bound(requests, budget_bytes)
@@ -122,7 +131,8 @@ def evaluate_trace(
         for p, r in results.items()
     )
     return WorkloadReport(name, len(requests), budget_bytes, trace_footprint(requests),
-                          knap.total_cost, best, knap, rows, learned.table)
+                          knap.total_cost, best, knap, rows, bandit.table, learned.table,
+                          learned.picks)
 
 
 def evaluate_workloads(
@@ -136,6 +146,7 @@ def evaluate_workloads(
     config: LearnerConfig | None = None,
     progress: Callable[[int], None] | None = None,
     stage: Callable[[str], None] | None = None,
+    eviction: EvictionConfig | None = None,
 ) -> list[WorkloadReport]:
     """:func:`evaluate_trace` on each generated workload (budget: ``budget_bytes`` if given,
     else ``budget_fraction`` of each trace's footprint)."""
@@ -146,12 +157,13 @@ def evaluate_workloads(
         requests = generate(name, n_requests, seed)
         budget = budget_bytes or default_budget(requests, budget_fraction)
         reports.append(evaluate_trace(name, requests, budget, bound=bound, config=config,
-                                      progress=progress, stage=stage))
+                                      progress=progress, stage=stage, eviction=eviction))
     return reports
 
 
 def reports_to_json(reports: Sequence[WorkloadReport]) -> dict[str, Any]:
-    """A JSON-ready dict of the reports (the learned table included, its model left out)."""
+    """A JSON-ready dict of the reports: the bandit's table (its model left out) and, for the
+    learned eviction, the last table's name and how often each candidate was picked."""
     out = []
     for rep in reports:
         d = {
@@ -159,7 +171,11 @@ def reports_to_json(reports: Sequence[WorkloadReport]) -> dict[str, Any]:
             "budget_bytes": rep.budget_bytes, "footprint_bytes": rep.footprint_bytes,
             "total_cost": rep.total_cost, "bound": asdict(rep.bound),
             "knapsack_bound": asdict(rep.knapsack), "policies": [asdict(r) for r in rep.rows],
-            "learned_table": rep.table.to_json() if rep.table is not None else None,
+            "bandit_table": rep.table.to_json() if rep.table is not None else None,
+            "learned_eviction": None if rep.eviction is None else {
+                "table": rep.eviction.name, "version": rep.eviction.version,
+                "picks": {p: rep.picks.count(p) for p in sorted(set(rep.picks))},
+            },
         }
         out.append(d)
     return {"reports": out}

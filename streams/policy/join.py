@@ -13,10 +13,15 @@ known:
   TTL would have served had the entry been admitted with it: requests while the gaps stay
   under the TTL and the characteristic time (below). Bypass is always known (0).
 
-Eviction is not in the log. The join models it with the cache's characteristic time
+Eviction. When the log carries eviction events (:attr:`ReplayLog.evictions`, logged by the
+simulators that evict), an admitted entry's observed outcome ends at its eviction: the time
+it held its bytes is known, not estimated. Otherwise (the production query-log before it had
+removal events) the join models eviction with the cache's characteristic time
 ``char_time_s`` (Che's approximation, set by the learner from the log: budget over admitted
-bytes per second): an entry nobody hits for that long is gone. Hindsight therefore counts the
-later requests while the gaps stay under ``min(ttl, char_time_s)``.
+bytes per second): an entry nobody hits for that long is gone. The actions not taken are
+hindsight either way: they count the later requests while the gaps stay under
+``min(ttl, char_time_s)`` (with eviction events the learner sets ``char_time_s`` to the
+median idle age of evicted entries).
 
 A decision is resolved once ``max_events`` later requests of its key have been seen, or the
 key has been idle for longer than ``min(largest TTL, char_time_s)``; :meth:`OutcomeJoin.flush`
@@ -87,6 +92,8 @@ class OutcomeJoin:
         self.consumed = 0
         self.char_time_s = math.inf  # how long an unhit entry survives eviction (Che)
         self._next_decision = 0
+        self._next_eviction = 0
+        self._evictions_logged = False  # the log has eviction events: outcomes end at them
         self._pending: dict[str, list[_Pending]] = {}
 
     def _action_of(self, d: LoggedDecision) -> int:
@@ -121,6 +128,16 @@ class OutcomeJoin:
                              d.decision.probability, req.size, d.decision.ttl_s,
                              d.decision.admitted)
                 self._pending.setdefault(req.key, []).append(p)
+            evictions = log.evictions
+            while self._next_eviction < len(evictions) and evictions[
+                    self._next_eviction][0] <= i:
+                _, key, _ = evictions[self._next_eviction]
+                self._next_eviction += 1
+                self._evictions_logged = True
+                for p in self._pending.get(key, ()):
+                    if p.admitted and p.live:
+                        p.live = False
+                        p.end = req.time
         self.consumed = max(self.consumed, upto)
         now = requests[upto - 1].time if upto > 0 else 0.0
         out.extend(self._expire(now))
@@ -172,16 +189,21 @@ class OutcomeJoin:
                               tuple(outcomes))
 
     def _held(self, p: _Pending) -> float:
-        """Seconds the admitted entry held its bytes: until it was seen gone, but at most
-        its last hit plus the idle TTL or the characteristic time (when eviction takes an
-        entry nobody hits; the log has no eviction events)."""
+        """Seconds the admitted entry held its bytes: until it was seen gone (evicted, or
+        missed), but at most its last hit plus the idle TTL; when the log has no eviction
+        events, or the entry was not seen gone, at most its last hit plus
+        ``min(ttl, char_time_s)`` (eviction takes an entry nobody hits)."""
         last = p.t0
         for t, _, hit in p.events:
             if not hit or (p.end is not None and t >= p.end):
                 break
             last = t
-        idle = min(p.ttl if p.ttl is not None else math.inf, self.char_time_s)
-        end = last + idle if p.end is None else min(p.end, last + idle)
+        ttl = p.ttl if p.ttl is not None else math.inf
+        if p.end is not None and self._evictions_logged:
+            end = min(p.end, last + ttl)
+        else:  # not seen gone by the time it was resolved: the estimate
+            idle = min(ttl, self.char_time_s)
+            end = last + idle if p.end is None else min(p.end, last + idle)
         return max(end - p.t0, 0.0) if math.isfinite(end) else 0.0
 
     def _hindsight(self, p: _Pending, ttl: float) -> Outcome:

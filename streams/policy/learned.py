@@ -246,6 +246,15 @@ class PolicyLearner:
                            self.config.epsilon, model)
 
 
+def _evicted_idle_median(log: ReplayLog, last: int = 2_000) -> float | None:
+    """The median idle age of the last evictions in ``log`` (how long an entry nobody hits
+    survives, measured rather than Che's estimate); None before the first eviction."""
+    if not log.evictions:
+        return None
+    idle = sorted(e[2] for e in log.evictions[-last:])
+    return idle[len(idle) // 2]
+
+
 @dataclass(frozen=True, slots=True)
 class LearnedRun:
     """The learned policy's replay: its result, last table, and the learner (reusable)."""
@@ -288,7 +297,8 @@ def replay_learned(
         if progress is not None:
             progress(stop - start)
         learner.observe_log(requests, cache.log, start, stop)
-        join.char_time_s = learner.char_time_s
+        measured = _evicted_idle_median(cache.log)
+        join.char_time_s = learner.char_time_s if measured is None else measured
         learner.learn(join.advance(requests, cache.log, stop))
         if stop < len(requests):
             policy.table = learner.export()

@@ -8,7 +8,8 @@ Every simulator here is an on-demand byte-budgeted cache (:mod:`streams.policy.s
 - :class:`GDSFCache` Greedy-Dual-Size-Frequency (Cherkasova 1998) with cost: priority
   ``H = L + freq * cost / size``; evicts the lowest ``H`` and raises the inflation ``L`` to
   it, so that entries which stop being hit age out.
-- :class:`ControlledCache` GDSF eviction plus an :class:`AdmissionPolicy` that decides, on
+- :class:`ControlledCache` GDSF eviction (logged in ``log.evictions``) plus an
+  :class:`AdmissionPolicy` that decides, on
   each miss, whether to admit and with which idle TTL (an entry not hit for ``ttl_s``
   seconds expires and frees its bytes; a hit renews it). This is the hot path of
   ARCHITECTURE §4; :class:`RuleAdmission` is its hand-written rule set and
@@ -132,10 +133,10 @@ class AdmitAll:
 
 
 class _Entry:
-    __slots__ = ("cost", "expires", "freq", "prio", "seq", "size", "ttl")
+    __slots__ = ("cost", "expires", "freq", "last", "prio", "seq", "size", "ttl")
 
-    def __init__(self, size: int, cost: float, ttl: float | None) -> None:
-        self.size, self.cost, self.ttl = size, cost, ttl
+    def __init__(self, size: int, cost: float, ttl: float | None, last: float) -> None:
+        self.size, self.cost, self.ttl, self.last = size, cost, ttl, last
         self.freq, self.prio, self.seq, self.expires = 0, 0.0, 0, math.inf
 
 
@@ -189,6 +190,7 @@ class ControlledCache(CacheSimulator):
         self._saved += req.cost
         e.freq += 1
         e.cost = req.cost
+        e.last = now
         self._prioritise(req.key, e)
         if e.ttl is not None:
             e.expires = now + e.ttl
@@ -210,7 +212,8 @@ class ControlledCache(CacheSimulator):
             if e is not None and e.seq == seq:
                 self._inflation = prio
                 self._remove(key)
-        e = _Entry(req.size, req.cost, decision.ttl_s)
+                self.log.evictions.append((index, key, req.time - e.last))
+        e = _Entry(req.size, req.cost, decision.ttl_s, req.time)
         e.freq = 1
         self._entries[req.key] = e
         self.used_bytes += req.size

@@ -50,10 +50,13 @@ class LoggedDecision:
 
 @dataclass(slots=True)
 class ReplayLog:
-    """What a replay leaves in the query-log: hits (one flag per request), decisions."""
+    """What a replay leaves in the query-log: hits (one flag per request), decisions, and
+    the evictions of simulators that log them: ``(request index, key, idle seconds)``, the
+    request whose miss made room and how long the evicted entry had gone unrequested."""
 
     hits: bytearray = field(default_factory=bytearray)
     decisions: list[LoggedDecision] = field(default_factory=list)
+    evictions: list[tuple[int, str, float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

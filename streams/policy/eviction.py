@@ -1,0 +1,540 @@
+"""Learned eviction: a hit-density table learned from the request log, and expert selection.
+
+The hot-path form is :class:`EvictionTable`, a pure value (``to_json``/``from_json``) whose
+:meth:`EvictionTable.priority` ranks a cached entry with a table lookup or one ``exp``; the
+cache evicts the lowest priority among ``samples`` entries drawn at random (sampled
+eviction, as in Redis, LHD and LRB) and bypasses a miss whose own priority is below that
+victim's (admission by the same rank). Two kinds of table:
+
+- ``density`` (LHD, Beckmann et al. NSDI'18, with cost): ``density[f][x][l][a]`` is the
+  expected hits per second of an entry whose key count (decayed with ``tau_s``, as of its
+  last request) is in bin ``f``, filter kind ``x``, key lifetime (seconds since first seen)
+  in bin ``l`` and idle age (seconds since its last request) in bin ``a``; priority =
+  density x cost / size.
+- ``decayed``: priority = the key's request count decayed with time constant ``tau_s``
+  (evaluated now) x cost / size: frequency that survives eviction (the key counts are kept
+  for every key, cached or not), forgotten at a rate the learner picks.
+
+:class:`DensityLearner` builds the density table from the log alone: every request of a key
+is a sample, and its label is the gap to the key's next request, read off the log once it
+has happened (or censored when the key stays idle past the horizon). For each idle age
+``a`` the sample survived to, it adds ``hit = gap - a <= T`` and ``lifetime = min(gap - a,
+T)`` to its cell; density = hits / lifetime (shrunk towards the cell's marginal over ``l``).
+The horizon ``T`` is ``horizon_factor`` x the median idle age of recently evicted entries
+(eviction events are in the log: :attr:`~streams.policy.simulator.ReplayLog.evictions`); an
+entry the cache ranks high lives well past that median, so T is a multiple of it (10 did
+best of 0.5-30 on the density table alone). Labels come from arrivals,
+not from the cache's decisions, so the table is learned off-policy and needs no exploration.
+
+:class:`ExpertSelector` is the loop: it replays the same log through one shadow cache per
+candidate table (the learned density table and decayed counts at each ``tau`` of
+:class:`EvictionConfig`), scores each by the proxy cost it saved (an exponentially weighted
+sum over periods), and every ``update_every`` requests hands the best one to the real cache.
+Before the first selection the real cache runs on the rule (decayed counts, ``start_tau_s``).
+Nothing reads the future: a table used at request ``i`` comes from requests ``< i``.
+
+Why several candidates and not one table: on the traces of :mod:`.workloads` the density
+table wins where popularity depends on age and context (``latest``, ``sessions``) and loses
+by 2 to 4 points of the bound to plain decayed counts where popularity is stationary or
+drifts slowly (``zipf``, ``neardup``; the table's class averages are coarser than a key's
+own count). The shadows cost CPU in the learner, not on the hot path, which applies one
+table.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from streams.policy.simulator import CacheSimulator, Decision, Meter, SimResult
+from streams.policy.trace import Request
+
+__all__ = [
+    "AGE_EDGES_S",
+    "EvictingCache",
+    "EvictionConfig",
+    "EvictionRun",
+    "EvictionTable",
+    "ExpertSelector",
+    "KeyStats",
+    "replay_learned_eviction",
+]
+
+AGE_EDGES_S: tuple[float, ...] = tuple(round(0.1 * 1.8**i, 4) for i in range(15))
+LIFE_EDGES_S: tuple[float, ...] = (1.0, 4.0, 16.0, 64.0, 256.0)
+COUNT_EDGES: tuple[float, ...] = (2.0, 3.0, 5.0, 9.0, 17.0, 33.0)
+FILTER_KINDS = {"none": 0, "tag": 1, "range": 2, "user": 3}  # anything else: 4
+_AGE_LO = np.array((0.0, *AGE_EDGES_S))
+_N_F, _N_X, _N_L, _N_A = len(COUNT_EDGES) + 1, 5, len(LIFE_EDGES_S) + 1, len(AGE_EDGES_S) + 1
+
+
+def filter_kind(req: Request) -> int:
+    """The filter-kind index of a request's context (4: unknown)."""
+    f = req.ctx.get("filter", "none")
+    return FILTER_KINDS.get(f, 4) if isinstance(f, str) else 4
+
+
+@dataclass(frozen=True, slots=True)
+class EvictionTable:
+    """The eviction rank the hot path applies (module docstring). ``kind`` is ``density``
+    (``density`` holds ``[f][x][l][a]``) or ``decayed`` (``tau_s`` is used)."""
+
+    version: int
+    kind: str
+    tau_s: float
+    density: tuple[tuple[tuple[tuple[float, ...], ...], ...], ...] = ()
+
+    @classmethod
+    def decayed(cls, tau_s: float, version: int = 0) -> EvictionTable:
+        return cls(version, "decayed", tau_s)
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}{self.tau_s:g}"
+
+    def priority(
+        self, size: int, cost: float, count: float, filter_kind: int, idle_s: float, life_s: float
+    ) -> float:
+        """Expected proxy cost an entry saves per byte-second (``size`` > 0 bytes; for a
+        ``decayed`` table up to a constant factor). ``count``: the key's request
+        count at its last request, decayed with ``tau_s`` (its own request included);
+        ``idle_s``: seconds since that request; ``life_s``: seconds since first seen."""
+        if self.kind == "decayed":
+            return count * math.exp(-idle_s / self.tau_s) * cost / size
+        f = bisect.bisect_right(COUNT_EDGES, count + 1e-9)
+        ln = bisect.bisect_right(LIFE_EDGES_S, life_s)
+        a = bisect.bisect_right(AGE_EDGES_S, idle_s)
+        return self.density[f][filter_kind][ln][a] * cost / size
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "kind": self.kind,
+            "tau_s": self.tau_s,
+            "age_edges_s": list(AGE_EDGES_S),
+            "life_edges_s": list(LIFE_EDGES_S),
+            "count_edges": list(COUNT_EDGES),
+            "density": [[[list(row) for row in mat] for mat in cube] for cube in self.density],
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> EvictionTable:
+        """Inverse of :meth:`to_json`; ``ValueError`` if the kind or the shape is wrong."""
+        kind, tau = obj.get("kind"), obj.get("tau_s")
+        if kind not in ("density", "decayed") or not isinstance(tau, int | float) or tau <= 0:
+            raise ValueError("kind must be density or decayed, tau_s > 0")
+        dens = obj.get("density", [])
+        if kind != "decayed":
+            arr = np.asarray(dens, dtype=np.float64)
+            if arr.shape != (_N_F, _N_X, _N_L, _N_A) or not np.all(np.isfinite(arr)):
+                raise ValueError(f"density must be finite, shape {(_N_F, _N_X, _N_L, _N_A)}")
+            dens = _freeze(arr)
+        return cls(int(obj.get("version", 0)), kind, float(tau), dens if dens else ())
+
+
+def _freeze(arr: np.ndarray) -> tuple[tuple[tuple[tuple[float, ...], ...], ...], ...]:
+    return tuple(
+        tuple(tuple(tuple(float(v) for v in row) for row in mat) for mat in cube) for cube in arr
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class EvictionConfig:
+    """Knobs of the learned eviction (one set for every workload; see docs/benchmarks.md)."""
+
+    update_every: int = 5_000
+    samples: int = 32
+    taus_s: tuple[float, ...] = (100.0, 300.0, 1000.0)  # the decayed-count candidates
+    density_taus_s: tuple[float, ...] = (300.0,)  # one density table per count tau
+    start_tau_s: float = 300.0  # the table before the first selection (the rule)
+    table_decay: float = 0.5  # weight left to older samples at each new table
+    score_decay: float = 0.5  # weight left to older periods in the expert scores
+    prior_weight: float = 2.0  # seconds of pseudo-lifetime at the cell's marginal density
+    warmup: int = 2_500  # requests before the density shadows' first table (no pick)
+    default_horizon_s: float = 60.0
+    horizon_factor: float = 10.0  # T = this x the median idle age of evicted entries
+    seed: int = 0
+
+
+@dataclass(slots=True)
+class KeyStats:
+    """Per key (cached or not): last and first request time, counts decayed per tau, and
+    the filter kind of its last request (:func:`filter_kind`)."""
+
+    last: float
+    first: float
+    counts: list[float]
+    context: int = 0
+
+
+class KeyCounts:
+    """:class:`KeyStats` of every key seen, updated once per request by :meth:`observe`.
+
+    Several caches replaying the same requests share one (the shadows and the real cache).
+    Memory grows with the distinct keys; production bounds it with a sketch.
+    """
+
+    def __init__(self, taus_s: Sequence[float]) -> None:
+        self.taus = tuple(taus_s)
+        self.stats: dict[str, KeyStats] = {}
+
+    def observe(self, req: Request) -> None:
+        now = req.time
+        context = filter_kind(req)
+        s = self.stats.get(req.key)
+        if s is None:
+            self.stats[req.key] = KeyStats(now, now, [1.0] * len(self.taus), context)
+            return
+        dt = max(now - s.last, 0.0)
+        s.counts = [
+            c * math.exp(-dt / tau) + 1.0 for c, tau in zip(s.counts, self.taus, strict=True)
+        ]
+        s.last = now
+        s.context = context
+
+
+class _Entry:
+    __slots__ = ("cost", "size", "stats")
+
+    def __init__(self, size: int, cost: float, stats: KeyStats) -> None:
+        self.size, self.cost, self.stats = size, cost, stats
+
+
+class EvictingCache(CacheSimulator):
+    """A byte-budgeted cache ranked by an :class:`EvictionTable` (sampled eviction).
+
+    Every eviction is logged in ``log.evictions`` as ``(request index, key, idle seconds)``.
+    ``table`` may be replaced between requests; the entries need no rebuilding. With a
+    shared ``counts`` the owner calls ``counts.observe(req)`` before
+    each :meth:`access`; by default the cache keeps its own.
+    """
+
+    def __init__(
+        self,
+        budget_bytes: int,
+        table: EvictionTable,
+        *,
+        taus_s: Sequence[float] = (),
+        samples: int = 32,
+        seed: int = 0,
+        name: str = "learned",
+        counts: KeyCounts | None = None,
+    ) -> None:
+        super().__init__(budget_bytes)
+        self.name = name
+        self.samples = samples
+        self._rng = random.Random(seed)
+        self._owns = counts is None
+        self.counts = counts or KeyCounts(sorted({*taus_s, table.tau_s}))
+        self._stats = self.counts.stats
+        self.table = table
+        self._keys: list[str] = []
+        self._pos: dict[str, int] = {}
+        self._entries: dict[str, _Entry] = {}
+
+    @property
+    def table(self) -> EvictionTable:
+        return self._table
+
+    @table.setter
+    def table(self, table: EvictionTable) -> None:
+        tau = table.tau_s
+        if tau not in self.counts.taus:
+            raise ValueError(f"no key counts kept for tau {tau:g} s")
+        self._table = table
+        self._ci = self.counts.taus.index(tau)
+
+    def priority_of(self, key: str, now: float) -> float:
+        e = self._entries[key]
+        s = e.stats
+        return self._table.priority(
+            e.size, e.cost, s.counts[self._ci], s.context, now - s.last, now - s.first
+        )
+
+    def _lookup(self, index: int, req: Request) -> bool:
+        if self._owns:
+            self.counts.observe(req)
+        e = self._entries.get(req.key)
+        if e is None:
+            return False
+        e.cost = req.cost
+        return True
+
+    def _victim(self, now: float) -> tuple[str, float]:
+        """The lowest priority among ``samples`` entries drawn at random (with repeats)."""
+        keys, entries, rnd, ci = self._keys, self._entries, self._rng.random, self._ci
+        n = len(keys)
+        victim, low = "", math.inf
+        table = self._table
+        decayed = table.kind == "decayed"
+        tau = table.tau_s
+        for _ in range(min(self.samples, n)):
+            key = keys[int(rnd() * n)]
+            e = entries[key]
+            s = e.stats
+            if decayed:  # the decayed form inlined: this loop is the simulator's hot spot
+                p = s.counts[ci] * math.exp((s.last - now) / tau) * e.cost / e.size
+            else:
+                p = table.priority(
+                    e.size, e.cost, s.counts[ci], s.context, now - s.last, now - s.first
+                )
+            if p < low:
+                victim, low = key, p
+        return victim, low
+
+    def _on_miss(self, index: int, req: Request) -> Decision:
+        now = req.time
+        s = self._stats[req.key]
+        mine = self._table.priority(
+            req.size, req.cost, s.counts[self._ci], s.context, 0.0, now - s.first
+        )
+        while self.used_bytes + req.size > self.budget_bytes:
+            victim, low = self._victim(now)
+            if low > mine:
+                return Decision("bypass", False, None, 1.0, self._table.name)
+            self._evict(index, victim, now)
+        self._pos[req.key] = len(self._keys)
+        self._keys.append(req.key)
+        self._entries[req.key] = _Entry(req.size, req.cost, s)
+        self.used_bytes += req.size
+        return Decision("admit", True, None, 1.0, self._table.name)
+
+    def _evict(self, index: int, key: str, now: float) -> None:
+        i = self._pos.pop(key)
+        last = self._keys.pop()
+        if last != key:
+            self._keys[i] = last
+            self._pos[last] = i
+        e = self._entries.pop(key)
+        self.used_bytes -= e.size
+        self.log.evictions.append((index, key, now - e.stats.last))
+
+
+@dataclass(slots=True)
+class _Samples:
+    """Training samples not yet labelled: one per request (parallel lists)."""
+
+    t: list[float] = field(default_factory=list)
+    f: list[int] = field(default_factory=list)
+    x: list[int] = field(default_factory=list)
+    life: list[float] = field(default_factory=list)
+    gap: list[float] = field(default_factory=list)  # nan until the key's next request
+
+
+class DensityLearner:
+    """Learns the ``density`` table from requests and eviction events (module docstring)."""
+
+    def __init__(self, config: EvictionConfig, tau_s: float) -> None:
+        self.config = config
+        self.tau_s = tau_s  # the time constant of the key count the table is keyed by
+        self.version = 0
+        self._hits = np.zeros((_N_F, _N_X, _N_L, _N_A))
+        self._life = np.zeros((_N_F, _N_X, _N_L, _N_A))
+        self._pending = _Samples()
+        self._open: dict[str, int] = {}  # key -> its latest sample (gap unknown)
+        self._stats: dict[str, tuple[float, float, float]] = {}  # key -> (count, last, first)
+        self._evicted_idle: list[float] = []
+
+    @property
+    def horizon_s(self) -> float:
+        """T: the median idle age at eviction over the last 2,000 evictions in the log."""
+        if not self._evicted_idle:
+            return self.config.default_horizon_s
+        median = float(np.median(self._evicted_idle[-2000:]))
+        return max(self.config.horizon_factor * median, AGE_EDGES_S[0])
+
+    def observe(
+        self,
+        requests: Sequence[Request],
+        evictions: Sequence[tuple[int, str, float]],
+        start: int,
+        stop: int,
+    ) -> None:
+        """Read requests ``[start, stop)`` of the log and the evictions logged with them."""
+        p = self._pending
+        for i in range(start, stop):
+            r = requests[i]
+            c, last, first = self._stats.get(r.key, (0.0, r.time, r.time))
+            c = c * math.exp(-max(r.time - last, 0.0) / self.tau_s) + 1.0
+            self._stats[r.key] = (c, r.time, first)
+            j = self._open.get(r.key)
+            if j is not None:
+                p.gap[j] = r.time - p.t[j]
+            self._open[r.key] = len(p.t)
+            p.t.append(r.time)
+            p.f.append(bisect.bisect_right(COUNT_EDGES, c + 1e-9))
+            p.x.append(filter_kind(r))
+            p.life.append(r.time - first)
+            p.gap.append(math.nan)
+        self._evicted_idle.extend(e[2] for e in evictions)
+        del self._evicted_idle[:-2000]
+
+    def export(self, now: float) -> EvictionTable:
+        """Label what the log has resolved by ``now``, decay the old sums, emit a table."""
+        cfg, horizon = self.config, self.horizon_s
+        p = self._pending
+        t, gap = np.array(p.t), np.array(p.gap)
+        known = ~np.isnan(gap)
+        done = known | (now - t > _AGE_LO[-1] + horizon)
+        self._hits *= cfg.table_decay
+        self._life *= cfg.table_decay
+        idx = np.nonzero(done)[0]
+        if len(idx):
+            f, x = np.array(p.f)[idx], np.array(p.x)[idx]
+            life0, g = np.array(p.life)[idx], np.where(known, gap, np.inf)[idx]
+            for a_bin, age in enumerate(_AGE_LO):
+                m = g > age  # the entry would still be idle at this age
+                if not m.any():
+                    continue
+                rem = g[m] - age
+                ln = np.searchsorted(LIFE_EDGES_S, life0[m] + age, side="right")
+                cell = (f[m], x[m], ln, np.full(int(m.sum()), a_bin))
+                np.add.at(self._hits, cell, (rem <= horizon).astype(np.float64))
+                np.add.at(self._life, cell, np.minimum(rem, horizon))
+        keep = np.nonzero(~done)[0]
+        renum = {int(old): new for new, old in enumerate(keep)}
+        self._pending = _Samples(
+            *(
+                [lst[k] for k in keep]
+                for lst in (  # type: ignore[arg-type]
+                    p.t,
+                    p.f,
+                    p.x,
+                    p.life,
+                    p.gap,
+                )
+            )
+        )
+        self._open = {k: renum[j] for k, j in self._open.items() if j in renum}
+        h_marg = self._hits.sum(axis=2, keepdims=True)
+        l_marg = self._life.sum(axis=2, keepdims=True)
+        marg = np.where(l_marg > 0, h_marg / np.maximum(l_marg, 1e-12), 0.0)
+        w = cfg.prior_weight
+        dens = (self._hits + w * marg) / (self._life + w)
+        self.version += 1
+        return EvictionTable(self.version, "density", self.tau_s, _freeze(dens))
+
+
+class ExpertSelector:
+    """Shadow caches, one per candidate table, and the pick (module docstring)."""
+
+    def __init__(self, budget_bytes: int, config: EvictionConfig) -> None:
+        self.config = config
+        taus = tuple(sorted({*config.taus_s, *config.density_taus_s, config.start_tau_s}))
+        self.counts = KeyCounts(taus)
+        self.start = start = EvictionTable.decayed(config.start_tau_s)
+        self.learners = [DensityLearner(config, t) for t in config.density_taus_s]
+        self.shadows = [
+            EvictingCache(
+                budget_bytes,
+                start,
+                counts=self.counts,
+                samples=config.samples,
+                seed=config.seed + 1 + i,
+                name=f"density{lr.tau_s:g}",
+            )
+            for i, lr in enumerate(self.learners)
+        ]
+        self.shadows += [
+            EvictingCache(
+                budget_bytes,
+                EvictionTable.decayed(t),
+                counts=self.counts,
+                samples=config.samples,
+                seed=config.seed + 101 + i,
+                name=f"decayed{t:g}",
+            )
+            for i, t in enumerate(config.taus_s)
+        ]
+        self.scores = [0.0] * len(self.shadows)
+        self._period = [0.0] * len(self.shadows)
+        self.picks: list[str] = []
+
+    def access(self, index: int, req: Request) -> None:
+        """Count ``req`` once in the shared key counts, then replay it in every shadow."""
+        self.counts.observe(req)
+        for k, sim in enumerate(self.shadows):
+            if sim.access(index, req):
+                self._period[k] += req.cost
+
+    def update(
+        self, requests: Sequence[Request], start: int, stop: int, *, select: bool = True
+    ) -> EvictionTable | None:
+        """Close the period ``[start, stop)``: learn and rescore; return the table to use
+        (``select=False``, the warm-up: learn only, forget the period's scores, None)."""
+        for learner, shadow in zip(self.learners, self.shadows, strict=False):
+            evictions = shadow.log.evictions
+            first = bisect.bisect_left(evictions, start, key=lambda e: e[0])
+            learner.observe(requests, evictions[first:], start, stop)
+            shadow.table = learner.export(requests[stop - 1].time)
+        if not select:  # the density shadows ran the start rule: their scores mean nothing
+            self._period = [0.0] * len(self.shadows)
+            return None
+        d = self.config.score_decay
+        self.scores = [d * s + p for s, p in zip(self.scores, self._period, strict=True)]
+        self._period = [0.0] * len(self.shadows)
+        best = max(range(len(self.shadows)), key=lambda k: self.scores[k])
+        self.picks.append(self.shadows[best].name)
+        return self.shadows[best].table
+
+
+@dataclass(frozen=True, slots=True)
+class EvictionRun:
+    """The learned eviction's replay: its result, the last table and the picks per period."""
+
+    result: SimResult
+    table: EvictionTable
+    picks: tuple[str, ...]
+
+
+def replay_learned_eviction(
+    requests: Sequence[Request],
+    budget_bytes: int,
+    config: EvictionConfig | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> EvictionRun:
+    """Replay ``requests`` through the learned eviction, learning online from the log.
+
+    The real cache starts on the rule (decayed counts, ``start_tau_s``); after ``warmup``
+    requests the density shadows get their first table (nothing is picked: they ran the
+    rule until then); every ``update_every`` requests the selector learns from the log so
+    far and hands the real cache the best-scoring table for the next period.
+    """
+    cfg = config or EvictionConfig()
+    selector = ExpertSelector(budget_bytes, cfg)
+    cache = EvictingCache(
+        budget_bytes,
+        EvictionTable.decayed(cfg.start_tau_s),
+        counts=selector.counts,
+        samples=cfg.samples,
+        seed=cfg.seed,
+    )
+    meter = Meter()
+    n = len(requests)
+    ends = sorted(
+        {
+            *range(cfg.update_every, n, cfg.update_every),
+            n,
+            *((cfg.warmup,) if 0 < cfg.warmup < min(cfg.update_every, n) else ()),
+        }
+    )
+    start = 0
+    for stop in ends:
+        for i in range(start, stop):
+            req = requests[i]
+            selector.access(i, req)
+            meter.record(req, cache.access(i, req), cache.used_bytes)
+        if progress is not None:
+            progress(stop - start)
+        if stop < n:
+            table = selector.update(requests, start, stop, select=stop != cfg.warmup)
+            if table is not None:
+                cache.table = table
+        start = stop
+    return EvictionRun(meter.result(cache), cache.table, tuple(selector.picks))

@@ -1,0 +1,232 @@
+"""The learned eviction (streams/policy/eviction.py): the hot-path rank on hand-made entries,
+sampled eviction on traces with known answers, the density table learned from the log
+without reading its future, the shadow selection, and a fixed-seed run against LRU."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from streams.policy import (
+    ControlledCache,
+    EvictingCache,
+    EvictionConfig,
+    EvictionTable,
+    LRUCache,
+    Request,
+    default_budget,
+    generate,
+    replay,
+    replay_learned_eviction,
+)
+from streams.policy.eviction import DensityLearner, ExpertSelector
+from streams.policy.join import OutcomeJoin
+from streams.policy.learned import ACTIONS
+from streams.policy.simulator import Decision, ReplayLog
+
+
+def req(t: float, key: str, *, size: int = 10, cost: float = 1.0, filt: str = "none") -> Request:
+    return Request(t, key, size, cost, {"filter": filt})
+
+
+# -- the hot-path rank -----------------------------------------------------------------------
+
+
+def test_decayed_priority_is_count_decayed_times_cost_per_byte() -> None:
+    t = EvictionTable.decayed(100.0)
+    assert t.priority(10, 2.0, 3.0, 0, 0.0, 5.0) == pytest.approx(0.6)
+    assert t.priority(10, 2.0, 3.0, 0, 100.0, 5.0) == pytest.approx(0.6 / math.e)
+    # cheaper per byte ranks lower at the same count
+    assert t.priority(20, 2.0, 3.0, 0, 0.0, 5.0) < t.priority(10, 2.0, 3.0, 0, 0.0, 5.0)
+
+
+def test_tables_round_trip_through_json_and_bad_ones_are_refused() -> None:
+    learner = DensityLearner(EvictionConfig(), 300.0)
+    trace = [req(float(i), f"k{i % 3}") for i in range(50)]
+    learner.observe(trace, [], 0, len(trace))
+    table = learner.export(1e6)
+    back = EvictionTable.from_json(json.loads(json.dumps(table.to_json())))
+    assert back == table
+    assert back.priority(10, 1.0, 4.0, 0, 1.0, 30.0) == table.priority(10, 1.0, 4.0, 0, 1.0, 30.0)
+    dec = EvictionTable.decayed(30.0, version=7)
+    assert EvictionTable.from_json(dec.to_json()) == dec
+    with pytest.raises(ValueError, match="density must be"):
+        EvictionTable.from_json({**table.to_json(), "density": [[1.0]]})
+    with pytest.raises(ValueError, match="kind"):
+        EvictionTable.from_json({"kind": "magic", "tau_s": 1.0})
+    with pytest.raises(ValueError, match="kind"):
+        EvictionTable.from_json({"kind": "decayed", "tau_s": -1.0})
+    bad = table.to_json()
+    bad["density"][0][0][0][0] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        EvictionTable.from_json(bad)
+
+
+# -- sampled eviction with known answers ------------------------------------------------------
+
+
+def test_the_frequent_key_survives_and_the_one_off_is_evicted() -> None:
+    # room for two entries; "a" is requested every other step, the rest once each
+    sim = EvictingCache(20, EvictionTable.decayed(1000.0), samples=8)
+    trace = []
+    for i in range(40):
+        trace.append(req(float(2 * i), "a"))
+        trace.append(req(float(2 * i + 1), f"once{i}"))
+    replay(sim, trace)
+    hits = [trace[i].key for i, h in enumerate(sim.log.hits) if h]
+    assert hits == ["a"] * 39  # every request of "a" after the first is a hit
+    assert sim.log.evictions  # one-offs made room for one-offs
+    assert all(key.startswith("once") for _, key, _ in sim.log.evictions)
+    assert all(idle >= 0 for _, _, idle in sim.log.evictions)
+
+
+def test_a_miss_ranked_below_every_entry_is_bypassed_and_nothing_is_evicted() -> None:
+    sim = EvictingCache(20, EvictionTable.decayed(1000.0), samples=8)
+    trace = [
+        req(0.0, "a", cost=5.0),
+        req(1.0, "b", cost=5.0),
+        req(2.0, "a", cost=5.0),
+        req(3.0, "b", cost=5.0),
+        req(4.0, "cheap", cost=0.1),
+    ]
+    replay(sim, trace)
+    last = sim.log.decisions[-1]
+    assert (last.index, last.decision.admitted) == (4, False)
+    assert sim.log.evictions == []
+    assert sim.used_bytes == 20
+
+
+def test_a_table_needs_the_counts_it_ranks_by() -> None:
+    sim = EvictingCache(100, EvictionTable.decayed(100.0))
+    with pytest.raises(ValueError, match="no key counts"):
+        sim.table = EvictionTable.decayed(42.0)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 12), st.integers(1, 40), st.sampled_from(["none", "tag", "user"])),
+        min_size=1,
+        max_size=120,
+    ),
+    st.integers(1, 100),
+)
+def test_budget_holds_and_every_eviction_is_logged(
+    rows: list[tuple[int, int, str]], budget: int
+) -> None:
+    sizes = {k: s for k, s, _ in rows}  # one size per key
+    trace = [req(float(i), f"k{k}", size=sizes[k], filt=f) for i, (k, _, f) in enumerate(rows)]
+    learner = DensityLearner(EvictionConfig(), 300.0)
+    learner.observe(trace, [], 0, len(trace))
+    for table in (EvictionTable.decayed(300.0), learner.export(trace[-1].time)):
+        sim = EvictingCache(budget, table)
+        held: dict[str, int] = {}
+        for i, r in enumerate(trace):
+            n_ev = len(sim.log.evictions)
+            hit = sim.access(i, r)
+            assert hit == (r.key in held)
+            for _, key, _ in sim.log.evictions[n_ev:]:
+                del held[key]
+            if not hit and sim.log.decisions[-1].decision.admitted:
+                held[r.key] = r.size
+            assert sim.used_bytes == sum(held.values()) <= budget
+
+
+# -- learning from the log ---------------------------------------------------------------------
+
+
+def test_density_labels_come_only_from_the_past() -> None:
+    trace = [req(0.0, "a"), req(3.0, "a")]
+    learner = DensityLearner(EvictionConfig(), 300.0)
+    learner.observe(trace, [], 0, 1)
+    table = learner.export(2.0)  # the second request has not happened yet
+    assert all(v == 0.0 for cube in table.density for mat in cube for row in mat for v in row)
+    learner.observe(trace, [], 1, 2)
+    table = learner.export(3.0)
+    assert table.density[0][0][0][0] > 0.0  # count 1, filter none, new, idle 0: a hit came
+
+
+def test_the_density_table_learns_that_personal_queries_never_repeat() -> None:
+    trace = []
+    t = 0.0
+    for i in range(3_000):
+        t += 0.05
+        if i % 2:
+            trace.append(req(t, f"user{i}", filt="user"))
+        else:
+            trace.append(req(t, f"shared{(i // 2) % 50}"))
+    learner = DensityLearner(EvictionConfig(), 300.0)
+    learner.observe(trace, [], 0, len(trace))
+    table = learner.export(t)
+    # first request (count 1), just made (idle 0): a shared key is worth far more
+    new_user = table.priority(10, 1.0, 1.0, 3, 0.0, 0.0)
+    new_shared = table.priority(10, 1.0, 1.0, 0, 0.0, 0.0)
+    assert new_user < 0.1 * new_shared
+    sim = EvictingCache(200, table)  # room for 20 of the 50 shared keys
+    replay(sim, trace)
+    # the personal entries that filled the empty cache give way (to each other at equal
+    # rank, then to shared keys); after that no personal query is admitted
+    assert not any(
+        d.decision.admitted
+        for d in sim.log.decisions
+        if d.index > 200 and trace[d.index].key.startswith("user")
+    )
+    assert not any(key.startswith("shared") for _, key, _ in sim.log.evictions[:20])
+
+
+def test_the_selector_picks_the_shadow_that_saved_most() -> None:
+    # a stationary hot set with a long tail: long memory wins over short
+    cfg = EvictionConfig(update_every=2_000, taus_s=(1.0, 1000.0), density_taus_s=())
+    trace = generate("neardup", 8_000, 1)
+    budget = default_budget(trace)
+    sel = ExpertSelector(budget, cfg)
+    for i, r in enumerate(trace[:6_000]):
+        sel.access(i, r)
+        if (i + 1) % 2_000 == 0:
+            sel.update(trace, i + 1 - 2_000, i + 1)
+    saved = [s.log.hits.count(1) for s in sel.shadows]
+    assert saved[1] > saved[0]
+    assert sel.picks[-1] == "decayed1000"
+
+
+def test_learned_eviction_beats_lru_and_is_deterministic() -> None:
+    trace = generate("latest", 20_000, 0)
+    budget = default_budget(trace)
+    lru = replay(LRUCache(budget), trace)
+    cfg = EvictionConfig(update_every=2_000)
+    run = replay_learned_eviction(trace, budget, cfg)
+    assert run.result.saved_cost > 1.2 * lru.saved_cost
+    assert run.result.peak_bytes <= budget
+    assert len(run.picks) == 9  # one pick per period but the last
+    again = replay_learned_eviction(trace, budget, cfg)
+    assert (again.result, again.picks) == (run.result, run.picks)
+
+
+# -- eviction events in the bandit's join ------------------------------------------------------
+
+
+class _Admit300:
+    name = "admit300"
+
+    def decide(self, index: int, req: Request, ctx: object, state: object) -> Decision:
+        return Decision("ttl300", True, 300.0, 1.0, "b")
+
+
+def test_the_join_ends_an_admission_at_its_logged_eviction() -> None:
+    sim = ControlledCache(20, _Admit300())  # room for two entries of 10 bytes
+    trace = [req(0.0, "a"), req(1.0, "b"), req(2.0, "c"), req(50.0, "a")]
+    replay(sim, trace)
+    assert sim.log.evictions == [(2, "a", 2.0), (3, "b", 49.0)]  # GDSF tie: older first
+    join = OutcomeJoin(tuple(t for _, t in ACTIONS))
+    out = {j.index: j for j in [*join.advance(trace, sim.log, len(trace)), *join.flush()]}
+    ttl300 = out[0].outcomes[[n for n, _ in ACTIONS].index("ttl300")]
+    assert ttl300.observed and ttl300.held_s == pytest.approx(2.0)  # evicted at t=2
+    # without the eviction events the same log holds "a" until its next request (a miss)
+    blind = OutcomeJoin(tuple(t for _, t in ACTIONS))
+    log = ReplayLog(sim.log.hits, sim.log.decisions)
+    out = {j.index: j for j in [*blind.advance(trace, log, len(trace)), *blind.flush()]}
+    assert out[0].outcomes[[n for n, _ in ACTIONS].index("ttl300")].held_s == pytest.approx(50.0)
