@@ -58,6 +58,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from streams.cache.doorkeeper import Doorkeeper
 from streams.index.model import CacheSettings, IndexConfig, Metric
 from streams.log.embedded import EmbeddedLog
 from streams.log.port import Record, now_ms
@@ -315,7 +316,17 @@ UNCACHED_SIDES = (
     "off_bypass",
     "on_bypass",
     "l0_bypass",
+    "l0_dk",
+    "l0_dk2",
+    "on_dk",
+    "on_dk2",
+    "l0_lazy",
 )
+# The doorkeeper's sides (cache_admit_after 2, streams.cache.doorkeeper; the node's
+# controller gets one for these searches only): ``*_dk`` a query's first miss (held:
+# nothing is built or offered), ``*_dk2`` a miss of a query the doorkeeper saw before
+# (registered by an untimed lookup before step 1: built and offered as without one).
+DOORKEEPER_SIDES = frozenset(("l0_dk", "l0_dk2", "on_dk", "on_dk2"))
 SIDE_INDEX = {
     "off": "off",
     "off2": "off2",
@@ -325,6 +336,11 @@ SIDE_INDEX = {
     "on_bypass": "on",
     "l0_bypass": "l0",
     "off_bypass": "off",
+    "l0_dk": "l0",
+    "l0_dk2": "l0",
+    "on_dk": "on",
+    "on_dk2": "on",
+    "l0_lazy": "l0",
 }
 # A search that sets ``ef`` skips the result cache (SearchRequest.ef: no lookup, no offer):
 # on these indexes, whose rows all sit in the exact Head, it changes nothing else, so it is
@@ -352,6 +368,31 @@ COMPARISONS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
         ("on_deferred", "off_bypass"),
         ("on_bypass", "off"),
     ),
+    (
+        "L0 only, doorkeeper, first miss vs cache off, index speed divided out",
+        ("l0_dk", "off_bypass"),
+        ("l0_bypass", "off"),
+    ),
+    (
+        "L0 only, doorkeeper, seen-before miss vs cache off, index speed divided out",
+        ("l0_dk2", "off_bypass"),
+        ("l0_bypass", "off"),
+    ),
+    (
+        "L0+L1+L2, doorkeeper, first miss vs cache off, index speed divided out",
+        ("on_dk", "off_bypass"),
+        ("on_bypass", "off"),
+    ),
+    (
+        "L0+L1+L2, doorkeeper, seen-before miss vs cache off, index speed divided out",
+        ("on_dk2", "off_bypass"),
+        ("on_bypass", "off"),
+    ),
+    (
+        "L0 only, lazy offers, a miss vs cache off, index speed divided out",
+        ("l0_lazy", "off_bypass"),
+        ("l0_bypass", "off"),
+    ),
     ("L0+L1+L2 missing vs `off`", ("on",), ("off",)),
     ("L0 only missing vs `off`", ("on_l0",), ("off",)),
     ("L0+L1+L2 missing vs `on` bypassed", ("on",), ("on_bypass",)),
@@ -362,7 +403,7 @@ COMPARISONS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
 
 
 def measure_uncached(
-    svc: VectorService, qs: Matrix, deferred_qs: Matrix, seed: int
+    svc: VectorService, qs: Matrix, deferred_qs: Matrix, seed: int, dk_qs: dict[str, Matrix]
 ) -> dict[str, Any]:
     """Step 1: per round one unique query to every side, in a seeded random order (a fresh
     permutation each round, so no side systematically runs after another); wall and
@@ -370,15 +411,24 @@ def measure_uncached(
     the A/A control that shows how much two indexes of the same run differ by themselves."""
     ctl = svc.cache_layers
     assert ctl is not None
+    node_doorkeeper, node_lazy = ctl.doorkeeper, ctl.lazy_offers
+    doorkeeper = Doorkeeper()
+    ctl.doorkeeper = doorkeeper
+    for side in ("l0_dk2", "on_dk2"):  # their keys missed once before (untimed)
+        config = svc.indexer.configs[f"{TENANT}/{SIDE_INDEX[side]}"]
+        for v in dk_qs[side]:
+            assert ctl.lookup(config, v, K, None).offer is False
     order_rng = np.random.default_rng(seed + 11)
     wall: dict[str, list[int]] = {side: [] for side in UNCACHED_SIDES}
     cpu: dict[str, list[int]] = {side: [] for side in UNCACHED_SIDES}
     layers: dict[str, int] = {}
-    for i, v in enumerate(qs):
+    for i in range(len(qs)):
         for j in order_rng.permutation(len(UNCACHED_SIDES)):
             side = UNCACHED_SIDES[int(j)]
             ctl.background_offers = side == "on_deferred"
-            vec = deferred_qs[i] if side == "on_deferred" else v
+            ctl.doorkeeper = doorkeeper if side in DOORKEEPER_SIDES else None
+            ctl.lazy_offers = side == "l0_lazy"  # its misses park their entries
+            vec = deferred_qs[i] if side == "on_deferred" else dk_qs.get(side, qs)[i]
             ef = BYPASS_EF if side.endswith("_bypass") else None
             request = SearchRequest(TENANT, SIDE_INDEX[side], vec, K, ef=ef)
             c = time.thread_time_ns()
@@ -391,12 +441,15 @@ def measure_uncached(
                 layers[layer] = layers.get(layer, 0) + 1
             ctl.flush()  # the deferred store runs outside the timed search
     ctl.background_offers = False
+    ctl.doorkeeper = node_doorkeeper
+    ctl.lazy_offers = node_lazy
     boot = np.random.default_rng(seed + 12)
     idx = boot.integers(0, len(qs), (BOOTSTRAP, len(qs)))  # the same resamples for all
     out: dict[str, Any] = {
         "wall": {side: summary_ms(ns) for side, ns in wall.items()},
         "cpu": {side: summary_ms(ns) for side, ns in cpu.items()},
         "layers_of_on_missing": layers,
+        "doorkeeper": doorkeeper.stats(),
         "ratios": {},
     }
     for name, num, den in COMPARISONS:
@@ -457,7 +510,11 @@ def measure(node: QueryNode, root: Path, data: Matrix, queries: int, seed: int) 
         for name in ("off", "off2", "on", "l0"):
             svc.search(SearchRequest(TENANT, name, v, K))
     deferred_qs = unit_rows(rng, queries, dim)  # its own queries: nothing repeats
-    uncached = measure_uncached(svc, qs, deferred_qs, seed)
+    # the doorkeeper's sides, their own queries each (drawn after the others: the earlier
+    # sides' queries are those of the bench before it had these)
+    dk_qs = {side: unit_rows(rng, queries, dim) for side in sorted(DOORKEEPER_SIDES)}
+    dk_qs["l0_lazy"] = unit_rows(rng, queries, dim)
+    uncached = measure_uncached(svc, qs, deferred_qs, seed, dk_qs)
     hits: dict[str, list[int]] = {}
     variants = {
         "repeat": qs,
@@ -778,6 +835,26 @@ def acceptance(r: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
             "L0 only missing vs cache off, index speed divided out",
         ),
         slowdown(
+            "(same, L0 only, doorkeeper (cache_admit_after 2): a first miss)",
+            "L0 only, doorkeeper, first miss vs cache off, index speed divided out",
+        ),
+        slowdown(
+            "(same, L0 only, doorkeeper: a seen-before miss)",
+            "L0 only, doorkeeper, seen-before miss vs cache off, index speed divided out",
+        ),
+        slowdown(
+            "(same, L0 only, lazy offers (cache_lazy_offers): a miss)",
+            "L0 only, lazy offers, a miss vs cache off, index speed divided out",
+        ),
+        slowdown(
+            "(same, L0+L1+L2, doorkeeper: a first miss)",
+            "L0+L1+L2, doorkeeper, first miss vs cache off, index speed divided out",
+        ),
+        slowdown(
+            "(same, L0+L1+L2, doorkeeper: a seen-before miss)",
+            "L0+L1+L2, doorkeeper, seen-before miss vs cache off, index speed divided out",
+        ),
+        slowdown(
             "(same with deferred offers: cache_background_offers, off by default)",
             "deferred offers vs cache off, index speed divided out",
         ),
@@ -799,6 +876,11 @@ def render(r: dict[str, Any]) -> str:
         "on_bypass": "`on`, cache bypassed",
         "off_bypass": "`off`, cache bypassed",
         "l0_bypass": "`l0`, cache bypassed",
+        "l0_dk": "`l0`, doorkeeper, first miss (held)",
+        "l0_dk2": "`l0`, doorkeeper, seen-before miss (offered)",
+        "on_dk": "`on`, doorkeeper, first miss (held)",
+        "on_dk2": "`on`, doorkeeper, seen-before miss (offered)",
+        "l0_lazy": "`l0`, lazy offers, a miss (entry parked)",
     }
 
     def ratio_cells(x: dict[str, Any]) -> str:

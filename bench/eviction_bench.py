@@ -26,6 +26,10 @@ What is measured:
   alternating blocks of 20k calls per mode; p50/p99 in microseconds.
 * **miss path under pressure**: ``ResultCache.put`` of new entries into a full cache (one
   eviction each), p50/p99 per call.
+* **doorkeeper and lazy offers** (``--doorkeeper 65536,4096``; ``--doorkeeper-only`` skips
+  the rest): GDSF, admit-all and the rules, each as is, behind a ``Doorkeeper`` of each
+  window (first-seen and seen-before misses counted apart) and with lazy offers (4,096
+  parked entries: a miss parks, the key's next request stores and is served it).
 """
 
 from __future__ import annotations
@@ -34,12 +38,14 @@ import argparse
 import json
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from streams.cache import CachedResult, ResultCache, query_key
+from streams.cache.doorkeeper import Doorkeeper
 from streams.cache.eviction import GDSFScorer
 from streams.cache.policy import PolicyHolder
 from streams.index.model import Metric
@@ -85,11 +91,27 @@ def entry_for(i: int, size: int, cost: float) -> CachedResult:
 
 
 def run_real(
-    mode: str | GDSFScorer, requests: Sequence[Request], budget: int, *, rules: bool = False
+    mode: str | GDSFScorer,
+    requests: Sequence[Request],
+    budget: int,
+    *,
+    rules: bool = False,
+    doorkeeper: int | None = None,
+    lazy: int | None = None,
 ) -> dict[str, Any]:
     """``rules``: the node's admission policy decides each miss (``PolicyHolder`` with no
     version: the rules, whose decisions carry the priority GDSF adds) and idle TTLs expire
-    entries as on the node (``SearchObserver.expired``); else admit-all, no TTL."""
+    entries as on the node (``SearchObserver.expired``); else admit-all, no TTL.
+    ``doorkeeper``: a :class:`Doorkeeper` of that many keys in front of the puts (a miss
+    offers its entry only if its key missed within the window before, as
+    ``cache_admit_after 2`` does on the node); its first-seen and seen-before misses are
+    counted apart. ``lazy``: lazy offers with that many parked entries (a miss takes the
+    decision and parks an admitted entry; the key's next request stores it, as
+    ``CacheController`` does with ``lazy_offers``, and is served it)."""
+    dk = None if doorkeeper is None else Doorkeeper(doorkeeper)
+    parked: OrderedDict[Any, Any] = OrderedDict()
+    promoted = 0
+    offered = 0
     now = [requests[0].time if requests else 0.0]
     holder = PolicyHolder(budget, clock=lambda: now[0]) if rules else None
     cache = ResultCache(budget, eviction=mode, policy=holder)  # type: ignore[arg-type]
@@ -102,6 +124,8 @@ def run_real(
         e = entries.get(req.key)
         if e is None:
             e = entries[req.key] = entry_for(len(entries), req.size, req.cost)
+        if lazy is not None and e.key in parked:  # the repeat stores the parked entry
+            promoted += cache.put(e, 0, decision=parked.pop(e.key)).stored
         found = cache.hit(e.key)
         if found is not None and holder is not None and holder.expired(found[0]):
             cache.expire(found[0])
@@ -111,17 +135,84 @@ def run_real(
             saved += req.cost
             if holder is not None:
                 holder.on_hit(found[0])
-        else:
+        elif lazy is not None:
+            decision = cache.policy.decide(e)
+            offered += 1
+            if decision.action == "admit":
+                parked[e.key] = decision
+                if len(parked) > lazy:
+                    parked.popitem(last=False)
+            else:
+                cache.put(e, 0, decision=decision)
+        elif dk is None or dk.admit(e.key):
+            offered += 1
             cache.put(e, 0)
     wall = time.perf_counter() - t0
     s = cache.stats()
     assert s.bytes <= budget
-    return {
+    out = {
         "hit_ratio": hits / len(requests),
         "saved_share": saved / total if total else 0.0,
         "evictions": s.evictions,
         "us_per_request": wall / len(requests) * 1e6,
+        "offered_share": offered / len(requests),  # misses that built and offered an entry
     }
+    if lazy is not None:
+        out["stored_share"] = promoted / len(requests)  # parked entries stored on a repeat
+    if dk is not None:
+        out["first_seen_misses"] = dk.first_seen
+        out["seen_before_misses"] = dk.seen_before
+    return out
+
+
+def doorkeeper_quality(
+    workloads: list[str], n: int, seed: int, shares: list[float], windows: list[int]
+) -> list[dict[str, Any]]:
+    """The doorkeeper's price in hit ratio and cost saved (GDSF, admit-all and the rules in
+    front), per workload and budget, beside the same cache without one, one run."""
+    rows = []
+    for name in workloads:
+        requests = generate(name, n, seed)
+        distinct = len({r.key for r in requests})
+        footprint = trace_footprint(requests)
+        for share in shares:
+            budget = int(footprint * share)
+            row: dict[str, Any] = {
+                "workload": name,
+                "budget_share": share,
+                "distinct_keys": distinct,
+                "requests": len(requests),
+            }
+            for rules in (False, True):
+                label = "rules+gdsf" if rules else "gdsf"
+                row[label] = run_real("gdsf", requests, budget, rules=rules)
+                for w in windows:
+                    row[f"{label}+dk{w}"] = run_real(
+                        "gdsf", requests, budget, rules=rules, doorkeeper=w
+                    )
+                row[f"{label}+lazy"] = run_real("gdsf", requests, budget, rules=rules, lazy=4096)
+            rows.append(row)
+            cells = []
+            for label in ("gdsf", "rules+gdsf"):
+                base = row[label]
+                cells.append(
+                    f"{label} {base['hit_ratio']:.3f}/{base['saved_share']:.3f} "
+                    f"(offers {base['offered_share']:.3f})"
+                )
+                for w in windows:
+                    x = row[f"{label}+dk{w}"]
+                    cells.append(
+                        f"+dk{w} {x['hit_ratio']:.3f}/{x['saved_share']:.3f} "
+                        f"(offers {x['offered_share']:.3f}, first-seen "
+                        f"{x['first_seen_misses']}, seen-before {x['seen_before_misses']})"
+                    )
+                x = row[f"{label}+lazy"]
+                cells.append(
+                    f"+lazy {x['hit_ratio']:.3f}/{x['saved_share']:.3f} "
+                    f"(stored {x['stored_share']:.3f})"
+                )
+            print(f"doorkeeper {name:8s} {share:>4.0%}: " + "; ".join(cells), flush=True)
+    return rows
 
 
 def run_sim(mode: str, requests: Sequence[Request], budget: int) -> dict[str, Any]:
@@ -226,10 +317,32 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=200_000)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--doorkeeper",
+        default="",
+        help="doorkeeper windows (keys) to replay against none and lazy offers, e.g. "
+        "65536,4096; empty (default): skip",
+    )
+    ap.add_argument("--doorkeeper-workloads", default="zipf,latest,sessions,neardup")
+    ap.add_argument("--doorkeeper-only", action="store_true")
     a = ap.parse_args()
     if a.quick:
         a.n, a.calls = 5_000, 20_000
     out: dict[str, Any] = {"load_before": os.getloadavg()}
+    if a.doorkeeper:
+        out["doorkeeper"] = doorkeeper_quality(
+            a.doorkeeper_workloads.split(","),
+            a.n,
+            a.seed,
+            [float(s) for s in a.budgets.split(",")],
+            [int(w) for w in a.doorkeeper.split(",")],
+        )
+    if a.doorkeeper_only:
+        print("load average before/after:", out["load_before"], os.getloadavg())
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(out, f, indent=2)
+        return
     out["quality"] = quality(
         a.workloads.split(","), a.n, a.seed, [float(s) for s in a.budgets.split(",")]
     )

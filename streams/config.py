@@ -53,7 +53,11 @@ class Settings(BaseSettings):
     cache_eviction: Literal["gdsf", "lru"] = "gdsf"
     # on which miss of a query its result is cached: 1 (the first) or 2 (the doorkeeper:
     # a first miss only records the key's hash, streams.cache.doorkeeper)
-    cache_admit_after: Literal[1, 2] = 1
+    cache_admit_after: int = Field(default=1, ge=1, le=2)
+    # lazy offers: an admitted miss of an index without L1/L2 is parked and stored when
+    # its query repeats (through the put's race check), so one-off queries never pay the
+    # store (CacheController, "Lazy offers")
+    cache_lazy_offers: bool = False
     # the cache policy loop: hot-path policy and query log, the policy learner's thread in
     # `streamvec up` (a PolicyUpdate per index every N trained decisions), idle prefetch
     policy_enabled: bool = True

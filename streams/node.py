@@ -76,6 +76,7 @@ class Node:
             cache_background_offers=self.settings.cache_background_offers,
             cache_eviction=self.settings.cache_eviction,
             cache_admit_after=self.settings.cache_admit_after,
+            cache_lazy_offers=self.settings.cache_lazy_offers,
             policy_loop=self.settings.policy_enabled,
             prefetch=self.settings.prefetch_enabled,
             capacity_interval_s=self.settings.capacity_interval_s or None,

@@ -135,6 +135,8 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "session_id": "s-81",
         "timestamp": ms("2024-05-01T12:00:02.002"),
         "removal": None,  # a search, not an entry leaving the cache
+        # an IVF answer: the lists its search probed in each approximate Tail segment
+        "depends": [{"segment": "seg-000003-9f1c2d3e4a5b", "lists": [17, 4, 52], "ef": 0}],
     },
     "Feedback": {
         "tenant": "acme",

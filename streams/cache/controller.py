@@ -45,6 +45,27 @@ worker thread. That is safe by the put race check: the entry is tested against e
 reported since its search began, however late it is stored. The price: a repeat of the
 query that arrives before the worker stored it is a miss.
 
+Lazy offers (``lazy_offers=True``; indexes with neither L1 nor L2 on, e.g. the node's
+default L0+L3). Most misses are never repeated, and storing their result (the put: race
+check, invalidation index, eviction heap, budgets) is half of what a miss costs the cache.
+So the miss builds its entry and takes the admission decision on the search path (the
+query log records it, its ``outcome`` is ``parked``), then *parks* the admitted entry in a
+small bounded map (``parked_entries``, ``parked_bytes``, oldest dropped first). When the
+same query comes again, its lookup first stores the parked entry through the ordinary put
+with the seen sequence number of the *first* search: the put's race check tests it
+against every write reported since that search began (as for deferred offers), so what
+is stored is exactly what a put at this moment would store, and the lookup then finds it
+as an L0 hit. The repeat is served from the cache as it would be with an eager offer; a
+parked entry that is dropped, or refused by its late put (stale, unverifiable once the
+index's write ring moved past it, index disabled), only makes that repeat a miss. Parked
+entries are node-wide state bounded by their own byte limit, not charged to tenant or
+index budgets until they are stored (then the put applies every budget). L1/L2 indexes
+offer eagerly: a near query must find its cluster's entry after a single search.
+
+Doorkeeper (``admit_after=2``, :mod:`streams.cache.doorkeeper`): a first miss of a key
+offers nothing (not even its entry is built); the key's next miss within the window
+offers as usual. It trades the repeat's first hit for a cheaper first miss.
+
 Threads: the controller's lock guards the L1 and L2 maps; the result cache's lock is never
 taken while holding it except through the cache's public calls (lock order controller ->
 cache; the removal hook only appends to a deque, drained under the controller's lock).
@@ -56,7 +77,7 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
@@ -238,6 +259,9 @@ class CacheController:
         payload_budget_bytes: int = 16 * 1024 * 1024,
         admit_after: int = 1,
         doorkeeper_keys: int = 65_536,
+        lazy_offers: bool = False,
+        parked_entries: int = 4096,
+        parked_bytes: int = 4 * 1024 * 1024,
     ) -> None:
         if admit_after not in (1, 2):
             raise ValueError("admit_after must be 1 or 2")
@@ -266,6 +290,10 @@ class CacheController:
         self.background_offers = background_offers
         # admit_after 2: a miss offers its result only if its key missed recently before
         self.doorkeeper = Doorkeeper(doorkeeper_keys) if admit_after == 2 else None
+        # lazy offers (L0-only indexes): an admitted miss is parked, stored when its query
+        # repeats (module docstring, "Lazy offers")
+        self.lazy_offers = lazy_offers
+        self._parked = _Parked(parked_entries, parked_bytes)
         # per entry, the bytes its L1/L2 links were charged; per tenant, their sums (l1, l2)
         self._links: dict[QueryKey, _Links] = {}
         self._tenant_links: dict[str, list[int]] = {}
@@ -362,6 +390,8 @@ class CacheController:
         qkey = query_key(key, config.metric, query, k, flt)
         if not st.results:  # no layer, or L3 only
             return CacheLookup("none", None, None, qkey, 0, st.layers)
+        if self._parked.n and st.l0:  # a parked result of this query: store it first
+            self._promote(qkey)
         # the sequence number is taken before the search reads the index
         seen_seq, enabled, found = self.cache.probe(key, qkey if st.l0 else None)
         if not enabled:
@@ -372,12 +402,21 @@ class CacheController:
             return CacheLookup("L0", found[0], 0.0, qkey, seen_seq, layers, hit_count=found[1])
         dk = self.doorkeeper
         if not st.tolerant:
-            return CacheLookup("none", None, None, qkey, seen_seq, layers,
-                               offer=dk is None or dk.admit(qkey))
+            return CacheLookup(
+                "none", None, None, qkey, seen_seq, layers, offer=dk is None or dk.admit(qkey)
+            )
         max_age_s = _max_age_s(consistency, bound_ms)
         if max_age_s is None:
-            return CacheLookup("none", None, None, qkey, seen_seq, layers, st.tolerant,
-                               offer=dk is None or dk.admit(qkey))
+            return CacheLookup(
+                "none",
+                None,
+                None,
+                qkey,
+                seen_seq,
+                layers,
+                st.tolerant,
+                offer=dk is None or dk.admit(qkey),
+            )
         l1_key: TolerantKey | None = None
         if st.l1:
             l1_key = tolerant_key(key, config.metric, query, k, flt, self.simhash_bits)
@@ -461,6 +500,11 @@ class CacheController:
         )
         if l1 or l2:
             _charge(entry, l1, l2)
+        if self.lazy_offers and lookup.layers.isdisjoint(_TOLERANT):
+            decision = self.cache.policy.decide(entry)
+            if decision.action == "admit" and self._parked.park(lookup, entry, decision):
+                return PutOutcome(decision, "parked")
+            return self.cache.put(entry, lookup.seen_seq, decision=decision)
         if self.background_offers:
             decision = self.cache.policy.decide(entry)
             if decision.action == "admit":
@@ -471,12 +515,16 @@ class CacheController:
         return self._store(lookup, entry, None)
 
     def _store(
-        self, lookup: CacheLookup, entry: CachedResult, decision: AdmissionDecision | None
+        self,
+        lookup: CacheLookup,
+        entry: CachedResult,
+        decision: AdmissionDecision | None,
+        decided_s: float | None = None,
     ) -> PutOutcome:
         outcome = (
             self.cache.put(entry, lookup.seen_seq)
             if decision is None
-            else self.cache.put(entry, lookup.seen_seq, decision=decision)
+            else self.cache.put(entry, lookup.seen_seq, decision=decision, decided_s=decided_s)
         )
         if not outcome.stored:
             return outcome
@@ -504,6 +552,20 @@ class CacheController:
                 self._l2.add(group, entry.vector, entry.key)
         self.payloads.trim(scopes_of(entry.index_key))  # the entry took room from L3
         return outcome
+
+    def _promote(self, qkey: QueryKey) -> None:
+        """Store the parked result of ``qkey`` (its query repeats), through the same put
+        as any offer: its race check tests it against every write reported since its
+        search began. One that can no longer be checked or stored is dropped (a miss)."""
+        parked = self._parked.pop(qkey)
+        if parked is None:
+            return
+        lookup, entry, decision, parked_s = parked
+        try:
+            outcome = self._store(lookup, entry, decision, parked_s)
+        except ValueError:  # its index's sequence was reset under it: never served
+            outcome = None
+        self._parked.settled(outcome is not None and outcome.stored)
 
     def _start_worker(self) -> None:
         if self._worker is None:
@@ -746,12 +808,75 @@ class CacheController:
                 "offer_errors": self._n.offer_errors,
                 "offers_pending": self._pending.qsize(),
                 "doorkeeper": None if self.doorkeeper is None else self.doorkeeper.stats(),
+                "parked": self._parked.stats() if self.lazy_offers else None,
                 "L3": payloads,
                 "memory": {"L0": held - l1 - l2, "L1": l1, "L2": l2, "L3": payloads["bytes"]},
             }
 
 
 _LINKS = "links"  # CachedResult.derived: the (L1, L2) bytes charged to the entry
+
+
+# a parked offer: its lookup, entry, decision and time.time() when parked
+_ParkedItem = tuple[CacheLookup, CachedResult, AdmissionDecision, float]
+
+
+class _Parked:
+    """Admitted results waiting for their query to repeat (lazy offers): at most
+    ``entries`` of them and ``max_bytes`` of their ``nbytes``, the oldest dropped first
+    (a dropped one only means its query's next search is a miss). Its own lock: the
+    search threads park and promote; nothing else is held while it is."""
+
+    __slots__ = ("_items", "_lock", "bytes", "counts", "max_bytes", "max_entries", "n")
+
+    def __init__(self, entries: int, max_bytes: int) -> None:
+        if entries < 1 or max_bytes < 0:
+            raise ValueError("parked_entries >= 1 and parked_bytes >= 0")
+        self.max_entries = entries
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[QueryKey, _ParkedItem] = OrderedDict()
+        self._lock = threading.Lock()
+        self.n = 0  # len(_items), read without the lock by the lookup's fast check
+        self.bytes = 0
+        # promoted: stored when the query repeated; not_stored: its put refused it then
+        # (stale, unverifiable, disabled, evicted); dropped: pushed out unrequested
+        self.counts = {"parked": 0, "promoted": 0, "not_stored": 0, "dropped": 0}
+
+    def park(self, lookup: CacheLookup, entry: CachedResult, decision: AdmissionDecision) -> bool:
+        """Park ``entry``; False (not parked) when it alone is over ``max_bytes``."""
+        nbytes = entry.nbytes
+        if nbytes > self.max_bytes:
+            return False
+        items = self._items
+        with self._lock:
+            old = items.pop(entry.key, None)
+            if old is not None:
+                self.bytes -= old[1].nbytes
+            items[entry.key] = (lookup, entry, decision, time.time())
+            self.bytes += nbytes
+            self.counts["parked"] += 1
+            while len(items) > self.max_entries or self.bytes > self.max_bytes:
+                _, (_, dropped, _, _) = items.popitem(last=False)
+                self.bytes -= dropped.nbytes
+                self.counts["dropped"] += 1
+            self.n = len(items)
+        return True
+
+    def pop(self, key: QueryKey) -> _ParkedItem | None:
+        with self._lock:
+            item = self._items.pop(key, None)
+            if item is not None:
+                self.bytes -= item[1].nbytes
+                self.n = len(self._items)
+            return item
+
+    def settled(self, stored: bool) -> None:
+        with self._lock:
+            self.counts["promoted" if stored else "not_stored"] += 1
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"entries": self.n, "bytes": self.bytes, **self.counts}
 
 
 def _charge(entry: CachedResult, l1: int, l2: int) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -13,7 +13,10 @@ from streams.cache.policy import AdmissionDecision
 from streams.index.filters import Filter
 from streams.index.model import Metric, Vector
 
-__all__ = ["CachedResult"]
+if TYPE_CHECKING:
+    from streams.index.segment import Probe
+
+__all__ = ["CachedResult", "trusted_result"]
 
 _FIXED_BYTES = 320  # the record, its tuples and the cache's bookkeeping, estimated
 _PER_HIT_BYTES = 120
@@ -54,6 +57,10 @@ class CachedResult:
     # forms of the hits derived once and reused by every hit (the hot path's Hit
     # objects, a protocol's encoded reply): keyed by what they depend on (k, format)
     derived: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
+    # what an approximate answer depended on: (Tail segment name, IVF lists probed or
+    # HNSW efSearch) per segment searched approximately (VectorIndex.search(record=True));
+    # () for an exact one. Read by hits' debug maps and the query log, never by invalidation.
+    depends: tuple[tuple[str, Probe], ...] = ()
 
     def __post_init__(self) -> None:
         n = len(self.ids)
@@ -66,8 +73,13 @@ class CachedResult:
         ):
             raise ValueError("scores must be finite")
         vec = self.vector
-        if not (isinstance(vec, np.ndarray) and vec.dtype == np.float32 and vec.ndim == 1
-                and vec.flags.owndata and not vec.flags.writeable):  # a copy made here
+        if not (
+            isinstance(vec, np.ndarray)
+            and vec.dtype == np.float32
+            and vec.ndim == 1
+            and vec.flags.owndata
+            and not vec.flags.writeable
+        ):  # a copy made here
             vec = np.array(self.vector, dtype=np.float32, copy=True)
             if vec.ndim != 1:
                 raise ValueError("the query vector must be one-dimensional")
@@ -94,7 +106,62 @@ class CachedResult:
         when the :class:`CacheController` offers it, its L1/L2 links (added to the memo)."""
         n = self.derived.get("nbytes")
         if n is None:  # asked by the policy, the cache and the query log: counted once
-            hits = (sum(map(len, self.ids)) + sum(map(len, filter(None, self.metas)))
-                    + _PER_HIT_BYTES * len(self.ids))
+            hits = (
+                sum(map(len, self.ids))
+                + sum(map(len, filter(None, self.metas)))
+                + _PER_HIT_BYTES * len(self.ids)
+            )
             n = self.derived["nbytes"] = _FIXED_BYTES + 12 * int(self.vector.size) + hits
         return int(n)
+
+
+_FIELDS = tuple(f for f in CachedResult.__slots__ if f != "__weakref__")
+_SETTERS = tuple(CachedResult.__dict__[name].__set__ for name in _FIELDS)
+
+
+def trusted_result(
+    key: QueryKey,
+    index_key: str,
+    metric: Metric,
+    vector: Vector,
+    k: int,
+    flt: Filter | None,
+    labels: tuple[int, ...],
+    ids: tuple[str, ...],
+    scores: tuple[float, ...],
+    metas: tuple[str | None, ...],
+    applied: tuple[str, ...],
+    compute_ms: float,
+    created_s: float,
+    depends: tuple[tuple[str, Probe], ...] = (),
+) -> CachedResult:
+    """``CachedResult(...)`` for the search path, whose hits are its own: the fields set
+    through their slots (a frozen dataclass's ``__init__`` pays ``object.__setattr__``
+    per field, about two thirds of its cost). The cheap checks still run; input they
+    refuse goes to the checked constructor, which raises as it always does. ``vector``
+    must be a one-dimensional float32 row (it is copied read-only)."""
+    n = len(ids)
+    if (
+        metric.__class__ is not Metric
+        or not (len(labels) == len(scores) == len(metas) == n)
+        or k < 1
+        or n > k
+        or not math.isfinite(sum(scores))
+        or not isinstance(vector, np.ndarray)
+        or vector.dtype != np.float32
+        or vector.ndim != 1
+    ):
+        return CachedResult(
+            key, index_key, metric, vector, k, flt, labels, ids, scores, metas, applied,
+            compute_ms=compute_ms, created_s=created_s, depends=depends,
+        )  # fmt: skip
+    vec = vector.copy()
+    vec.flags.writeable = False
+    out = object.__new__(CachedResult)
+    values: tuple[Any, ...] = (
+        key, index_key, metric, vec, k, flt, labels, ids, scores, metas, applied,
+        compute_ms, created_s, 0, None, {}, depends,
+    )  # fmt: skip
+    for set_field, value in zip(_SETTERS, values, strict=True):
+        set_field(out, value)
+    return out

@@ -47,8 +47,9 @@ __all__ = [
     "Slot",
 ]
 
-EvictionName = Literal["gdsf", "lru"]
-EVICTIONS: tuple[EvictionName, ...] = ("gdsf", "lru")
+# learned: sampled eviction by a table from the query log (streams.cache.learned_eviction)
+EvictionName = Literal["gdsf", "lru", "learned"]
+EVICTIONS: tuple[EvictionName, ...] = ("gdsf", "lru", "learned")
 
 
 class EvictionScorer(Protocol):

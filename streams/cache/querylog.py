@@ -248,6 +248,7 @@ def _search_event(item: _Search) -> dict[str, Any]:
         "session_id": request.session_id,
         "applied": debug.get("applied", ()),
         "timestamp": int(at * 1000),
+        "depends": _depends_records(cached, debug),
     }
     if not hit and isinstance(decision, dict) and "arm" in decision:
         features = decision.get("features") or {}
@@ -260,6 +261,22 @@ def _search_event(item: _Search) -> dict[str, Any]:
         )
     event["features"] = dict(features)
     return event
+
+
+def _depends_records(cached: CachedResult | None, debug: Mapping[str, Any]) -> Any:
+    """The SearchEvent's ``depends``: a hit's entry's record, a miss's debug ``depends``
+    (there when the search was recorded for the cache), else None."""
+    if cached is not None:
+        return [
+            {"segment": name, "lists": list(p.lists), "ef": p.ef} for name, p in cached.depends
+        ]
+    recorded = debug.get("depends")
+    if recorded is None:
+        return None
+    return [
+        {"segment": name, "lists": list(p.get("lists", ())), "ef": int(p.get("ef", 0))}
+        for name, p in recorded.items()
+    ]
 
 
 class _Removal:

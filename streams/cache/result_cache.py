@@ -383,13 +383,20 @@ class ResultCache:
     # -- puts --------------------------------------------------------------------------
 
     def put(
-        self, entry: CachedResult, seen_seq: int, decision: AdmissionDecision | None = None
+        self,
+        entry: CachedResult,
+        seen_seq: int,
+        decision: AdmissionDecision | None = None,
+        *,
+        decided_s: float | None = None,
     ) -> PutOutcome:
         """Offer a fresh result whose search began at ``seen_seq`` (from :meth:`get_seq`).
         Stored only if the policy admits it, its index is enabled, it fits the budget
         and no write reported since ``seen_seq`` changes it (module docstring). Raises
         ``ValueError`` for a ``seen_seq`` the index has not reached. ``decision``: the
-        policy's decision taken earlier (a deferred put applies the logged one)."""
+        policy's decision taken earlier (a deferred put applies the logged one);
+        ``decided_s``: its ``time.time()`` then (a lazy offer's park time), what the slot's
+        ``stored_s`` says, so a removal event joins the decision's search event."""
         if decision is None:
             decision = self.policy.decide(entry)
         if decision.action != "admit":
@@ -436,7 +443,7 @@ class ResultCache:
                 scopes,
                 self._inflation,
                 True,
-                time.time(),
+                time.time() if decided_s is None else decided_s,
             )
             self._bytes += nbytes
             scope_bytes = self._scope_bytes

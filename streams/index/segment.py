@@ -40,6 +40,18 @@ segment still returns fewer hits than ``min(k, rows passing)``, it widens: efSea
 nprobe x4, twice, then exhaustive over the passing rows (IVF: every list; HNSW: its
 storage, scanned with the selector, or by reconstruction where FAISS has no selector
 support, e.g. ``IndexPQ``).
+
+**What an answer depended on** (:meth:`TailSegment.search_recorded`, for the result
+cache). An IVF search scores only the rows of the ``nprobe`` lists whose centroids are
+nearest the query, so its answer depends on which lists those were; an HNSW search on its
+efSearch. ``search_recorded`` returns a :class:`Probe` with the lists of the final
+widening level (nearest centroid first; a wider level's lists contain the narrower's) or
+the efSearch, and None where the segment was searched exhaustively (exact over its
+rows). It does not search twice: the quantizer is asked once and the lists are scanned
+with ``search_preassigned`` (the two halves of FAISS's own ``IndexIVF.search``, same
+parameters and selector, so the same hits). Only an IVF under a wrapper other than a
+pre-transform (e.g. ``IndexRefine``) asks the quantizer a second time. :meth:`search` records
+nothing and costs nothing extra.
 """
 
 from __future__ import annotations
@@ -49,6 +61,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +77,7 @@ from streams.index.model import Dtype, Metric, Vector
 
 __all__ = [
     "DEFAULT_EF_SEARCH",
+    "Probe",
     "SegmentCorrupt",
     "TailSegment",
     "check_recipe",
@@ -95,6 +109,19 @@ _IVF_RE = re.compile(r"IVF(\d+)")
 _PQ_RE = re.compile(r"PQ(\d+)(?:x(\d+))?(?:fs|np)?$")
 _SCALAR = {Dtype.FP16: "SQfp16", Dtype.INT8: "SQ8"}
 _LOSSY_RE = re.compile(r"SQ[468]|PQ\d.*|RQ\d.*|LSQ\d.*")
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """What one approximate segment search depended on (module docstring): ``lists``, the
+    IVF lists probed, nearest centroid first (empty for HNSW); ``ef``, the HNSW efSearch
+    used (0 for IVF). A search that was exhaustive over a segment has no Probe."""
+
+    lists: tuple[int, ...] = ()
+    ef: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"lists": list(self.lists)} if self.lists else {"ef": self.ef}
 
 
 class SegmentCorrupt(StreamvecError):
@@ -404,6 +431,46 @@ class TailSegment:
         keep = ids[0] >= 0
         return ids[0][keep].astype(np.int64), dist[0][keep].astype(np.float32)
 
+    def _probed_search(
+        self, query: Vector, k: int, nprobe: int, sel: Any
+    ) -> tuple[Labels, Any, tuple[int, ...]]:
+        """An IVF search of ``nprobe`` lists that also returns them: the quantizer is asked
+        once and the lists scanned with ``search_preassigned`` (what ``IndexIVF.search``
+        does inside), so the hits equal :meth:`_faiss_search`'s."""
+        ivf: Any = self._ivf  # the stubs lack search_preassigned_c
+        x = np.ascontiguousarray(query[None, :], dtype=np.float32)  # swig_ptr reads it raw
+        if self._inner is not self.index:  # a pre-transform (OPQ, PCA): the IVF sees its output
+            for i in range(self.index.chain.size()):
+                x = np.ascontiguousarray(self.index.chain.at(i).apply_py(x), dtype=np.float32)
+        coarse = np.empty((1, nprobe), dtype=np.float32)
+        lists = np.empty((1, nprobe), dtype=np.int64)
+        ivf.quantizer.search_c(
+            1, faiss.swig_ptr(x), nprobe, faiss.swig_ptr(coarse), faiss.swig_ptr(lists)
+        )
+        params = _faiss.SearchParametersIVF(nprobe=nprobe, sel=sel)
+        if isinstance(self._inner, faiss.IndexIVF):
+            dist = np.empty((1, k), dtype=np.float32)
+            ids = np.empty((1, k), dtype=np.int64)
+            ivf.search_preassigned_c(
+                1,
+                faiss.swig_ptr(x),
+                k,
+                faiss.swig_ptr(lists),
+                faiss.swig_ptr(coarse),
+                faiss.swig_ptr(dist),
+                faiss.swig_ptr(ids),
+                False,
+                params,
+            )
+            keep = ids[0] >= 0
+            rows, scores = ids[0][keep].astype(np.int64), dist[0][keep].astype(np.float32)
+        else:  # a wrapper FAISS searches as a whole (IndexRefine): ask it separately
+            rows, scores = self._faiss_search(
+                self.index, query, k, _params(self.index, self._inner, params)
+            )
+        got = lists[0].tolist()  # -1 (no list) only at the end, never with nprobe <= nlist
+        return rows, scores, tuple(got if not got or got[-1] >= 0 else (i for i in got if i >= 0))
+
     def _scan(
         self, query: Vector, k: int, bits: npt.NDArray[np.uint8] | None
     ) -> tuple[Labels, Any]:
@@ -434,20 +501,28 @@ class TailSegment:
         ef: int,
         nprobe: int,
         exhaustive: bool,
-    ) -> tuple[Labels, Any]:
+        record: bool = False,
+    ) -> tuple[Labels, Any, Probe | None]:
         # The selector points into ``bits``; both stay referenced until the search returns.
         sel = None if bits is None else _faiss.IDSelectorBitmap(self.n_rows, faiss.swig_ptr(bits))
         if exhaustive and self._hnsw:
             if self._storage_sel_ok or sel is None:
                 params = _plain_params(sel) if sel is not None else None
-                return self._faiss_search(self._storage, query, k, params)
-            return self._scan(query, k, bits)
+                return (*self._faiss_search(self._storage, query, k, params), None)
+            return (*self._scan(query, k, bits), None)
         if exhaustive and self._ivf is not None:
             nprobe = int(self._ivf.nlist)
         if sel is not None and not self._sel_ok:
-            return self._scan(query, k, bits)
+            return (*self._scan(query, k, bits), None)
+        used: Probe | None = None  # exhaustive, or not recording
+        if record and not exhaustive:
+            if self._ivf is not None:
+                rows, scores, lists = self._probed_search(query, k, nprobe, sel)
+                return rows, scores, Probe(lists=lists)
+            if self._hnsw:
+                used = Probe(ef=ef)
         params = _params(self.index, self._inner, self._base_params(ef, nprobe, sel))
-        return self._faiss_search(self.index, query, k, params)
+        return (*self._faiss_search(self.index, query, k, params), used)
 
     def search(
         self,
@@ -460,9 +535,34 @@ class TailSegment:
     ) -> Candidates:
         """Top ``k`` live rows passing ``flt`` for a prepared ``query``, widening until it
         returns ``min(k, rows passing)`` hits (``Candidates.level`` = widening steps)."""
+        return self._search(query, k, flt, ef_search, nprobe, False)[0]
+
+    def search_recorded(
+        self,
+        query: Vector,
+        k: int,
+        flt: Filter | None = None,
+        *,
+        ef_search: int | None = None,
+        nprobe: int | None = None,
+    ) -> tuple[Candidates, Probe | None]:
+        """:meth:`search`, plus what its answer depended on: the IVF lists probed or the
+        efSearch of the final widening level, None where the search was exhaustive
+        (module docstring)."""
+        return self._search(query, k, flt, ef_search, nprobe, True)
+
+    def _search(
+        self,
+        query: Vector,
+        k: int,
+        flt: Filter | None,
+        ef_search: int | None,
+        nprobe: int | None,
+        record: bool,
+    ) -> tuple[Candidates, Probe | None]:
         bits, matched = self._selection(flt)
         if matched == 0:
-            return Candidates(np.empty(0, np.int64), np.empty(0, np.float32), 0)
+            return Candidates(np.empty(0, np.int64), np.empty(0, np.float32), 0), None
         want = min(k, matched)
         ef = max(ef_search or DEFAULT_EF_SEARCH, k)
         if bits is not None and self._hnsw:
@@ -483,7 +583,7 @@ class TailSegment:
         exhaustive = not approximate or (few and bits is not None)
         steps = 0
         while True:
-            rows, scores = self._search_level(query, k, bits, ef, probe, exhaustive)
+            rows, scores, used = self._search_level(query, k, bits, ef, probe, exhaustive, record)
             if rows.size >= want or exhaustive:
                 break
             steps += 1
@@ -491,7 +591,7 @@ class TailSegment:
             probe *= WIDEN_FACTOR
             full_ivf = self._ivf is not None and probe >= int(self._ivf.nlist)
             exhaustive = steps > WIDEN_STEPS or full_ivf
-        return Candidates(self.labels[rows], scores, matched, steps)
+        return Candidates(self.labels[rows], scores, matched, steps), used
 
     # -- persistence ------------------------------------------------------------------
 

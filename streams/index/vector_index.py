@@ -34,9 +34,10 @@ import numpy.typing as npt
 
 from streams.index.exceptions import DimensionMismatch, InvalidRequest
 from streams.index.filters import Filter, RowColumns
-from streams.index.head import HeadIndex, SegmentRows, prepare, top_k
+from streams.index.head import Candidates, HeadIndex, SegmentRows, prepare, top_k
 from streams.index.model import IndexConfig, Metric, Vector
 from streams.index.segment import (
+    Probe,
     SegmentCorrupt,
     TailSegment,
     check_recipe,
@@ -70,13 +71,18 @@ _CURRENT = "CURRENT"
 class SearchOutcome:
     """Hits best first (scores in the metric's terms). ``widened``: widening steps the
     slowest part needed; ``matched``: live rows passing the filter; ``exhausted``: fewer
-    than ``k`` rows match at all (so fewer than ``k`` hits is the full answer)."""
+    than ``k`` rows match at all (so fewer than ``k`` hits is the full answer).
+    ``depends``: with ``record=True``, what the answer depended on: (segment name,
+    :class:`Probe`) for each Tail segment searched approximately (the IVF lists probed or
+    the HNSW efSearch), in the view's order; the Head, frozen Heads and segments searched
+    exhaustively are exact and not listed. None when not recorded."""
 
     labels: npt.NDArray[np.int64]
     scores: npt.NDArray[np.float32]
     widened: int
     exhausted: bool
     matched: int
+    depends: tuple[tuple[str, Probe], ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,13 +260,15 @@ class VectorIndex:
         *,
         ef_search: int | None = None,
         nprobe: int | None = None,
+        record: bool = False,
     ) -> SearchOutcome:
         """The ``k`` best live rows passing ``filter`` across the Head and every segment.
 
         ``ef_search``/``nprobe`` override the HNSW/IVF defaults (nprobe counted in the
         recipe's lists). A part that returns fewer than ``min(k, its matching rows)``
         widens up to an exhaustive search (``widened`` steps), so fewer than ``k`` hits
-        come back only when fewer than ``k`` rows match (``exhausted``)."""
+        come back only when fewer than ``k`` rows match (``exhausted``). ``record``:
+        fill ``SearchOutcome.depends`` (same hits; for the result cache)."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise InvalidRequest("k must be a positive integer", field="k")
         k = int(k)
@@ -274,16 +282,30 @@ class VectorIndex:
         exact, refine = self.exact, self.refine_factor
         wide = k * refine if exact is not None and refine > 1 else k
         parts = [h.search(q, k, filter) for h in (v.head, *v.frozen)]
-        lossy = [
-            s.search(q, wide, filter, ef_search=ef_search, nprobe=nprobe)
-            for s in v.segments
-            if wide > k and s.lossy
-        ]
-        parts += [
-            s.search(q, k, filter, ef_search=ef_search, nprobe=nprobe)
-            for s in v.segments
-            if not (wide > k and s.lossy)
-        ]
+        depends: tuple[tuple[str, Probe], ...] | None = None
+        if record:
+            lossy: list[Candidates] = []
+            probes: list[tuple[str, Probe]] = []
+            for s in v.segments:
+                narrow = not (wide > k and s.lossy)
+                found, probe = s.search_recorded(
+                    q, k if narrow else wide, filter, ef_search=ef_search, nprobe=nprobe
+                )
+                (parts if narrow else lossy).append(found)
+                if probe is not None:
+                    probes.append((s.name, probe))
+            depends = tuple(probes)
+        else:
+            lossy = [
+                s.search(q, wide, filter, ef_search=ef_search, nprobe=nprobe)
+                for s in v.segments
+                if wide > k and s.lossy
+            ]
+            parts += [
+                s.search(q, k, filter, ef_search=ef_search, nprobe=nprobe)
+                for s in v.segments
+                if not (wide > k and s.lossy)
+            ]
         matched = sum(p.matched for p in parts) + sum(p.matched for p in lossy)
         all_labels = [p.labels for p in parts]
         all_scores = [p.scores for p in parts]
@@ -299,7 +321,7 @@ class VectorIndex:
         metric = self.config.metric
         labels, scores = top_k(np.concatenate(all_labels), np.concatenate(all_scores), k, metric)
         widened = max((p.level for p in parts), default=0)
-        return SearchOutcome(labels, scores, widened, matched < k, matched)
+        return SearchOutcome(labels, scores, widened, matched < k, matched, depends)
 
     def _rescore(
         self,

@@ -94,6 +94,7 @@ class QueryNode:
         cache_background_offers: bool = False,
         cache_eviction: EvictionName = "gdsf",
         cache_admit_after: int = 1,
+        cache_lazy_offers: bool = False,
         policy_loop: bool = False,
         prefetch: bool = False,
         capacity_interval_s: float | None = None,
@@ -125,7 +126,8 @@ class QueryNode:
             self.cache, default_layers=cache_layers, l2_threshold=cache_l2_threshold,
             l2_text_threshold=cache_l2_text_threshold,
             background_offers=cache_background_offers,
-            admit_after=cache_admit_after) if self.cache else None
+            admit_after=cache_admit_after,
+            lazy_offers=cache_lazy_offers) if self.cache else None
         # streams.text: BM25 indexes rebuilt from the restored state, then fed by the indexer
         self.keyword = KeywordIndexes(self.data_dir / "keyword")
         self.keyword_docs = self.keyword.rebuild(self.state)

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from streams.cache import CachedResult, ResultCache
 from streams.cache.controller import CacheController, CacheLookup
 from streams.cache.doorkeeper import FIRST_SEEN
+from streams.cache.entry import trusted_result
 from streams.cache.payload import PayloadCache
 from streams.cache.querylog import SearchObserver
 from streams.cache.tolerant import k_bucket
@@ -48,6 +49,7 @@ from streams.index.model import (
     check_name,
     parse_vector,
 )
+from streams.index.segment import Probe
 from streams.log.port import Log, LogPosition, Record, now_ms
 from streams.schemas import catalog
 from streams.schemas.codec import AvroCodec
@@ -78,6 +80,8 @@ class _Fresh:
     index_ms: float = 0.0
     payload_ms: float = 0.0
     payload_cached: int = 0  # hits whose payload came from L3
+    # (segment, Probe) the answer depended on, when recorded (SearchOutcome.depends)
+    depends: tuple[tuple[str, Probe], ...] | None = None
 
 
 class WriteAdmission(Protocol):
@@ -409,7 +413,8 @@ class VectorService(DataPlane):
         if (caching and lookup is not None and lookup.offer
                 and not lookup.layers.isdisjoint(_TOLERANT)):
             search_k = k_bucket(request.k)
-        fresh = self._fresh(config, query, search_k, flt, request.ef, l3)
+        record = caching and lookup is not None and lookup.offer  # it may be stored
+        fresh = self._fresh(config, query, search_k, flt, request.ef, l3, record=record)
         hits = fresh.hits if search_k == request.k else fresh.hits[: request.k]
         t4 = time.perf_counter()
         decision: Any = "none"
@@ -417,10 +422,10 @@ class VectorService(DataPlane):
             decision = FIRST_SEEN  # the doorkeeper held the key's first miss: no entry
         elif caching and fresh.complete and layers is not None and lookup is not None:
             ids, scores, metas = _columns(fresh.hits)
-            entry = CachedResult(
+            entry = trusted_result(
                 lookup.qkey, config.key, config.metric, query, search_k, flt, fresh.labels,
-                ids, scores, metas, applied, compute_ms=(t4 - t3) * 1000,
-                created_s=time.monotonic())
+                ids, scores, metas, applied, (t4 - t3) * 1000, time.monotonic(),
+                fresh.depends or ())
             outcome = layers.offer(lookup, entry)
             decision = "none" if outcome is None else outcome.as_dict()
         t5 = time.perf_counter()
@@ -441,6 +446,8 @@ class VectorService(DataPlane):
             "filter_exhausted": fresh.exhausted and len(hits) < request.k,
             "applied": list(applied),
         }
+        if fresh.depends is not None:  # recorded for the cache: what the answer depended on
+            debug["depends"] = _depends_map(fresh.depends)
         if self.hit_observers:
             self._observe(config.key, hits)
         response = SearchResponse(hits, debug)
@@ -466,14 +473,16 @@ class VectorService(DataPlane):
             observer(index_key, hits)
 
     def _fresh(self, config: IndexConfig, query: Vector, k: int, flt: Filter | None,
-               ef: int | None = None, payloads: PayloadCache | None = None) -> _Fresh:
+               ef: int | None = None, payloads: PayloadCache | None = None, *,
+               record: bool = False) -> _Fresh:
         """Search the index (``ef``: its efSearch) and join the payloads from the state
         (through the L3 ``payloads`` cache when given)."""
         t0 = time.perf_counter()
         vi = self.indexer.indexes.get(config.key)
         if vi is None:  # created but not applied yet: nothing is searchable
             return _Fresh([], (), 0, True, False)
-        out = vi.search(query, k, flt, ef_search=ef)
+        out = vi.search(query, k, flt, ef_search=ef, record=True) if record else vi.search(
+            query, k, flt, ef_search=ef)
         t1 = time.perf_counter()
         hits: list[Hit] = []
         labels: list[int] = []
@@ -489,7 +498,8 @@ class VectorService(DataPlane):
                 labels.append(label)
         t2 = time.perf_counter()
         return _Fresh(hits, tuple(labels), out.widened, out.exhausted,
-                      len(hits) == out.labels.size, (t1 - t0) * 1000, (t2 - t1) * 1000, cached)
+                      len(hits) == out.labels.size, (t1 - t0) * 1000, (t2 - t1) * 1000, cached,
+                      out.depends)
 
     def _cached_response(
         self, entry: CachedResult, t0: float, t1: float, t2: float, lookup: CacheLookup, k: int
@@ -523,6 +533,8 @@ class VectorService(DataPlane):
             "cache_hit_count": lookup.hit_count,
             "query_key": str(entry.key),
         }
+        if entry.depends:  # an approximate answer: the IVF lists / efSearch it depended on
+            debug["depends"] = _depends_map(entry.depends)  # the caller's own copy
         return SearchResponse(hits, debug)
 
     def _verify(self, lookup: CacheLookup, config: IndexConfig, query: Vector,
@@ -601,7 +613,11 @@ class CachedHits(list[Hit]):
 
 def _columns(hits: list[Hit]) -> tuple[tuple[str, ...], tuple[float, ...], tuple[str | None, ...]]:
     """ids, scores and metas of ``hits`` as the cache entry keeps them."""
-    if not hits:
-        return (), (), ()
-    ids, scores, metas = zip(*((h.id, h.score, h.meta) for h in hits), strict=True)
-    return ids, scores, metas
+    return (tuple([h.id for h in hits]), tuple([h.score for h in hits]),
+            tuple([h.meta for h in hits]))
+
+
+def _depends_map(depends: tuple[tuple[str, Probe], ...]) -> dict[str, dict[str, Any]]:
+    """A debug map's ``depends``: segment name -> ``{"lists": [...]}`` (IVF lists probed,
+    nearest centroid first) or ``{"ef": n}`` (HNSW efSearch); exact parts are not listed."""
+    return {name: probe.as_dict() for name, probe in depends}

@@ -1,0 +1,398 @@
+"""The cheaper miss paths (docs/benchmarks.md, "Miss path, session 3 (helper E)"): the
+doorkeeper (``cache_admit_after 2``), lazy offers (``cache_lazy_offers``) and L2's
+projected prefilter keep the cache's guarantees: nothing stale is ever served, a parked
+entry goes through the put's race check, the query log records the decisions, and the
+prefilter finds exactly what the full scan finds within the threshold."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from streams.cache import CachedResult, ResultCache
+from streams.cache.controller import CacheController, CacheLookup
+from streams.cache.doorkeeper import FIRST_SEEN, Doorkeeper
+from streams.cache.eviction import Slot
+from streams.cache.invalidation import UpsertRow
+from streams.cache.keys import QueryKey
+from streams.cache.semantic import PROJ_DIMS, SemanticIndex
+from streams.index.model import (
+    CacheSettings,
+    Consistency,
+    IndexConfig,
+    Metric,
+    VectorUpsert,
+)
+from streams.service.api import SearchRequest
+from tests.rigs import Rig
+
+DIM = 16
+
+
+def _config(index: str = "i", layers: tuple[str, ...] | None = None) -> IndexConfig:
+    cache = None if layers is None else CacheSettings(layers)
+    return IndexConfig("t", index, DIM, metric=Metric.COSINE, recipe="Flat", cache=cache)
+
+
+def _unit(rng: np.random.Generator) -> np.ndarray:
+    v = rng.standard_normal(DIM).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def _entry(look: CacheLookup, c: IndexConfig, q: np.ndarray, ids: tuple[str, ...]) -> CachedResult:
+    scores = tuple(1.0 - 0.1 * i for i in range(len(ids)))
+    return CachedResult(
+        look.qkey,
+        c.key,
+        c.metric,
+        q,
+        5,
+        None,
+        tuple(range(len(ids))),
+        ids,
+        scores,
+        (None,) * len(ids),
+        ("tok",),
+        compute_ms=1.0,
+    )
+
+
+# -- the doorkeeper ------------------------------------------------------------------------
+
+
+def test_doorkeeper_lets_a_key_through_on_its_second_miss_and_stays_bounded() -> None:
+    dk = Doorkeeper(8)
+    assert dk.admit("a") is False and "a" in dk
+    assert dk.admit("a") is True and dk.admit("a") is True
+    for i in range(100):  # many first misses: two generations of at most 4 keys
+        dk.admit(f"k{i}")
+        assert len(dk) <= 8
+    assert "a" not in dk and dk.admit("a") is False  # forgotten: a first miss again
+    assert dk.stats()["first_seen"] == 102 and dk.stats()["seen_before"] == 2
+    with pytest.raises(ValueError):
+        Doorkeeper(1)
+
+
+def test_doorkeeper_keeps_a_repeating_key_across_rotations() -> None:
+    dk = Doorkeeper(8)
+    dk.admit("hot")
+    for i in range(40):
+        dk.admit(f"k{i}")
+        if i % 3 == 0:
+            assert dk.admit("hot") is True  # copied into the new generation each time
+
+
+def test_controller_with_doorkeeper_offers_on_the_second_miss_only() -> None:
+    with pytest.raises(ValueError):
+        CacheController(ResultCache(1 << 20), admit_after=3)
+    ctl = CacheController(ResultCache(1 << 20), admit_after=2)
+    c = _config()
+    q = _unit(np.random.default_rng(1))
+    first = ctl.lookup(c, q, 5, None)
+    assert first.layer == "none" and first.offer is False
+    assert ctl.offer(first, _entry(first, c, q, ("a", "b"))) is None  # held: nothing stored
+    assert first.qkey not in ctl.cache
+    second = ctl.lookup(c, q, 5, None)
+    assert second.layer == "none" and second.offer is True
+    out = ctl.offer(second, _entry(second, c, q, ("a", "b")))
+    assert out is not None and out.stored
+    assert ctl.lookup(c, q, 5, None).layer == "L0"
+    assert ctl.stats()["doorkeeper"]["first_seen"] == 1
+
+
+def test_doorkeeper_keys_an_l1_index_by_its_tolerant_key() -> None:
+    ctl = CacheController(ResultCache(1 << 20), admit_after=2)
+    c = _config("tol", ("L0", "L1"))
+    q = _unit(np.random.default_rng(2))
+    assert ctl.lookup(c, q, 5, None).offer is False
+    scaled = ctl.lookup(c, q * np.float32(3.0), 5, None)  # a new L0 key, the same L1 key
+    assert scaled.offer is True
+
+
+# -- lazy offers ---------------------------------------------------------------------------
+
+
+def _lazy() -> tuple[CacheController, IndexConfig]:
+    return CacheController(ResultCache(1 << 20), lazy_offers=True), _config()
+
+
+def test_a_lazy_offer_parks_and_the_repeat_stores_it_and_hits() -> None:
+    ctl, c = _lazy()
+    removed: list[Slot] = []
+    ctl.cache.add_removal_listener(lambda slot, reason: removed.append(slot))
+    q = _unit(np.random.default_rng(3))
+    look = ctl.lookup(c, q, 5, None)
+    out = ctl.offer(look, _entry(look, c, q, ("a", "b")))
+    assert out is not None and out.outcome == "parked" and out.decision.action == "admit"
+    assert look.qkey not in ctl.cache and ctl.cache.stats().puts == 0
+    again = ctl.lookup(c, q, 5, None)
+    assert again.layer == "L0" and again.entry is not None and again.entry.ids == ("a", "b")
+    assert ctl.stats()["parked"]["promoted"] == 1 and ctl.stats()["parked"]["entries"] == 0
+    # the slot's stored time is the park time (the learner joins removals with it)
+    ctl.cache.invalidate_ids(c.key, ["a"])
+    assert len(removed) == 1 and removed[0].stored_s > 0
+    assert ctl.lookup(c, q, 5, None).layer == "none"
+
+
+def test_a_parked_entry_is_checked_against_the_writes_since_its_search() -> None:
+    ctl, c = _lazy()
+    q = _unit(np.random.default_rng(4))
+    look = ctl.lookup(c, q, 5, None)
+    entry = _entry(look, c, q, ("a", "b", "c", "d", "e"))
+    assert ctl.offer(look, entry) is not None
+    # a write that enters its top 5 is reported while it is parked
+    ctl.cache.invalidate(c.key, [UpsertRow("new", q, (), {})])
+    again = ctl.lookup(c, q, 5, None)
+    assert again.layer == "none"  # stale: refused by the late put, never served
+    assert ctl.stats()["parked"]["not_stored"] == 1 and look.qkey not in ctl.cache
+
+
+def test_a_parked_entry_of_a_reset_index_is_never_served() -> None:
+    ctl, c = _lazy()
+    q = _unit(np.random.default_rng(5))
+    look = ctl.lookup(c, q, 5, None)
+    ctl.offer(look, _entry(look, c, q, ("a",)))
+    ctl.cache.reset_index(c.key)
+    assert ctl.lookup(c, q, 5, None).layer == "none"
+
+
+def test_parked_entries_are_bounded_oldest_dropped_first() -> None:
+    ctl = CacheController(ResultCache(1 << 20), lazy_offers=True, parked_entries=3)
+    c = _config()
+    rng = np.random.default_rng(6)
+    qs = [_unit(rng) for _ in range(5)]
+    for q in qs:
+        look = ctl.lookup(c, q, 5, None)
+        ctl.offer(look, _entry(look, c, q, ("a",)))
+    s = ctl.stats()["parked"]
+    assert s["entries"] == 3 and s["dropped"] == 2 and s["bytes"] > 0
+    assert ctl.lookup(c, qs[0], 5, None).layer == "none"  # dropped: a miss
+    assert ctl.lookup(c, qs[4], 5, None).layer == "L0"
+    tiny = CacheController(ResultCache(1 << 20), lazy_offers=True, parked_bytes=10)
+    look = tiny.lookup(c, qs[0], 5, None)
+    out = tiny.offer(look, _entry(look, c, qs[0], ("a",)))  # over the limit: stored at once
+    assert out is not None and out.stored
+
+
+def test_lazy_offers_leave_tolerant_indexes_eager() -> None:
+    ctl = CacheController(ResultCache(1 << 20), lazy_offers=True, l2_threshold=0.01)
+    c = _config("sem", ("L0", "L2"))
+    q = _unit(np.random.default_rng(7))
+    look = ctl.lookup(c, q, 5, None)
+    out = ctl.offer(look, _entry(look, c, q, ("a",)))
+    assert out is not None and out.stored
+    near = q + np.float32(1e-3) * _unit(np.random.default_rng(8))
+    assert ctl.lookup(c, near, 5, None).layer == "L2"
+
+
+def test_a_rejected_lazy_offer_is_not_parked() -> None:
+    class RejectAll:
+        def decide(self, entry: CachedResult) -> Any:
+            from streams.cache.policy import AdmissionDecision
+
+            return AdmissionDecision("reject", 1.0, "test", arm="bypass")
+
+    ctl = CacheController(ResultCache(1 << 20, policy=RejectAll()), lazy_offers=True)
+    c = _config()
+    q = _unit(np.random.default_rng(9))
+    look = ctl.lookup(c, q, 5, None)
+    out = ctl.offer(look, _entry(look, c, q, ("a",)))
+    assert out is not None and out.outcome == "rejected"
+    assert ctl.stats()["parked"]["entries"] == 0
+
+
+# -- through the node's search path --------------------------------------------------------
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    r = Rig(tmp_path, head_capacity=100)
+    r.node.service.create_index(IndexConfig("acme", "docs", DIM, recipe="Flat"))
+    yield r
+    r.close()
+
+
+def _upsert(rig: Rig, id: str, v: np.ndarray) -> str:
+    return rig.node.service.upsert(VectorUpsert("acme", "docs", id, v.astype(np.float32))).token
+
+
+def _search(rig: Rig, q: np.ndarray, token: str) -> Any:
+    return rig.node.service.search(
+        SearchRequest("acme", "docs", q, 5, None, Consistency.SESSION, (token,), timeout_ms=10_000)
+    )
+
+
+def _fill(rig: Rig, seed: int) -> tuple[np.random.Generator, str]:
+    rng = np.random.default_rng(seed)
+    token = ""
+    for i in range(40):
+        token = _upsert(rig, f"v{i}", rng.standard_normal(DIM))
+    return rng, token
+
+
+def test_node_doorkeeper_first_miss_offers_nothing_and_says_so(rig: Rig) -> None:
+    ctl = rig.node.service.cache_layers
+    assert ctl is not None
+    ctl.doorkeeper = Doorkeeper()
+    rng, token = _fill(rig, 10)
+    q = rng.standard_normal(DIM)
+    first = _search(rig, q, token)
+    assert not first.debug["cache_hit"] and first.debug["decision"] == FIRST_SEEN
+    assert len(ctl.cache.stats().as_dict()) and ctl.cache.stats().puts == 0
+    second = _search(rig, q, token)
+    assert not second.debug["cache_hit"] and second.debug["decision"]["outcome"] == "stored"
+    third = _search(rig, q, token)
+    assert third.debug["cache_hit"] and [h.id for h in third.hits] == [h.id for h in first.hits]
+
+
+def test_node_lazy_offer_serves_the_repeat_and_never_a_stale_result(rig: Rig) -> None:
+    ctl = rig.node.service.cache_layers
+    assert ctl is not None
+    ctl.lazy_offers = True
+    rng, token = _fill(rig, 11)
+    q = rng.standard_normal(DIM)
+    first = _search(rig, q, token)
+    assert not first.debug["cache_hit"] and first.debug["decision"]["outcome"] == "parked"
+    assert first.debug["decision"]["arm"]  # the query log gets the policy's decision
+    second = _search(rig, q, token)
+    assert second.debug["cache_hit"] and [h.id for h in second.hits] == [h.id for h in first.hits]
+    # parked again, then a write that becomes the best hit is applied: the repeat must
+    # not be served the parked (now stale) result
+    q2 = rng.standard_normal(DIM)
+    parked = _search(rig, q2, token)
+    assert parked.debug["decision"]["outcome"] == "parked"
+    token = _upsert(rig, "intruder", q2)
+    after = _search(rig, q2, token)
+    assert not after.debug["cache_hit"] and after.hits[0].id == "intruder"
+    assert ctl.stats()["parked"]["not_stored"] == 1
+
+
+# -- L2's projected prefilter ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("metric", [Metric.COSINE, Metric.IP])
+@pytest.mark.parametrize("dim", [8, 64, 200])
+def test_prefiltered_nearest_matches_the_full_scan_within_the_threshold(
+    metric: Metric, dim: int
+) -> None:
+    rng = np.random.default_rng(dim)
+    idx = SemanticIndex()
+    group = ("vector", "t/i", "", 10)
+    reps = rng.standard_normal((300, dim)).astype(np.float32)
+    keys = [QueryKey(i.to_bytes(16, "little")) for i in range(len(reps))]
+    for rep, key in zip(reps, keys, strict=True):  # grows the arrays past their start
+        assert idx.add(group, rep * np.float32(rng.uniform(0.5, 2.0)), key)
+    for key in keys[::7]:  # removals move the last row into the hole
+        idx.remove(key)
+    base = reps[rng.integers(0, len(reps), 400)]
+    scale = rng.uniform(0.0, 0.12, (400, 1)).astype(np.float32)
+    queries = base + scale * rng.standard_normal((400, dim)).astype(np.float32)
+    served = 0
+    for within in (0.003, 0.02, 0.3):
+        for q in queries:
+            full = idx.nearest(group, q, metric)
+            got = idx.nearest(group, q, metric, within=within)
+            assert full is not None
+            if full.distance <= within:
+                assert got is not None and got.key == full.key
+                assert got.distance == pytest.approx(full.distance, abs=1e-6)
+                served += 1
+            else:
+                assert got is None
+    assert served > 100  # the thresholds were reached, not only missed
+    if dim > PROJ_DIMS:
+        assert idx._groups[group].projection is not None
+
+
+@pytest.mark.parametrize("within", [0.003, 0.05])
+def test_prefilter_keeps_a_match_whose_whole_difference_the_projection_sees(
+    within: float,
+) -> None:
+    """The bound is tight: a query whose difference from a representative lies in the
+    projection's row space keeps its full distance there, and must still be found at
+    90% of the threshold."""
+    dim = 96
+    rng = np.random.default_rng(12)
+    idx = SemanticIndex()
+    group = ("vector", "t/i", "", 10)
+    for i in range(50):
+        idx.add(group, rng.standard_normal(dim), QueryKey(i.to_bytes(16, "little")))
+    projection = idx._groups[group].projection
+    assert projection is not None
+    r = rng.standard_normal(dim)
+    r /= np.linalg.norm(r)
+    target = QueryKey(b"\xff" * 16)
+    idx.add(group, r, target)
+    u = projection[0].astype(np.float64)
+    u -= (u @ r) * r
+    u /= np.linalg.norm(u)
+    theta = np.arccos(1.0 - 0.9 * within)
+    q = np.cos(theta) * r + np.sin(theta) * u
+    got = idx.nearest(group, q, Metric.COSINE, within=within)
+    assert got is not None and got.key == target
+    assert got.distance == pytest.approx(0.9 * within, rel=1e-3)
+
+
+def test_trusted_result_equals_the_checked_constructor_and_falls_back_on_bad_input() -> None:
+    from dataclasses import fields
+
+    from streams.cache.entry import trusted_result
+    from streams.cache.keys import query_key
+
+    q = np.array([1.0, 2.0, 0.5], dtype=np.float32)
+    key = query_key("t/i", Metric.IP, q, 3, None)
+    args = (key, "t/i", Metric.IP, q, 3, None, (4, 5), ("a", "b"), (2.0, 1.0), (None, "m"))
+    fast = trusted_result(*args, ("tok",), 1.5, 2.5)
+    slow = CachedResult(*args, ("tok",), compute_ms=1.5, created_s=2.5)
+    for f in fields(CachedResult):
+        a, b = getattr(fast, f.name), getattr(slow, f.name)
+        if f.name == "vector":
+            assert np.array_equal(a, b) and a is not q and not a.flags.writeable
+        else:
+            assert a == b, f.name
+    q[0] = 9.0  # the caller's array changes: the entry's copy does not
+    assert fast.vector[0] == 1.0
+    with pytest.raises(ValueError):  # more hits than k: the checked constructor refuses
+        trusted_result(key, "t/i", Metric.IP, q, 1, None, (4, 5), ("a", "b"), (2.0, 1.0),
+                       (None, "m"), (), 0.0, 0.0)  # fmt: skip
+    with pytest.raises(ValueError):
+        trusted_result(key, "t/i", Metric.IP, q, 3, None, (4,), ("a",), (float("nan"),),
+                       (None,), (), 0.0, 0.0)  # fmt: skip
+
+
+def test_the_settings_default_to_eager_offers_and_reach_the_node(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from pydantic import ValidationError
+
+    from streams.config import Settings
+
+    s = Settings()
+    assert s.cache_admit_after == 1 and s.cache_lazy_offers is False
+    monkeypatch.setenv("STREAMVEC_CACHE_ADMIT_AFTER", "2")
+    monkeypatch.setenv("STREAMVEC_CACHE_LAZY_OFFERS", "true")
+    s = Settings()
+    assert s.cache_admit_after == 2 and s.cache_lazy_offers is True
+    monkeypatch.setenv("STREAMVEC_CACHE_ADMIT_AFTER", "3")
+    with pytest.raises(ValidationError):
+        Settings()
+
+    class Tuned(Rig):
+        def _node(self) -> Any:
+            from streams.service.query_node import QueryNode
+
+            return QueryNode(
+                self.log, self.topics, self.codec, self.root / "node",
+                cache_admit_after=2, cache_lazy_offers=True,
+            ).start()  # fmt: skip
+
+    r = Tuned(tmp_path)
+    try:
+        ctl = r.node.service.cache_layers
+        assert ctl is not None and ctl.doorkeeper is not None and ctl.lazy_offers
+    finally:
+        r.close()
