@@ -168,6 +168,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         },
         "parent_version": 7,
         "reason": "trained on query-log up to offset 90210",
+        "eviction_table": None,  # no learned eviction table in this version
         "created_ms": ms("2024-05-01T13:00:00"),
     },
     "UsageRollup": {

@@ -16,7 +16,7 @@ from streams.index.model import Metric, Vector
 if TYPE_CHECKING:
     from streams.index.segment import Probe
 
-__all__ = ["CachedResult", "trusted_result"]
+__all__ = ["CachedResult", "estimate_nbytes", "trusted_result"]
 
 _FIXED_BYTES = 320  # the record, its tuples and the cache's bookkeeping, estimated
 _PER_HIT_BYTES = 120
@@ -113,6 +113,13 @@ class CachedResult:
             )
             n = self.derived["nbytes"] = _FIXED_BYTES + 12 * int(self.vector.size) + hits
         return int(n)
+
+
+def estimate_nbytes(dim: int, hits: int, chars: int) -> int:
+    """:attr:`CachedResult.nbytes` (without link bytes) of an entry of a ``dim``-dimensional
+    query with ``hits`` hits whose ids and metas hold ``chars`` characters together: what a
+    lazy miss charges before the entry is built (:mod:`streams.cache.controller`)."""
+    return _FIXED_BYTES + 12 * dim + chars + _PER_HIT_BYTES * hits
 
 
 _FIELDS = tuple(f for f in CachedResult.__slots__ if f != "__weakref__")

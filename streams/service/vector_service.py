@@ -420,6 +420,11 @@ class VectorService(DataPlane):
         decision: Any = "none"
         if caching and lookup is not None and not lookup.offer:
             decision = FIRST_SEEN  # the doorkeeper held the key's first miss: no entry
+        elif caching and fresh.complete and layers is not None and lookup is not None \
+                and lookup.lazy:  # parked as returned: the entry is built if it repeats
+            decision = layers.park_fresh(
+                lookup, config.key, config.metric, query, search_k, flt, fresh.labels,
+                fresh.hits, applied, (t4 - t3) * 1000, fresh.depends or ()).as_dict()
         elif caching and fresh.complete and layers is not None and lookup is not None:
             ids, scores, metas = _columns(fresh.hits)
             entry = trusted_result(
