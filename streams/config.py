@@ -50,7 +50,9 @@ class Settings(BaseSettings):
     cache_background_offers: bool = False
     # which entry the L0 cache evicts over a budget: cost-aware GDSF (lowest
     # L + hits x cost / size first, streams.cache.eviction) or least recently used
-    cache_eviction: Literal["gdsf", "lru"] = "gdsf"
+    # (learned: sampled by the eviction table the policy learner publishes,
+    # streams.cache.learned_eviction; GDSF until one is in force)
+    cache_eviction: Literal["gdsf", "lru", "learned"] = "gdsf"
     # on which miss of a query its result is cached: 1 (the first) or 2 (the doorkeeper:
     # a first miss only records the key's hash, streams.cache.doorkeeper)
     cache_admit_after: int = Field(default=1, ge=1, le=2)

@@ -288,15 +288,19 @@ class LearnedEviction:
 
     def victim(self, scope: str | None) -> tuple[Slot, float] | None:
         """The lowest-priority of ``samples`` random live slots of ``scope`` (None: the
-        whole cache) and the newest slot, with its priority; None when one of them has no
-        table (GDSF decides) or the scope is empty."""
+        whole cache; all of them when it has at most ``samples``) and the newest slot,
+        with its priority; None when one of them has no table (GDSF decides) or the
+        scope is empty."""
         m = self._members.get(scope or "")
         if m is None or not m.slots:
             return None
         slots, n, rnd = m.slots, len(m.slots), self._rng.random
         now = self.clock()
         tables: dict[str, InstalledTable | None] = {}
-        candidates = [slots[int(rnd() * n)] for _ in range(min(self.samples, n))]
+        if n <= self.samples:  # a small scope: every entry is a candidate (exact)
+            candidates = list(slots)
+        else:
+            candidates = [slots[int(rnd() * n)] for _ in range(self.samples)]
         newest = self._newest
         if newest is not None and newest.key in m.pos:
             candidates.append(newest)

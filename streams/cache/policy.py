@@ -516,6 +516,13 @@ class PolicyHolder:
         self.apply(record)
         return record
 
+    def in_force(self, index_key: str) -> PolicyVersion | None:
+        """The version deciding for ``index_key`` now: None when the rules (or LRU) do
+        (no version, a guardrail fell back, outside the canary, too old). What the
+        learned eviction reads its table from (streams.cache.learned_eviction)."""
+        a = self._route(index_key.split("/", 1)[0], index_key)
+        return None if a is None else a.policy.version
+
     # -- the hot path ------------------------------------------------------------------------
 
     def _route(self, tenant: str, index_key: str) -> _Active | None:

@@ -57,6 +57,7 @@ from streams.cache.eviction import (
 )
 from streams.cache.invalidation import InvalidationIndex, UpsertRow
 from streams.cache.keys import QueryKey
+from streams.cache.learned_eviction import LearnedEviction
 from streams.cache.policy import AdmissionDecision, AdmissionPolicy, AdmitAll
 from streams.cache.scoring import would_enter
 from streams.index.model import Vector
@@ -164,7 +165,7 @@ class ResultCache:
         ring_rows: int = 4096,
         max_clusters: int = 64,
         tenant_budget_bytes: int | None = None,
-        eviction: EvictionName | EvictionScorer = "gdsf",
+        eviction: EvictionName | EvictionScorer | LearnedEviction = "gdsf",
     ) -> None:
         if isinstance(eviction, str) and eviction not in EVICTIONS:
             raise ValueError(f"eviction must be one of {EVICTIONS} or a scorer, got {eviction!r}")
@@ -190,12 +191,22 @@ class ResultCache:
         # GDSF: a lazy heap over every entry, one per budget scope once it must evict
         self.eviction: str = eviction if isinstance(eviction, str) else "gdsf"
         self._gdsf = self.eviction == "gdsf"
-        self._scorer: EvictionScorer = GDSFScorer() if isinstance(eviction, str) else eviction
+        self._scorer: EvictionScorer = (
+            GDSFScorer() if isinstance(eviction, str | LearnedEviction) else eviction
+        )
         self._heap_seq = itertools.count().__next__
         self._heap = LazyHeap(self._scorer, self._heap_seq)
         self._scope_heaps: dict[str, LazyHeap] = {}
         self._inflation = 0.0  # GDSF's L: the priority of the last victim
         self._touch = self._touch_gdsf if self._gdsf else self._touch_lru
+        # learned (streams.cache.learned_eviction): sampled eviction by the table in
+        # force; GDSF's heaps are kept for indexes without one
+        self.learned: LearnedEviction | None = None
+        if isinstance(eviction, LearnedEviction) or eviction == "learned":
+            learned = eviction if isinstance(eviction, LearnedEviction) else LearnedEviction()
+            self.learned = learned
+            self.eviction, self._gdsf, self._touch = "learned", True, self._touch_learned
+            self._listeners.append(learned.removed)
         self._n = dict.fromkeys(
             (
                 "hits",
@@ -366,6 +377,11 @@ class ResultCache:
         slot.hits += 1
         slot.base = self._inflation
 
+    def _touch_learned(self, key: QueryKey, slot: _Slot) -> None:
+        slot.hits += 1
+        slot.base = self._inflation
+        self.learned.hit(key)  # type: ignore[union-attr]  # set with this touch
+
     def _touch_lru(self, key: QueryKey, slot: _Slot) -> None:
         self._lru.move_to_end(key)
         for scope in slot.scopes:
@@ -455,6 +471,8 @@ class ResultCache:
                 scope_bytes[scope] = scope_bytes.get(scope, 0) + nbytes
             if self._gdsf:
                 self._push(slot)
+            if self.learned is not None:
+                self.learned.added(slot)
             self._n["puts"] += 1
             while self._bytes > self.budget_bytes:
                 self._evict_one(None)
@@ -504,6 +522,13 @@ class ResultCache:
             self._remove(next(iter(members)), "evicted")
             self._n["evictions"] += 1
             return
+        if self.learned is not None:  # sampled by the table in force (None: GDSF below)
+            sampled = self.learned.victim(scope)
+            if sampled is not None:
+                sampled[0].priority = sampled[1]
+                self._remove(sampled[0].key, "evicted")
+                self._n["evictions"] += 1
+                return
         heap = self._heap
         if scope is not None:
             found = self._scope_heaps.get(scope)

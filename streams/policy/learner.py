@@ -23,6 +23,13 @@ Start: the newest update of every index is read from the compacted ``policy`` to
 Memory: an index's window holds at most ``max_window`` searches; then the pending
 decisions are resolved (as at the end of a log) and a new window starts.
 
+Learned eviction (``cache_eviction: learned``, :mod:`streams.cache.learned_eviction`): per
+index a :class:`~streams.policy.eviction.DensityLearner` reads the same searches (the label
+of each is its key's next request gap, as far as the log has seen it) and the evicted
+entries' idle ages (removal events with reason ``evicted``); once it has read
+``eviction_min_requests`` searches every published version carries its table in
+``eviction_table`` (before that, the newest version's table is carried forward).
+
 Removal events (a SearchEvent with ``removal`` set: an admitted entry left the cache, and
 why) replace the join's estimates where present (:class:`EventJoin`): the admission that
 stored the entry ends when it really left, and the characteristic time the hindsight
@@ -60,6 +67,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from streams.log.port import Log, LogPosition, Record, StoredRecord
+from streams.policy.eviction import DensityLearner, EvictionConfig
 from streams.policy.join import JoinedDecision, Outcome, OutcomeJoin, _Pending
 from streams.policy.learned import ACTIONS, LearnerConfig, PolicyLearner, PolicyTable
 from streams.policy.simulator import Decision, LoggedDecision, ReplayLog
@@ -122,9 +130,11 @@ def policy_record(
     guardrails: Mapping[str, float] | None = None,
     reason: str = "trained",
     with_model: bool = True,
+    eviction_table: str | None = None,
 ) -> dict[str, Any]:
     """The PolicyUpdate record of ``table``: each bucket's greedy arm with the probability
-    the hot path gives it (1 - epsilon + epsilon / arms, the rest spread evenly)."""
+    the hot path gives it (1 - epsilon + epsilon / arms, the rest spread evenly);
+    ``eviction_table``: the learned eviction's JSON (module docstring), or None."""
     n = len(ACTIONS)
     p = 1.0 - table.epsilon + table.epsilon / n
     rules = []
@@ -155,6 +165,7 @@ def policy_record(
         },
         "parent_version": parent_version,
         "reason": reason,
+        "eviction_table": eviction_table,
         "created_ms": int(time.time() * 1000),
     }
 
@@ -458,6 +469,13 @@ class _IndexState:
     version: int  # newest published (0: none)
     window: _Window = field(default_factory=_Window)
     trained_at_publish: int = 0
+    # the learned eviction (module docstring)
+    density: DensityLearner | None = None
+    density_seen: int = 0  # searches the density learner has read
+    evictions: list[tuple[int, str, float]] = field(default_factory=list)  # not yet read
+    last_seen: dict[str, float] = field(default_factory=dict)  # key -> its last search
+    eviction_table: str | None = None  # the newest published (carried forward)
+    density_now: float = 0.0  # log time of the newest search it read
 
 
 class OnlineLearner:
@@ -479,8 +497,12 @@ class OnlineLearner:
         feedback_grace_s: float = 10.0,
         wrong_penalty: float = 1.0,
         max_served: int = 100_000,
+        eviction_config: EvictionConfig | None = None,
+        eviction_min_requests: int = 1_000,
     ) -> None:
         self.log, self.topics, self.codec = log, topics, codec
+        self.eviction_config = eviction_config or EvictionConfig()
+        self.eviction_min_requests = eviction_min_requests
         self.budget_bytes = budget_bytes
         self.feedback_grace_s = feedback_grace_s
         self.wrong_penalty = wrong_penalty
@@ -520,6 +542,9 @@ class OnlineLearner:
             version = int(newest["version"]) if newest else 0
             learner.version = version
             st = self._indexes[key] = _IndexState(learner, version)
+            cfg = self.eviction_config
+            st.density = DensityLearner(cfg, cfg.density_taus_s[0])
+            st.eviction_table = newest.get("eviction_table") if newest else None
         return st
 
     def _add(self, ev: Mapping[str, Any]) -> None:
@@ -537,11 +562,18 @@ class OnlineLearner:
                 str(removal["reason"]),
             )
             w.owner.pop(key, None)
+            if removal["reason"] == "evicted":  # its idle age: the density table's horizon
+                t = _ms(ev["timestamp"]) / 1000
+                idle = t - st.last_seen.get(key, _ms(removal["stored_ms"]) / 1000)
+                st.evictions.append((len(w.requests), key, max(idle, 0.0)))
             return
         features = ev.get("features") or {}
         size = max(1, int(features.get("size", 1)))
         cost = float(ev["proxy_cost"])
         w.requests.append(Request(_ms(ev["timestamp"]) / 1000, key, size, cost))
+        if len(st.last_seen) >= 200_000:  # bounded: a forgotten key's idle counts from storing
+            st.last_seen.clear()
+        st.last_seen[key] = w.requests[-1].time
         w.replay.hits.append(1 if ev["cache_hit"] else 0)
         here = len(w.requests) - 1
         if ev["cache_hit"]:
@@ -636,6 +668,11 @@ class OnlineLearner:
         w, learner = st.window, st.learner
         stop = len(w.requests)
         if stop > w.accounted:
+            if st.density is not None:  # the learned eviction's labels (module docstring)
+                st.density.observe(w.requests, st.evictions, w.accounted, stop)
+                st.density_seen += stop - w.accounted
+                st.evictions.clear()
+                st.density_now = w.requests[stop - 1].time
             learner.observe_log(w.requests, w.replay, w.accounted, stop)
             measured = w.join.measured_char_time_s
             w.join.char_time_s = learner.char_time_s if measured is None else measured
@@ -665,12 +702,21 @@ class OnlineLearner:
             parent_version=st.version or None,
             guardrails=self.guardrails,
             reason=reason,
+            eviction_table=self._eviction_table(st),
         )
         publish_policy(self.log, self.topics, self.codec, record)
         st.version = st.learner.version = record["version"]
         st.trained_at_publish = st.learner.trained
         self.published.append(record)
         return record
+
+    def _eviction_table(self, st: _IndexState) -> str | None:
+        """The learned eviction's table for the next version (module docstring)."""
+        from streams.cache.learned_eviction import eviction_payload
+
+        if st.density is not None and st.density_seen >= self.eviction_min_requests:
+            st.eviction_table = eviction_payload(st.density.export(st.density_now))
+        return st.eviction_table
 
     def step(
         self, max_events: int = 5_000, timeout_s: float = 0.0, *, flush: bool = False
@@ -795,6 +841,10 @@ class PolicyLoop:
 
         self.holder = PolicyHolder(cache.budget_bytes, guard=guard)
         cache.policy = self.holder
+        if cache.learned is not None:  # cache_eviction: learned ranks by the version's table
+            from streams.cache.learned_eviction import HolderTables
+
+            cache.learned.source = HolderTables(self.holder)
         self.emitter = QueryLogEmitter(log, topics, codec, capacity=query_log_capacity)
         self.feed = PolicyFeed(log, topics, codec, self.holder)
         self.prefetcher = Prefetcher(service) if prefetch else None
@@ -838,7 +888,8 @@ def _policy_loop_of(dataplane: object) -> tuple[VectorService, PolicyHolder]:
 
 def policy_status(dataplane: object, tenant: str, index: str) -> dict[str, Any]:
     """The cache policy of ``tenant/index`` on a node: the version in force (or why it
-    fell back), the versions still on the ``policy`` topic, this index's fallbacks."""
+    fell back), the versions still on the ``policy`` topic, this index's fallbacks, the
+    learned eviction table in force (None: GDSF)."""
     from streams.index.model import check_name
 
     check_name(tenant, "tenant")
@@ -854,7 +905,19 @@ def policy_status(dataplane: object, tenant: str, index: str) -> dict[str, Any]:
             r["version"] for r in records if r["tenant"] == tenant and r["index"] == index
         ),
         "fallbacks": [f for f in status["fallbacks"] if f["key"] == key],
+        "eviction_table": _eviction_status(holder, key),
     }
+
+
+def _eviction_status(holder: PolicyHolder, key: str) -> dict[str, Any] | None:
+    """The learned eviction table in force for ``key`` (None: GDSF decides)."""
+    from streams.cache.learned_eviction import HolderTables
+
+    found = HolderTables(holder).table_for(key)
+    if found is None:
+        return None
+    t = found.table
+    return {"version": t.version, "kind": t.kind, "tau_s": t.tau_s, "by_filter": found.by_filter}
 
 
 def rollback_policy(dataplane: object, tenant: str, index: str, version: int) -> dict[str, Any]:
