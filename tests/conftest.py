@@ -5,6 +5,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from streams.log.embedded import EmbeddedLog
 from streams.log.kafka import KafkaLog
@@ -15,6 +16,11 @@ from tests.dataplane_memory import MemoryDataPlane
 from tests.rigs import Rig
 
 TRANSPORTS = ["embedded", "kafka"]
+
+# Property tests check behaviour, not speed (speed is measured in bench/): no per-example
+# deadline, which on a shared 2-core CI box only turns a slow scheduler tick into a failure.
+settings.register_profile("streamvec", deadline=None)
+settings.load_profile("streamvec")
 
 
 @pytest.fixture(params=["memory", "node"])
