@@ -296,12 +296,12 @@ def _debug_layer(debug: Any) -> str:
     return "?"
 
 
-def run(n: int, dim: int, queries: int, seed: int) -> dict[str, Any]:
+def run(n: int, dim: int, queries: int, seed: int, uncached_only: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="cache_bench_") as tmp:
         root = Path(tmp)
         log, node, data = build(root, n, dim, seed)
         try:
-            return measure(node, root, data, queries, seed)
+            return measure(node, root, data, queries, seed, uncached_only)
         finally:
             node.close()
             log.close()
@@ -498,7 +498,9 @@ def paired_ratio(
     }
 
 
-def measure(node: QueryNode, root: Path, data: Matrix, queries: int, seed: int) -> dict[str, Any]:
+def measure(
+    node: QueryNode, root: Path, data: Matrix, queries: int, seed: int, uncached_only: bool = False
+) -> dict[str, Any]:
     dim = int(data.shape[1])
     svc = node.service
     ctl = svc.cache_layers
@@ -515,6 +517,16 @@ def measure(node: QueryNode, root: Path, data: Matrix, queries: int, seed: int) 
     dk_qs = {side: unit_rows(rng, queries, dim) for side in sorted(DOORKEEPER_SIDES)}
     dk_qs["l0_lazy"] = unit_rows(rng, queries, dim)
     uncached = measure_uncached(svc, qs, deferred_qs, seed, dk_qs)
+    # no hit lost with lazy offers: each `l0_lazy` query's repeat must be an L0 hit
+    node_lazy, ctl.lazy_offers = ctl.lazy_offers, True
+    repeats: dict[str, int] = {}
+    for v in dk_qs["l0_lazy"]:
+        layer = str(svc.search(SearchRequest(TENANT, "l0", v, K)).debug["layer"])
+        repeats[layer] = repeats.get(layer, 0) + 1
+    ctl.lazy_offers = node_lazy
+    uncached["lazy_repeats_served_by"] = repeats
+    if uncached_only:  # step 1 alone (helper I: A/B runs of two trees, alternated)
+        return {"queries": queries, "uncached": uncached}
     hits: dict[str, list[int]] = {}
     variants = {
         "repeat": qs,
@@ -944,7 +956,8 @@ def render(r: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *ratio_rows,
         "",
-        f"on-missing answered by {u['layers_of_on_missing']}",
+        f"on-missing answered by {u['layers_of_on_missing']}; lazy offers, the `l0_lazy` "
+        f"queries' repeats answered by {u.get('lazy_repeats_served_by')}",
         "",
         "RESP, ms at the client (p50 / p99; server side: from the command's start to its "
         "reply handed to the socket):",
@@ -1000,8 +1013,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--queries", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--uncached-only", action="store_true", help="step 1 only: the misses' ratios")
     args = ap.parse_args(argv)
-    report = run(args.n, args.dim, args.queries, args.seed)
+    report = run(args.n, args.dim, args.queries, args.seed, args.uncached_only)
+    if args.uncached_only:
+        for name, r in report["uncached"]["ratios"].items():
+            w, c = r["wall"], r["cpu"]
+            lo, hi = w["p50_ci95"]
+            print(
+                f"{name}: wall p50 {w['p50']:.4f} [{lo:.4f}, {hi:.4f}] "
+                f"({w['extra_us_p50']:+.1f} us), per-round {w['per_round_median']:.4f}, "
+                f"cpu p50 {c['p50']:.4f}"
+            )
+        print("lazy offers, the repeats served by:", report["uncached"]["lazy_repeats_served_by"])
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=1))
+        return
     print(render(report))
     met = sum(ok for *_, ok in acceptance(report)[:3])
     print(f"\nacceptance: {met} of 3 met (node defaults)")

@@ -4,7 +4,8 @@ Each step is timed with ``perf_counter_ns`` right after a 10 MB Head scan of the
 index (as the search runs it, CPU caches flushed), over the cache bench's node
 (``bench.cache_bench.build``): L2 ``nearest`` as a full scan and with the prefilter
 (``within``), the L1 key, the L0 key and probe, the whole lookup, the entry, and the offer
-(eager, and lazy for the L0-only index). p50/p90 in microseconds.
+(eager, and lazy for the L0-only index: the built entry parked, and helper I's
+``park_fresh``, which parks the fresh result and builds nothing). p50/p90 in microseconds.
 
 Run: ``OPENBLAS_NUM_THREADS=1 nice -n 10 .venv/bin/python -m bench.miss_steps [--queries 1000]``
 """
@@ -72,13 +73,22 @@ def main() -> None:
                     query_key(cfg.key, cfg.metric, v, K, None)
                     step(f"{index}: L0 key", t0)
                     vi.search(v, K, None)
-                    ctl.lazy_offers = index == "l0" and i % 2 == 1
+                    mode = i % 3 if index == "l0" else 0  # l0: eager, lazy, lazy raw
+                    ctl.lazy_offers = mode > 0
                     t0 = pc()
                     look = ctl.lookup(cfg, v, K, None)
                     step(f"{index}: lookup (miss)", t0)
                     fresh = svc._fresh(cfg, v, K, None)
                     applied = svc._applied_tokens()
                     vi.search(v, K, None)
+                    if mode == 2:  # helper I: park the fresh result, build nothing
+                        t0 = pc()
+                        ctl.park_fresh(
+                            look, cfg.key, cfg.metric, v, K, None, fresh.labels,
+                            fresh.hits, applied, 1.0,
+                        )  # fmt: skip
+                        step(f"{index}: park_fresh (no entry built)", t0)
+                        continue
                     t0 = pc()
                     ids, scores, metas = _columns(fresh.hits)
                     e = trusted_result(

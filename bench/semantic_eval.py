@@ -22,6 +22,14 @@ the **baseline**, distance alone (L2 before the text stage), tuned the same way.
 * **cost**: ``features()`` per text and ``agreement()`` per candidate pair in
   microseconds, and :meth:`SemanticIndex.nearest` per lookup with and without the text
   stage on a group of ``--reps`` representatives.
+* **cost-aware reuse** (:func:`streams.cache.semantic.reuses`): ``calibration``, the
+  false-hit curve ``p_wrong(d)`` measured on the even rows (per distance bin of
+  :data:`~streams.cache.semantic.CURVE_EDGES`, made nondecreasing by pooling adjacent
+  violators), for the text path (pairs the text stage passes at the default ``v``) and the
+  vector path (distance alone), compared with the tables stored in ``semantic.py``; and
+  ``cost_aware``, precision and hit rate on the odd rows with the default penalties at
+  the costs :data:`COST_LEVELS_MS`, at the default cap and at a raised one, beside the
+  fixed threshold (the rule before) in the same run.
 * **normaliser check**: precision of the pairs whose texts are equal after the strict
   normaliser (the default) and after the aggressive one (stop words dropped, words sorted).
 
@@ -51,8 +59,15 @@ from streams.cache.agreement import agreement, features
 from streams.cache.canonical import CanonicalKeyMap
 from streams.cache.keys import QueryKey
 from streams.cache.semantic import (
+    CURVE_EDGES,
     DEFAULT_L2_AGREEMENT,
+    DEFAULT_L2_PENALTY_MS,
+    DEFAULT_L2_TEXT_PENALTY_MS,
     DEFAULT_L2_THRESHOLD,
+    DEFAULT_L2_VECTOR_THRESHOLD,
+    TEXT_CURVE,
+    VECTOR_CURVE,
+    FalseHitCurve,
     SemanticIndex,
     serves,
     verified,
@@ -66,6 +81,9 @@ GRID_D = (0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0
 GRID_V = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 CURVE_D = (0.0, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.2)
 CURVE_V: tuple[float | None, ...] = (None, 0.0, 0.7, 0.8, 0.85, 0.9)  # None: distance alone
+
+COST_LEVELS_MS = (0.3, 0.75, 1.5, 3.0, 10.0)  # cheap .. typical (REFERENCE_COST_MS) .. costly
+RAISED_CAP = {"text": 0.05, "vector": 0.02}  # a cap above the defaults: costly ones go farther
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -127,6 +145,68 @@ def bootstrap(served: B, labels: I64, n: int, seed: int = 0) -> dict[str, list[f
         "precision": [round(float(x), 4) for x in np.percentile(prec, q)],
         "hit_rate": [round(float(x), 5) for x in np.percentile(hit, q)],
     }
+
+
+def pooled(rates: list[float], weights: list[int]) -> list[float]:
+    """Pool adjacent violators: the nondecreasing sequence closest to ``rates`` in the
+    ``weights``-weighted least squares sense (isotonic regression)."""
+    blocks: list[list[float]] = []  # [rate, weight, count]
+    for r, w in zip(rates, weights, strict=True):
+        blocks.append([r, float(w), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            r2, w2, n2 = blocks.pop()
+            r1, w1, n1 = blocks.pop()
+            blocks.append([(r1 * w1 + r2 * w2) / max(w1 + w2, 1e-12), w1 + w2, n1 + n2])
+    return [r for r, _, n in blocks for _ in range(int(n))]
+
+
+def calibrate(dist: F64, mask: B, labels: I64) -> FalseHitCurve:
+    """``p_wrong(d)`` of the pairs in ``mask``: the share of label-0 pairs per distance bin
+    (bins ``(edges[i-1], edges[i]]`` of :data:`CURVE_EDGES`), pooled to be nondecreasing,
+    rounded to 3 decimals (the tables in ``semantic.py``)."""
+    rates, weights, lo = [], [], -np.inf
+    for e in CURVE_EDGES:
+        sel = mask & (dist > lo) & (dist <= e)
+        k = int(sel.sum())
+        rates.append(int((sel & (labels == 0)).sum()) / k if k else 0.0)
+        weights.append(k)
+        lo = e
+    return FalseHitCurve(CURVE_EDGES, tuple(round(r, 3) for r in pooled(rates, weights)))
+
+
+def cost_aware(dist: F64, score: F64, labels: I64) -> list[dict[str, Any]]:
+    """Odd-row figures of the cost-aware rule at :data:`COST_LEVELS_MS` with the default
+    penalties, per path and cap, after the fixed threshold (the rule before) per path. A
+    pair is served when ``d <= min(cap, curve.max_distance(c, penalty))`` (and, on the
+    text path, the text stage passes): :func:`reuses` per pair (the two agree, see
+    tests/test_l2_cost.py). ``net_ms_per_1k``: the expected saving per 1,000 pairs,
+    ``c x correct - penalty x wrong``, of the cost rule and, at the same cost, of the
+    fixed threshold (what the rule maximises: precision alone is not its goal)."""
+
+    def net(served: B, c: float, penalty: float) -> float:
+        right = int((served & (labels == 1)).sum())
+        wrong = int(served.sum()) - right
+        return round((c * right - penalty * wrong) / labels.size * 1000, 1)
+
+    out: list[dict[str, Any]] = []
+    v_text: float | None = DEFAULT_L2_AGREEMENT
+    paths = (
+        ("text", TEXT_CURVE, DEFAULT_L2_TEXT_PENALTY_MS, DEFAULT_L2_THRESHOLD, v_text),
+        ("vector", VECTOR_CURVE, DEFAULT_L2_PENALTY_MS, DEFAULT_L2_VECTOR_THRESHOLD, None),
+    )
+    for path, curve, penalty, cap, v in paths:
+        fixed_mask = served_mask(dist, score, cap, v)
+        out.append({"path": path, "rule": "fixed (before)", "cost_ms": None, "cap": cap,
+                    "d_bar": cap, **scores(fixed_mask, labels)})  # fmt: skip
+        for cap_ in (cap, RAISED_CAP[path]):
+            for c in COST_LEVELS_MS:
+                bar = min(cap_, curve.max_distance(c, penalty))
+                mask = served_mask(dist, score, bar, v)
+                out.append({"path": path, "rule": f"cost-aware, penalty {penalty:g} ms",
+                            "cost_ms": c, "cap": cap_, "d_bar": bar, **scores(mask, labels),
+                            "net_ms_per_1k": net(mask, c, penalty),
+                            "fixed_net_ms_per_1k": net(fixed_mask, c, penalty)})  # fmt: skip
+    return out
 
 
 def lookup_cost(rows: list[dict[str, Any]], emb_a: F32, emb_b: F32, reps: int) -> dict[str, float]:
@@ -235,6 +315,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for v in CURVE_V
     }
 
+    ok_text = (score > 0.0) & (score >= DEFAULT_L2_AGREEMENT)
+    calib = {
+        "text": calibrate(dist[even], ok_text[even], labels[even]),
+        "vector": calibrate(dist[even], np.ones(even.size, dtype=bool), labels[even]),
+    }
+    report["calibration"] = {
+        path: {"edges": list(c.edges), "rates": list(c.rates),
+               "matches_stored": c == (TEXT_CURVE if path == "text" else VECTOR_CURVE)}
+        for path, c in calib.items()
+    }  # fmt: skip
+    report["cost_aware"] = cost_aware(dist[odd], score[odd], labels[odd])
+
     aggressive = CanonicalKeyMap(stop_words=True, sort_words=True)
     checks: dict[str, Any] = {}
     for nm, cm in (("strict (default)", canon), ("stop words + sorted", aggressive)):
@@ -301,6 +393,37 @@ def render(r: dict[str, Any]) -> str:
     for i, d in enumerate(CURVE_D):
         cells = [f"{c[i]['precision']:.3f} / {c[i]['hit_rate']:.4f}" for c in curves]
         lines.append(f"| {d:g} | " + " | ".join(cells) + " |")
+    cal = r["calibration"]
+    lines += [
+        "",
+        "Calibration on even rows, p_wrong(d) per bin (d <= edge), pooled nondecreasing:",
+        "",
+        "| d <= | " + " | ".join(f"{e:g}" for e in cal["text"]["edges"]) + " |",
+        "| --- |" + " --- |" * len(cal["text"]["edges"]),
+    ]
+    for path in ("text", "vector"):
+        rates = " | ".join(f"{x:.3f}" for x in cal[path]["rates"])
+        lines.append(f"| {path} (stored: {cal[path]['matches_stored']}) | {rates} |")
+    lines += [
+        "",
+        "Cost-aware reuse on odd rows (default penalties):",
+        "",
+        "| path | rule | cost ms | cap | distance bar | precision | hit rate | served "
+        "| net ms saved / 1k (fixed rule at this cost) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for x in r["cost_aware"]:
+        cost = "-" if x["cost_ms"] is None else f"{x['cost_ms']:g}"
+        bar = "none" if x["d_bar"] < 0 else f"{x['d_bar']:g}"
+        gain = (
+            "-"
+            if x["cost_ms"] is None
+            else f"{x['net_ms_per_1k']:g} ({x['fixed_net_ms_per_1k']:g})"
+        )
+        lines.append(
+            f"| {x['path']} | {x['rule']} | {cost} | {x['cap']:g} | {bar} | "
+            f"{x['precision']:.3f} | {x['hit_rate']:.4f} | {x['served']} | {gain} |"
+        )
     return "\n".join(lines)
 
 

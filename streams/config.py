@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     cache_layers: tuple[Literal["L0", "L1", "L2", "L3"], ...] = ("L0", "L3")  # L3: payloads
     cache_l2_threshold: float = Field(default=0.003, ge=0.0, le=2.0)  # DEFAULT_L2_VECTOR_THRESHOLD
     cache_l2_text_threshold: float = Field(default=0.02, ge=0.0, le=2.0)  # .._TEXT_THRESHOLD
+    # L2 cost-aware reuse: ms a wrong answer from the cache costs the user (0: distance alone;
+    # the thresholds above stay hard caps); defaults DEFAULT_L2_PENALTY_MS, .._TEXT_PENALTY_MS
+    cache_l2_penalty_ms: float = Field(default=12.0, ge=0.0)
+    cache_l2_text_penalty_ms: float = Field(default=20.0, ge=0.0)
     cache_tenant_budget_bytes: int | None = Field(default=None, ge=0)
     cache_background_offers: bool = False
     # which entry the L0 cache evicts over a budget: cost-aware GDSF (lowest

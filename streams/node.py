@@ -72,6 +72,8 @@ class Node:
             cache_layers=self.settings.cache_layers,
             cache_l2_threshold=self.settings.cache_l2_threshold,
             cache_l2_text_threshold=self.settings.cache_l2_text_threshold,
+            cache_l2_penalty_ms=self.settings.cache_l2_penalty_ms,
+            cache_l2_text_penalty_ms=self.settings.cache_l2_text_penalty_ms,
             cache_tenant_budget_bytes=self.settings.cache_tenant_budget_bytes,
             cache_background_offers=self.settings.cache_background_offers,
             cache_eviction=self.settings.cache_eviction,

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from streams.cache import CachedResult, ResultCache
 from streams.cache.controller import CacheController, CacheLookup
@@ -23,6 +25,7 @@ from streams.cache.semantic import PROJ_DIMS, SemanticIndex
 from streams.index.model import (
     CacheSettings,
     Consistency,
+    Hit,
     IndexConfig,
     Metric,
     VectorUpsert,
@@ -205,6 +208,169 @@ def test_a_rejected_lazy_offer_is_not_parked() -> None:
     assert ctl.stats()["parked"]["entries"] == 0
 
 
+# -- parking the fresh result as returned (helper I) ----------------------------------------
+
+
+def _hits(ids: tuple[str, ...], metas: tuple[str | None, ...] | None = None) -> list[Hit]:
+    metas = metas or (None,) * len(ids)
+    return [Hit(i, 1.0 - 0.1 * n, m) for n, (i, m) in enumerate(zip(ids, metas, strict=True))]
+
+
+def _park(ctl: CacheController, look: CacheLookup, c: IndexConfig, q: np.ndarray,
+          hits: list[Hit]) -> Any:  # fmt: skip
+    labels = tuple(range(len(hits)))
+    return ctl.park_fresh(look, c.key, c.metric, q, 5, None, labels, hits, ("tok",), 1.0)
+
+
+def test_park_fresh_builds_no_entry_until_the_repeat_which_gets_the_eager_entry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import streams.cache.controller as controller
+
+    built: list[CachedResult] = []
+    real = controller.trusted_result
+
+    def counting(*args: Any, **kw: Any) -> CachedResult:
+        built.append(real(*args, **kw))
+        return built[-1]
+
+    monkeypatch.setattr(controller, "trusted_result", counting)
+    ctl, c = _lazy()
+    q = _unit(np.random.default_rng(21))
+    look = ctl.lookup(c, q, 5, None)
+    assert look.lazy and look.offer
+    hits = _hits(("a", "bb", "c"), (None, "meta", ""))
+    out = _park(ctl, look, c, q, hits)
+    assert out.outcome == "parked" and out.decision.action == "admit"
+    assert built == [] and ctl.cache.stats().puts == 0 and look.qkey not in ctl.cache
+    assert ctl.stats()["parked"]["entries"] == 1
+    again = ctl.lookup(c, q, 5, None)
+    assert len(built) == 1 and again.layer == "L0" and again.entry is not None
+    got = again.entry
+    eager = CachedResult(
+        look.qkey, c.key, c.metric, q, 5, None, (0, 1, 2), ("a", "bb", "c"),
+        tuple(h.score for h in hits), (None, "meta", ""), ("tok",), compute_ms=1.0,
+    )  # fmt: skip
+    for name in ("key", "index_key", "metric", "k", "filter", "labels", "ids", "scores",
+                 "metas", "applied", "compute_ms"):  # fmt: skip
+        assert getattr(got, name) == getattr(eager, name), name
+    assert np.array_equal(got.vector, eager.vector)
+    assert got.nbytes == eager.nbytes  # the estimate the decision charged is the entry's
+
+
+def test_park_fresh_keeps_its_own_copy_of_the_query() -> None:
+    ctl, c = _lazy()
+    q = _unit(np.random.default_rng(22))
+    look = ctl.lookup(c, q, 5, None)
+    _park(ctl, look, c, q, _hits(("a",)))
+    want = q.copy()
+    q[:] = 0.0  # the caller reuses its buffer
+    found = ctl.lookup(c, want, 5, None)
+    assert found.layer == "L0" and found.entry is not None
+    assert np.array_equal(found.entry.vector, want)
+
+
+@given(
+    ids=st.lists(st.text(max_size=12), min_size=0, max_size=6),
+    metas=st.lists(st.none() | st.text(max_size=30), min_size=6, max_size=6),
+    dim=st.integers(1, 300),
+)
+@settings(max_examples=60, deadline=None)
+def test_estimate_nbytes_is_the_entrys_own(ids: list[str], metas: list[str | None],
+                                          dim: int) -> None:  # fmt: skip
+    from streams.cache.entry import estimate_nbytes
+    from streams.cache.keys import query_key
+
+    n = len(ids)
+    q = np.ones(dim, dtype=np.float32)
+    e = CachedResult(
+        query_key("t/i", Metric.IP, q, 6, None), "t/i", Metric.IP, q, 6, None,
+        tuple(range(n)), tuple(ids), (1.0,) * n, tuple(metas[:n]),
+    )  # fmt: skip
+    chars = sum(map(len, ids)) + sum(len(m) for m in metas[:n] if m)
+    assert estimate_nbytes(dim, n, chars) == e.nbytes
+
+
+def test_the_node_policy_decides_a_parked_result_as_it_decides_its_entry() -> None:
+    """``park_fresh`` hands :class:`PolicyHolder` the parked result instead of an entry:
+    the decisions (arm, bucket, TTL, size and cost features) must be those the entry
+    would get, miss for miss."""
+    from streams.cache.policy import PolicyHolder
+
+    c = _config()
+    rng = np.random.default_rng(27)
+    qs = [_unit(rng) for _ in range(6)]
+    got: list[list[Any]] = []
+    for lazy in (True, False):
+        clock = iter(np.arange(1_000.0, 1_100.0))
+        policy = PolicyHolder(1 << 14, clock=lambda it=clock: float(next(it)))
+        ctl = CacheController(ResultCache(1 << 20, policy=policy), lazy_offers=lazy)
+        out = []
+        for n, q in enumerate(qs):
+            look = ctl.lookup(c, q, 5, None)
+            ids, metas = ("a", "b" * n), ("m" * 40 * n, None)
+            if lazy:
+                out.append(_park(ctl, look, c, q, _hits(ids, metas)).decision)
+            else:
+                e = CachedResult(look.qkey, c.key, c.metric, q, 5, None, (0, 1), ids,
+                                 (1.0, 0.9), metas, ("tok",), compute_ms=1.0)  # fmt: skip
+                out.append(policy.decide(e))
+        got.append(out)
+    assert got[0] == got[1]
+    assert len({d.features["size"] for d in got[0]}) == len(qs)  # sizes differ: compared
+
+
+def test_park_fresh_with_another_policy_decides_on_the_built_entry() -> None:
+    from streams.cache.policy import AdmissionDecision
+
+    seen: list[Any] = []
+
+    class Picky:
+        def decide(self, entry: CachedResult) -> AdmissionDecision:
+            seen.append(entry)
+            return AdmissionDecision("reject", 1.0, "picky")
+
+    ctl = CacheController(ResultCache(1 << 20, policy=Picky()), lazy_offers=True)
+    c = _config()
+    q = _unit(np.random.default_rng(23))
+    look = ctl.lookup(c, q, 5, None)
+    out = _park(ctl, look, c, q, _hits(("a", "b")))
+    assert out.outcome == "rejected" and ctl.stats()["parked"]["entries"] == 0
+    assert len(seen) == 1 and isinstance(seen[0], CachedResult) and seen[0].ids == ("a", "b")
+
+
+def test_a_fresh_result_parked_raw_is_checked_against_the_writes_since_its_search() -> None:
+    ctl, c = _lazy()
+    q = _unit(np.random.default_rng(24))
+    look = ctl.lookup(c, q, 5, None)
+    _park(ctl, look, c, q, _hits(("a", "b", "c", "d", "e")))
+    ctl.cache.invalidate(c.key, [UpsertRow("new", q, (), {})])  # enters its top 5
+    assert ctl.lookup(c, q, 5, None).layer == "none"
+    assert ctl.stats()["parked"]["not_stored"] == 1 and look.qkey not in ctl.cache
+    # a write elsewhere in the space leaves a parked result storable
+    q2 = _unit(np.random.default_rng(25))
+    look2 = ctl.lookup(c, q2, 5, None)
+    _park(ctl, look2, c, q2, _hits(("a", "b", "c", "d", "e")))
+    ctl.cache.invalidate(c.key, [UpsertRow("far", -q2, (), {})])
+    assert ctl.lookup(c, q2, 5, None).layer == "L0"
+
+
+def test_parked_raw_results_are_bounded_by_their_estimated_bytes() -> None:
+    from streams.cache.entry import estimate_nbytes
+
+    one = estimate_nbytes(DIM, 1, 1)
+    ctl = CacheController(ResultCache(1 << 20), lazy_offers=True, parked_bytes=2 * one)
+    c = _config()
+    rng = np.random.default_rng(26)
+    qs = [_unit(rng) for _ in range(3)]
+    for q in qs:
+        _park(ctl, ctl.lookup(c, q, 5, None), c, q, _hits(("a",)))
+    s = ctl.stats()["parked"]
+    assert s["entries"] == 2 and s["bytes"] == 2 * one and s["dropped"] == 1
+    assert ctl.lookup(c, qs[0], 5, None).layer == "none"  # the oldest was dropped
+    assert ctl.lookup(c, qs[2], 5, None).layer == "L0"
+
+
 # -- through the node's search path --------------------------------------------------------
 
 
@@ -258,6 +424,7 @@ def test_node_lazy_offer_serves_the_repeat_and_never_a_stale_result(rig: Rig) ->
     first = _search(rig, q, token)
     assert not first.debug["cache_hit"] and first.debug["decision"]["outcome"] == "parked"
     assert first.debug["decision"]["arm"]  # the query log gets the policy's decision
+    assert ctl.cache.stats().puts == 0 and ctl.stats()["parked"]["entries"] == 1
     second = _search(rig, q, token)
     assert second.debug["cache_hit"] and [h.id for h in second.hits] == [h.id for h in first.hits]
     # parked again, then a write that becomes the best hit is applied: the repeat must
@@ -269,6 +436,48 @@ def test_node_lazy_offer_serves_the_repeat_and_never_a_stale_result(rig: Rig) ->
     after = _search(rig, q2, token)
     assert not after.debug["cache_hit"] and after.hits[0].id == "intruder"
     assert ctl.stats()["parked"]["not_stored"] == 1
+
+
+def test_node_lazy_offers_log_every_decision_and_the_learner_joins_every_removal(
+    tmp_path: Path,
+) -> None:
+    """Lazy offers on the small-cache rig of tests/test_cache_events.py (evictions happen):
+    each miss logs its decision, a parked result's repeat is served from the cache, and
+    every removal event joins a decision (matched, or late: its decision was resolved by
+    the learner's estimate before the entry, stored at its repeat, left)."""
+    from streams.policy.learner import OnlineLearner
+    from tests.test_cache_events import SmallCacheRig, search
+    from tests.test_policy_online import fill, queries
+
+    small = SmallCacheRig(tmp_path)
+    try:
+        ctl = small.node.service.cache_layers
+        assert ctl is not None and small.node.cache is not None
+        ctl.lazy_offers = True
+        fill(small)
+        pool = queries(24)
+        first = search(small, pool[0])
+        assert first["decision"]["outcome"] == "parked"
+        assert search(small, pool[0])["cache_hit"]  # the first repeat is served
+        rng = np.random.default_rng(4)
+        for i in rng.zipf(1.3, 300) % len(pool):
+            search(small, pool[int(i)])
+        loop = small.node.policy_loop
+        assert loop is not None and loop.emitter.flush(10)
+        learner = OnlineLearner(small.log, small.topics, small.codec, budget_bytes=small.budget)
+        try:
+            learner.run_to_end()
+            s = learner.stats()
+        finally:
+            learner.close()
+        parked = ctl.stats()["parked"]
+        assert parked["promoted"] > 0 and small.node.cache.stats().evictions > 0
+        joined = s["removals_joined"]
+        assert s["removals"] > 0 and joined["unmatched"] == 0
+        assert joined["matched"] + joined["late"] == s["removals"] and joined["matched"] > 0
+        assert s["decisions"] >= parked["parked"]  # every parked decision was logged
+    finally:
+        small.close()
 
 
 # -- L2's projected prefilter ----------------------------------------------------------------

@@ -77,6 +77,11 @@ class TextKB:
             cache=CacheSettings(("L0", "L2")),
         )
         self.kb.svc.dataplane.create_index(config)
+        # L2 by distance alone (no cost-aware reuse, semantic.reuses): these tests are about
+        # the text stage and consistency, and a tiny test search's cost is timing noise
+        layers = self.kb.rig.node.service.cache_layers
+        assert layers is not None
+        layers.l2_text_penalty_ms = layers.l2_penalty_ms = 0.0
         self.tokens = [self.put(sid, text) for sid, text in DOCS.items()]
         self.settle(*self.tokens)
 

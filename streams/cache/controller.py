@@ -48,10 +48,13 @@ query that arrives before the worker stored it is a miss.
 Lazy offers (``lazy_offers=True``; indexes with neither L1 nor L2 on, e.g. the node's
 default L0+L3). Most misses are never repeated, and storing their result (the put: race
 check, invalidation index, eviction heap, budgets) is half of what a miss costs the cache.
-So the miss builds its entry and takes the admission decision on the search path (the
-query log records it, its ``outcome`` is ``parked``), then *parks* the admitted entry in a
-small bounded map (``parked_entries``, ``parked_bytes``, oldest dropped first). When the
-same query comes again, its lookup first stores the parked entry through the ordinary put
+So the miss takes the admission decision on the search path (the query log records it,
+its ``outcome`` is ``parked``) on what the policy reads of an entry (key, estimated size,
+cost, filter; :meth:`CacheController.park_fresh`), builds no entry, and *parks* the fresh
+result as the search returned it (its hit objects, labels, applied tokens) in a small
+bounded map (``parked_entries``, ``parked_bytes``, oldest dropped first). When the
+same query comes again, its lookup first builds the entry (as the first search would have)
+and stores it through the ordinary put
 with the seen sequence number of the *first* search: the put's race check tests it
 against every write reported since that search began (as for deferred offers), so what
 is stored is exactly what a put at this moment would store, and the lookup then finds it
@@ -78,22 +81,25 @@ import queue
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, cast
 
 import numpy as np
 
 from streams.cache.doorkeeper import Doorkeeper
-from streams.cache.entry import CachedResult
+from streams.cache.entry import CachedResult, estimate_nbytes, trusted_result
 from streams.cache.keys import QueryKey, query_key
 from streams.cache.payload import PayloadCache, scopes_of
-from streams.cache.policy import AdmissionDecision
+from streams.cache.policy import AdmissionDecision, AdmitAll, PolicyHolder
 from streams.cache.result_cache import PutOutcome, ResultCache
 from streams.cache.semantic import (
     DEFAULT_L2_TEXT_THRESHOLD,
     DEFAULT_L2_VECTOR_THRESHOLD,
+    TEXT_CURVE,
+    VECTOR_CURVE,
     SemanticIndex,
-    serves,
+    reuses,
 )
 from streams.cache.tolerant import SIMHASH_BITS, TolerantKey, tolerant_key
 from streams.index.filters import Filter
@@ -106,11 +112,15 @@ from streams.index.model import (
     Vector,
 )
 
+if TYPE_CHECKING:
+    from streams.index.segment import Probe
+
 __all__ = [
     "L1_LINK_BYTES",
     "LAYERS",
     "CacheController",
     "CacheLookup",
+    "FreshHit",
     "LayerMemory",
     "LayerStats",
     "l2_rep_bytes",
@@ -174,6 +184,9 @@ class CacheLookup:
     # on a miss: whether to build and offer the fresh result (False: the doorkeeper held
     # the key's first miss, streams.cache.doorkeeper)
     offer: bool = True
+    # on a miss: the fresh result goes to :meth:`CacheController.park_fresh` (lazy offers
+    # of an index without L1/L2), which builds nothing unless the query repeats
+    lazy: bool = False
 
     @property
     def hit(self) -> bool:
@@ -243,7 +256,10 @@ class CacheController:
     """The layers over one :class:`ResultCache` (module docstring). ``default_layers``:
     layers of an index without cache settings; ``l2_threshold``: the node's default L2
     distance for vector queries; ``l2_text_threshold``: its distance on the text path
-    (:meth:`lookup_text`, where the text stage checks every candidate too);
+    (:meth:`lookup_text`, where the text stage checks every candidate too); both are caps
+    of L2's cost-aware reuse (:func:`~streams.cache.semantic.reuses`), whose
+    ``l2_penalty_ms`` / ``l2_text_penalty_ms`` (ms a wrong answer costs; 0, the default
+    here: distance alone) the node sets from ``cache_l2_penalty_ms`` / ``..._text_...``;
     ``simhash_bits``: L1's key width."""
 
     def __init__(
@@ -253,6 +269,8 @@ class CacheController:
         default_layers: tuple[str, ...] = ("L0", "L3"),
         l2_threshold: float = DEFAULT_L2_VECTOR_THRESHOLD,
         l2_text_threshold: float = DEFAULT_L2_TEXT_THRESHOLD,
+        l2_penalty_ms: float = 0.0,
+        l2_text_penalty_ms: float = 0.0,
         simhash_bits: int = SIMHASH_BITS,
         max_clusters_per_group: int = 4096,
         background_offers: bool = False,
@@ -271,10 +289,15 @@ class CacheController:
             raise ValueError("l2_threshold must be in [0, 2]")
         if not 0.0 <= l2_text_threshold <= 2.0:
             raise ValueError("l2_text_threshold must be in [0, 2]")
+        if not (l2_penalty_ms >= 0.0 and l2_text_penalty_ms >= 0.0):  # NaN fails too
+            raise ValueError("l2_penalty_ms and l2_text_penalty_ms must be >= 0")
         self.cache = cache
         self.default_layers = frozenset(default_layers)
         self.l2_threshold = l2_threshold
         self.l2_text_threshold = l2_text_threshold
+        # L2's cost-aware reuse (semantic.reuses): ms a wrong answer costs; 0: distance only
+        self.l2_penalty_ms = l2_penalty_ms
+        self.l2_text_penalty_ms = l2_text_penalty_ms
         # text-path entries that any write to their index invalidates (hybrid results):
         # QueryKey -> the index's invalidation sequence number their search began at and
         # the caller's generation of what else they read (the keyword index)
@@ -403,7 +426,14 @@ class CacheController:
         dk = self.doorkeeper
         if not st.tolerant:
             return CacheLookup(
-                "none", None, None, qkey, seen_seq, layers, offer=dk is None or dk.admit(qkey)
+                "none",
+                None,
+                None,
+                qkey,
+                seen_seq,
+                layers,
+                offer=dk is None or dk.admit(qkey),
+                lazy=self.lazy_offers,
             )
         max_age_s = _max_age_s(consistency, bound_ms)
         if max_age_s is None:
@@ -437,7 +467,9 @@ class CacheController:
                 self._drain()
                 # within the threshold only: the projected prefilter (semantic.py)
                 match = self._l2.nearest(group, query, config.metric, within=st.threshold)
-            if match is not None and bool(serves(match.distance, st.threshold)):
+            if match is not None and reuses(
+                match.distance, match.cost_ms, st.threshold, self.l2_penalty_ms, VECTOR_CURVE
+            ):
                 found = self._serve(match.key, k, max_age_s)
                 if found is not None:
                     self._count("L2")
@@ -504,7 +536,7 @@ class CacheController:
             decision = self.cache.policy.decide(entry)
             if decision.action == "admit" and self._parked.park(lookup, entry, decision):
                 return PutOutcome(decision, "parked")
-            return self.cache.put(entry, lookup.seen_seq, decision=decision)
+            return self._store(lookup, entry, decision)  # L3 trimmed as after any store
         if self.background_offers:
             decision = self.cache.policy.decide(entry)
             if decision.action == "admit":
@@ -513,6 +545,48 @@ class CacheController:
                 return PutOutcome(decision, "queued")
             return self.cache.put(entry, lookup.seen_seq, decision=decision)  # counted
         return self._store(lookup, entry, None)
+
+    def park_fresh(
+        self,
+        lookup: CacheLookup,
+        index_key: str,
+        metric: Metric,
+        query: Vector,
+        k: int,
+        flt: Filter | None,
+        labels: tuple[int, ...],
+        hits: Sequence[FreshHit],
+        applied: tuple[str, ...],
+        compute_ms: float,
+        depends: tuple[tuple[str, Probe], ...] = (),
+    ) -> PutOutcome:
+        """The lazy miss (``lookup.lazy``; module docstring, "Lazy offers"): take the
+        admission decision on what the policy reads (key, size, cost, filter) and park the
+        fresh result *as the search returned it* (its ``hits`` objects with ``id``,
+        ``score``, ``meta``); the :class:`CachedResult` is built, and put, only when the
+        query repeats. A rejected or unparkable result is built and put at once, as
+        :meth:`offer` would. Returns the outcome to log (``parked`` when parked)."""
+        n = len(hits)
+        chars = 0
+        for h in hits:
+            chars += len(h.id) if h.meta is None else len(h.id) + len(h.meta)
+        created_s = time.monotonic()
+        raw = _Raw(
+            lookup.qkey, index_key, metric, np.array(query, dtype=np.float32), k, flt,
+            labels, tuple(hits), applied, compute_ms, created_s, depends,
+            estimate_nbytes(int(np.size(query)), n, chars),
+        )  # fmt: skip
+        policy = self.cache.policy
+        # the known policies read only the draft's fields; any other decides on the entry
+        entry: CachedResult | None = None
+        if policy.__class__ in _DRAFT_POLICIES:
+            decision = policy.decide(cast("CachedResult", raw))
+        else:
+            entry = raw.build()
+            decision = policy.decide(entry)
+        if decision.action == "admit" and self._parked.park(lookup, raw, decision):
+            return PutOutcome(decision, "parked")
+        return self._store(lookup, entry or raw.build(), decision)  # as an eager offer
 
     def _store(
         self,
@@ -549,7 +623,7 @@ class CacheController:
                 )
             if "L2" in lookup.layers and (lookup.l2_leader or lookup.skipped):
                 group = SemanticIndex.group_of("vector", entry.index_key, entry.filter, entry.k)
-                self._l2.add(group, entry.vector, entry.key)
+                self._l2.add(group, entry.vector, entry.key, cost_ms=entry.compute_ms)
         self.payloads.trim(scopes_of(entry.index_key))  # the entry took room from L3
         return outcome
 
@@ -560,8 +634,9 @@ class CacheController:
         parked = self._parked.pop(qkey)
         if parked is None:
             return
-        lookup, entry, decision, parked_s = parked
+        lookup, held, decision, parked_s = parked
         try:
+            entry = held.build() if isinstance(held, _Raw) else held
             outcome = self._store(lookup, entry, decision, parked_s)
         except ValueError:  # its index's sequence was reset under it: never served
             outcome = None
@@ -655,7 +730,9 @@ class CacheController:
                     self._l2.remove(match.key)
                     del self._any_write[match.key]
                     match = None
-        if match is not None and bool(serves(match.distance, threshold)):
+        if match is not None and reuses(
+            match.distance, match.cost_ms, threshold, self.l2_text_penalty_ms, TEXT_CURVE
+        ):
             found = self._serve(match.key, k, max_age_s)
             if found is not None:
                 self._count("L2")
@@ -715,7 +792,9 @@ class CacheController:
                 if entry.key in self.cache:  # not dropped since the put: no dangling link
                     self._account(entry)
                     if linking:
-                        self._l2.add(group, text_embedding, entry.key, text)
+                        self._l2.add(
+                            group, text_embedding, entry.key, text, cost_ms=entry.compute_ms
+                        )
             self.payloads.trim(scopes_of(entry.index_key))
         elif any_write and not outcome.stored:  # an older entry of the key stays as it was
             with self._lock:
@@ -817,8 +896,78 @@ class CacheController:
 _LINKS = "links"  # CachedResult.derived: the (L1, L2) bytes charged to the entry
 
 
-# a parked offer: its lookup, entry, decision and time.time() when parked
-_ParkedItem = tuple[CacheLookup, CachedResult, AdmissionDecision, float]
+class FreshHit(Protocol):
+    """A hit of a fresh search as the search path holds it (``streams.index.model.Hit``)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def score(self) -> float: ...
+    @property
+    def meta(self) -> str | None: ...
+
+
+class _Raw:
+    """A lazy miss's fresh result, parked as the search returned it (:meth:`
+    CacheController.park_fresh`). It carries what the admission policy reads of an entry
+    (``key``, ``index_key``, ``filter``, ``compute_ms``, ``nbytes``: the entry's own
+    estimate, :func:`estimate_nbytes`), and :meth:`build` makes the entry when the query
+    repeats (most never do: then nothing is built)."""
+
+    __slots__ = (
+        "applied", "compute_ms", "created_s", "depends", "filter", "hits", "index_key",
+        "k", "key", "labels", "metric", "nbytes", "vector",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        key: QueryKey,
+        index_key: str,
+        metric: Metric,
+        vector: Vector,
+        k: int,
+        flt: Filter | None,
+        labels: tuple[int, ...],
+        hits: tuple[FreshHit, ...],
+        applied: tuple[str, ...],
+        compute_ms: float,
+        created_s: float,
+        depends: tuple[tuple[str, Probe], ...],
+        nbytes: int,
+    ) -> None:
+        self.key = key
+        self.index_key = index_key
+        self.metric = metric
+        self.vector = vector
+        self.k = k
+        self.filter = flt
+        self.labels = labels
+        self.hits = hits
+        self.applied = applied
+        self.compute_ms = compute_ms
+        self.created_s = created_s
+        self.depends = depends
+        self.nbytes = nbytes
+
+    def build(self) -> CachedResult:
+        """The entry, as an eager offer would have built it at the first search (its
+        ``created_s`` that search's); checked as :func:`trusted_result` checks."""
+        hits = self.hits
+        entry = trusted_result(
+            self.key, self.index_key, self.metric, self.vector, self.k, self.filter,
+            self.labels, tuple([h.id for h in hits]), tuple([h.score for h in hits]),
+            tuple([h.meta for h in hits]), self.applied, self.compute_ms, self.created_s,
+            self.depends,
+        )  # fmt: skip
+        entry.derived["nbytes"] = self.nbytes  # the same estimate the decision charged
+        return entry
+
+
+# the policies whose decide() reads only key, index_key, filter, compute_ms and nbytes
+_DRAFT_POLICIES: frozenset[type] = frozenset({AdmitAll, PolicyHolder})
+
+# a parked offer: its lookup, entry (or raw result), decision and time.time() when parked
+_ParkedItem = tuple[CacheLookup, "CachedResult | _Raw", AdmissionDecision, float]
 
 
 class _Parked:
@@ -842,7 +991,9 @@ class _Parked:
         # (stale, unverifiable, disabled, evicted); dropped: pushed out unrequested
         self.counts = {"parked": 0, "promoted": 0, "not_stored": 0, "dropped": 0}
 
-    def park(self, lookup: CacheLookup, entry: CachedResult, decision: AdmissionDecision) -> bool:
+    def park(
+        self, lookup: CacheLookup, entry: CachedResult | _Raw, decision: AdmissionDecision
+    ) -> bool:
         """Park ``entry``; False (not parked) when it alone is over ``max_bytes``."""
         nbytes = entry.nbytes
         if nbytes > self.max_bytes:

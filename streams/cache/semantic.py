@@ -6,7 +6,18 @@ searched fresh, and its point becomes the representative of a new cluster holdin
 result; a later query within the threshold of it joins that cluster (is served its result).
 Points are compared by cosine distance ``1 - cos``; for spaces whose metric is not cosine
 (inner product, L2) the log of the norm ratio is added, since there a scaled query ranks or
-scores differently. The rule is :func:`serves`: distance at most the threshold.
+scores differently. The rule is :func:`reuses` (cost-aware, below); :func:`serves` is its
+distance-only part (distance at most the threshold, the hard cap).
+
+Cost-aware reuse (:func:`reuses`): serving a cluster's result saves the search it cost
+(``c``, the representative entry's ``compute_ms``) and risks a wrong answer, which costs the
+user ``penalty`` ms. Reuse pays when ``c * (1 - p) > penalty * p``, i.e. when the
+false-hit rate at that distance ``p = p_wrong(d) <= c / (c + penalty)``. ``p_wrong`` is a
+:class:`FalseHitCurve` measured on QQP (:data:`TEXT_CURVE` with the text stage,
+:data:`VECTOR_CURVE` by distance alone), nondecreasing, so the rule is a distance bar
+that grows with the cost: a cheap search is reused only very close, a costly one farther,
+never beyond the threshold (the cap). ``penalty`` 0 turns the cost part off (distance at
+most the cap, the rule before). One bisect in a table of about 20 steps per lookup.
 
 On the text path a second stage follows (:mod:`streams.cache.agreement`): when the query
 comes with its text and a representative was added with its text, that representative
@@ -31,6 +42,7 @@ there exactly like an L0 entry. This class is the index of representatives only:
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,12 +56,20 @@ from streams.index.filters import Filter
 from streams.index.model import Metric
 
 __all__ = [
+    "CURVE_EDGES",
     "DEFAULT_L2_AGREEMENT",
+    "DEFAULT_L2_PENALTY_MS",
+    "DEFAULT_L2_TEXT_PENALTY_MS",
     "DEFAULT_L2_TEXT_THRESHOLD",
     "DEFAULT_L2_THRESHOLD",
     "DEFAULT_L2_VECTOR_THRESHOLD",
+    "REFERENCE_COST_MS",
+    "TEXT_CURVE",
+    "VECTOR_CURVE",
+    "FalseHitCurve",
     "SemanticIndex",
     "SemanticMatch",
+    "reuses",
     "serves",
     "verified",
 ]
@@ -70,6 +90,87 @@ F32 = npt.NDArray[np.float32]
 Group = tuple[str, str, str, int]
 
 
+@dataclass(frozen=True, slots=True)
+class FalseHitCurve:
+    """``p_wrong(d)``: the share of wrong answers among the hits served at cosine distance
+    ``d``, a nondecreasing step function: ``rates[0]`` on ``[0, edges[0]]``, ``rates[i]`` on
+    ``(edges[i-1], edges[i]]``, 1.0 beyond the last edge (not measured: the cost rule never
+    reuses there)."""
+
+    edges: tuple[float, ...]
+    rates: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.edges) != len(self.rates) or not self.edges:
+            raise ValueError("a curve needs one rate per edge")
+        if list(self.edges) != sorted(set(self.edges)) or list(self.rates) != sorted(self.rates):
+            raise ValueError("edges must increase and rates must not decrease")
+
+    def p_wrong(self, distance: float) -> float:
+        i = bisect_left(self.edges, distance)
+        return self.rates[i] if i < len(self.rates) else 1.0
+
+    def max_distance(self, cost_ms: float, penalty_ms: float) -> float:
+        """The largest distance :func:`reuses` serves at this cost (before the cap); -1
+        when none (the curve's first rate is already above ``c / (c + penalty)``)."""
+        if penalty_ms <= 0.0:
+            return math.inf
+        ratio = cost_ms / (cost_ms + penalty_ms) if cost_ms > 0.0 else 0.0
+        j = bisect_right(self.rates, ratio)
+        return self.edges[j - 1] if j else -1.0
+
+
+# p_wrong(d) measured on the even rows of QQP with the default offline embedder: pairs
+# binned by distance, the false-hit share per bin, made nondecreasing by pooling adjacent
+# violators (isotonic regression weighted by the pairs per bin). TEXT_CURVE: the pairs the
+# text stage passes at DEFAULT_L2_AGREEMENT (the text path); VECTOR_CURVE: all pairs,
+# distance alone (the vector path has no text; QQP text embeddings are the only labelled
+# stand-in we have). Produced by
+#   .venv/bin/python -m bench.semantic_eval --json /tmp/qqp.json   (its "calibration")
+# and checked against that procedure by tests/test_issue4_audit.py (slow).
+CURVE_EDGES = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02,
+    0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
+)  # fmt: skip
+TEXT_CURVE = FalseHitCurve(
+    CURVE_EDGES,
+    (
+        0.031, 0.031, 0.031, 0.039, 0.039, 0.039, 0.039, 0.050, 0.050,
+        0.091, 0.154, 0.168, 0.168, 0.260, 0.310, 0.421, 0.652,
+    ),
+)  # fmt: skip
+VECTOR_CURVE = FalseHitCurve(
+    CURVE_EDGES,
+    (
+        0.096, 0.096, 0.096, 0.096, 0.127, 0.127, 0.127, 0.171, 0.172,
+        0.218, 0.279, 0.279, 0.303, 0.337, 0.382, 0.417, 0.437,
+    ),
+)  # fmt: skip
+
+# The default penalties reproduce the tuned thresholds at a typical search: the p50 of an
+# uncached search of 100k vectors (docs/benchmarks.md, ~1.5 ms). Text: c / (c + 20) = 0.070
+# lies in [0.050, 0.091), the step ending at 0.02 = DEFAULT_L2_TEXT_THRESHOLD; vector:
+# c / (c + 12) = 0.111 lies in [0.096, 0.127), the step ending at 0.003. Cheaper searches
+# get a tighter bar (text below ~0.62 ms, vector below ~1.27 ms: none), costlier ones a
+# looser one up to the cap (the thresholds; raise them to let costly searches go farther).
+REFERENCE_COST_MS = 1.5
+DEFAULT_L2_TEXT_PENALTY_MS = 20.0
+DEFAULT_L2_PENALTY_MS = 12.0  # the vector path
+
+
+def reuses(
+    distance: float, cost_ms: float, cap: float, penalty_ms: float, curve: FalseHitCurve
+) -> bool:
+    """Whether L2 serves a representative whose result cost ``cost_ms`` to a query at
+    ``distance`` (module docstring, "Cost-aware reuse"): within the cap, and the expected
+    saving ``c * (1 - p)`` is at least the expected loss ``penalty * p``."""
+    if distance > cap:
+        return False
+    if penalty_ms <= 0.0:
+        return True
+    return curve.p_wrong(distance) * (cost_ms + penalty_ms) <= cost_ms
+
+
 def serves(distance: npt.ArrayLike, threshold: float) -> npt.NDArray[np.bool_]:
     """Whether L2 reuses a cluster's result at ``distance`` from its representative."""
     out: npt.NDArray[np.bool_] = np.asarray(distance, dtype=np.float64) <= threshold
@@ -86,11 +187,13 @@ def verified(score: npt.ArrayLike, min_agreement: float) -> npt.NDArray[np.bool_
 
 @dataclass(frozen=True, slots=True)
 class SemanticMatch:
-    """The representative chosen; ``agreement`` is None when no text was compared."""
+    """The representative chosen; ``agreement`` is None when no text was compared;
+    ``cost_ms``: what its result cost to compute (given to :meth:`SemanticIndex.add`)."""
 
     key: QueryKey
     distance: float
     agreement: float | None = None
+    cost_ms: float = 0.0
 
 
 # The vector path's prefilter (SemanticIndex.nearest with ``within``): each unit row is
@@ -122,6 +225,7 @@ def _projection(dim: int) -> F32:
 
 class _Group:
     __slots__ = (
+        "costs",
         "keys",
         "lognorm",
         "points",
@@ -139,6 +243,7 @@ class _Group:
         self.projection = _projection(dim) if dim > PROJ_DIMS else None
         self.proj = np.zeros((PROJ_DIMS + 1, 8), dtype=np.float32)  # transposed, see above
         self.lognorm = np.zeros(8, dtype=np.float64)
+        self.costs: list[float] = [0.0] * 8
         self.keys: list[QueryKey | None] = [None] * 8
         self.texts: list[TextFeatures | None] = [None] * 8
         self.rows: dict[QueryKey, int] = {}
@@ -231,7 +336,7 @@ class SemanticIndex:
                     continue
             key = g.keys[i]
             assert key is not None
-            return SemanticMatch(key, max(0.0, float(dist[i])), score)
+            return SemanticMatch(key, max(0.0, float(dist[i])), score, g.costs[i])
         return None
 
     @classmethod
@@ -260,9 +365,10 @@ class SemanticIndex:
             d = float(dist[j])
         if d > within:
             return None
-        key = g.keys[int(near[j])]
+        i = int(near[j])
+        key = g.keys[i]
         assert key is not None
-        return SemanticMatch(key, max(0.0, d), None)
+        return SemanticMatch(key, max(0.0, d), None, g.costs[i])
 
     @staticmethod
     def _closest(
@@ -281,13 +387,20 @@ class SemanticIndex:
             return None
         key = g.keys[i]
         assert key is not None
-        return SemanticMatch(key, max(0.0, d), None)
+        return SemanticMatch(key, max(0.0, d), None, g.costs[i])
 
     def add(
-        self, group: Group, point: npt.ArrayLike, key: QueryKey, text: str | None = None
+        self,
+        group: Group,
+        point: npt.ArrayLike,
+        key: QueryKey,
+        text: str | None = None,
+        *,
+        cost_ms: float = 0.0,
     ) -> bool:
         """Make ``point`` the representative of a new cluster holding ``key``'s result,
-        with ``text`` for the text stage; False (nothing added) when the group is full,
+        with ``text`` for the text stage and ``cost_ms`` (what the result cost: what a
+        hit saves, for :func:`reuses`); False (nothing added) when the group is full,
         the point is zero or of another dim, or the normaliser refuses the text (the
         lookup with that text was refused already)."""
         try:
@@ -311,6 +424,7 @@ class SemanticIndex:
             g.proj = np.hstack([g.proj, np.zeros_like(g.proj)])[:, :cap].copy()
             g.keys += [None] * g.size
             g.texts += [None] * g.size
+            g.costs += [0.0] * g.size
         i = g.size
         g.points[i] = p
         g.lognorm[i] = lognorm
@@ -320,6 +434,7 @@ class SemanticIndex:
             g.proj[PROJ_DIMS, i] = -0.5 * float(pr @ pr)
         g.keys[i] = key
         g.texts[i] = feats
+        g.costs[i] = cost_ms
         g.texted += feats is not None
         g.rows[key] = i
         g.size += 1
@@ -342,6 +457,7 @@ class SemanticIndex:
             g.proj[:, i] = g.proj[:, last]
             g.keys[i] = moved
             g.texts[i] = g.texts[last]
+            g.costs[i] = g.costs[last]
             g.rows[moved] = i
         g.keys[last] = None
         g.texts[last] = None

@@ -29,7 +29,12 @@ import faiss
 from streams.cache import CacheController, CacheInvalidator, ResultCache
 from streams.cache.eviction import EvictionName
 from streams.cache.policy import GuardConfig
-from streams.cache.semantic import DEFAULT_L2_TEXT_THRESHOLD, DEFAULT_L2_VECTOR_THRESHOLD
+from streams.cache.semantic import (
+    DEFAULT_L2_PENALTY_MS,
+    DEFAULT_L2_TEXT_PENALTY_MS,
+    DEFAULT_L2_TEXT_THRESHOLD,
+    DEFAULT_L2_VECTOR_THRESHOLD,
+)
 from streams.capacity import CapacityManager
 from streams.dlq import DeadLetterQueue
 from streams.index.vector_index import VectorIndex
@@ -90,6 +95,8 @@ class QueryNode:
         cache_layers: tuple[str, ...] = ("L0", "L3"),
         cache_l2_threshold: float = DEFAULT_L2_VECTOR_THRESHOLD,
         cache_l2_text_threshold: float = DEFAULT_L2_TEXT_THRESHOLD,
+        cache_l2_penalty_ms: float = DEFAULT_L2_PENALTY_MS,
+        cache_l2_text_penalty_ms: float = DEFAULT_L2_TEXT_PENALTY_MS,
         cache_tenant_budget_bytes: int | None = None,
         cache_background_offers: bool = False,
         cache_eviction: EvictionName = "gdsf",
@@ -125,6 +132,7 @@ class QueryNode:
         layers = CacheController(
             self.cache, default_layers=cache_layers, l2_threshold=cache_l2_threshold,
             l2_text_threshold=cache_l2_text_threshold,
+            l2_penalty_ms=cache_l2_penalty_ms, l2_text_penalty_ms=cache_l2_text_penalty_ms,
             background_offers=cache_background_offers,
             admit_after=cache_admit_after,
             lazy_offers=cache_lazy_offers) if self.cache else None
