@@ -265,12 +265,24 @@ def policy_eval(
     bound: Annotated[
         str, typer.Option(help="lp (LP relaxation, HiGHS) | knapsack (looser, cheaper)")
     ] = "lp",
+    l2: Annotated[
+        bool,
+        typer.Option("--l2", help="also model an L2 that serves a near-duplicate from a cached "
+                     "sibling of its cluster; report its hits and false hits"),
+    ] = False,
+    l2_precision: Annotated[
+        float,
+        typer.Option("--l2-precision", min=0.0, max=1.0,
+                     help="share of L2 serves that are the right answer (default: QQP)"),
+    ] = 0.951,
 ) -> None:
     """Replay traces through LRU, LFU, GDSF, the rules, the bandit (VW admission/TTL over
-    GDSF) and the learned policy (learned eviction) at equal memory, and compare the proxy
-    cost each saves with the offline bound."""
+    GDSF), the learned policy (learned eviction) and the combined one (VW admission/TTL in
+    front of the learned eviction) at equal memory, and compare the proxy cost each saves
+    with the offline bound. The table ends with what each row contains."""
     from streams.policy import (
         POLICIES,
+        POLICY_HELP,
         WORKLOADS,
         PolicyError,
         Request,
@@ -306,6 +318,7 @@ def policy_eval(
                 bound="knapsack" if bound == "knapsack" else "lp",
                 progress=lambda n: progress.advance(task, n),
                 stage=lambda text: progress.update(task, description=text),
+                l2_precision=l2_precision if l2 else None, seed=seed,
             ))
     for rep in reports:
         b, k = rep.bound, rep.knapsack
@@ -317,11 +330,22 @@ def policy_eval(
             caption=f"bound ({b.method}): {b.savings / b.total_cost:.1%} of proxy cost "
             f"saved; knapsack bound {k.savings / k.total_cost:.1%}",
         )
+        if l2:
+            for col in ("+L2 hit ratio", "+L2 cost saved", "false hits"):
+                table.add_column(col)
         for r in rep.rows:
-            table.add_row(r.policy, f"{r.hit_ratio:.3f}", f"{r.saved_share:.1%}",
-                          f"{r.bound_share:.1%}", f"{r.vs_lru:.2f}x",
-                          f"{r.mean_bytes / 2**20:.1f}")
+            cells = [r.policy, f"{r.hit_ratio:.3f}", f"{r.saved_share:.1%}",
+                     f"{r.bound_share:.1%}", f"{r.vs_lru:.2f}x", f"{r.mean_bytes / 2**20:.1f}"]
+            if l2:
+                cells += [f"{r.l2_hit_ratio:.3f}", f"{r.l2_saved_share:.1%}",
+                          f"{r.false_hits} ({r.false_hit_ratio:.2%})"]
+            table.add_row(*cells)
         console.print(table)
+    for name, text in POLICY_HELP.items():
+        console.print(f"  {name}: {text}")
+    if l2:
+        console.print(f"  +L2: an L2 serves an L0 miss from a cached sibling of its cluster, "
+                      f"right with probability {l2_precision:g}; false hits are not hits")
     if json_out is not None:
         json_out.write_text(json.dumps(reports_to_json(reports), indent=2))
         console.print(f"wrote {json_out}")

@@ -79,8 +79,12 @@ def test_belady_bypasses_the_key_needed_last() -> None:
 
 
 def test_gdsf_keeps_the_expensive_entry() -> None:
-    trace = [Request(0, "X", 5, 10.0), Request(1, "Y", 5, 1.0), Request(2, "Z", 5, 1.0),
-             Request(3, "X", 5, 10.0)]
+    trace = [
+        Request(0, "X", 5, 10.0),
+        Request(1, "Y", 5, 1.0),
+        Request(2, "Z", 5, 1.0),
+        Request(3, "X", 5, 10.0),
+    ]
     gdsf = replay(GDSFCache(10), trace)
     assert (gdsf.hits, gdsf.saved_cost) == (1, 10.0)  # Z evicted Y (H 0.2 < X's 2.0)
     assert replay(LRUCache(10), trace).hits == 0  # LRU evicted X
@@ -140,15 +144,17 @@ def test_lp_bound_is_belady_on_unit_traces(keys: str, capacity: int) -> None:
 
 requests_st = st.lists(
     st.tuples(st.sampled_from("abcdef"), st.integers(1, 6), st.integers(0, 20)),
-    min_size=1, max_size=30,
+    min_size=1,
+    max_size=30,
 )
 
 
 def weighted(rows: list[tuple[str, int, int]]) -> list[Request]:
     """A trace whose keys keep one size (the first drawn); costs vary per request."""
     size: dict[str, int] = {}
-    return [Request(float(i), k, size.setdefault(k, s), float(c))
-            for i, (k, s, c) in enumerate(rows)]
+    return [
+        Request(float(i), k, size.setdefault(k, s), float(c)) for i, (k, s, c) in enumerate(rows)
+    ]
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -160,7 +166,9 @@ def test_bound_is_at_least_every_policy(rows: list[tuple[str, int, int]], budget
     tol = 1e-6 * max(1.0, lp.total_cost)
     assert lp.savings <= knap.savings + tol  # the knapsack relaxes the LP further
     sims: list[CacheSimulator] = [
-        LRUCache(budget), LFUCache(budget), GDSFCache(budget),
+        LRUCache(budget),
+        LFUCache(budget),
+        GDSFCache(budget),
         ControlledCache(budget, RuleAdmission()),
         ControlledCache(budget, TablePolicy(epsilon=0.5, seed=len(rows))),
     ]
@@ -215,12 +223,19 @@ def test_trace_round_trips_and_reports_bad_lines(tmp_path: Path) -> None:
 
 
 def test_join_observes_the_taken_action_and_hindsights_the_others() -> None:
-    trace = [Request(0.0, "A", 100, 2.0), Request(10.0, "A", 100, 2.0),
-             Request(20.0, "A", 100, 2.0), Request(100.0, "A", 100, 2.0)]
-    log = ReplayLog(bytearray([0, 1, 1, 0]), [
-        LoggedDecision(0, Decision("ttl30", True, 30.0, 0.9, "b")),
-        LoggedDecision(3, Decision("ttl30", True, 30.0, 0.9, "b")),
-    ])
+    trace = [
+        Request(0.0, "A", 100, 2.0),
+        Request(10.0, "A", 100, 2.0),
+        Request(20.0, "A", 100, 2.0),
+        Request(100.0, "A", 100, 2.0),
+    ]
+    log = ReplayLog(
+        bytearray([0, 1, 1, 0]),
+        [
+            LoggedDecision(0, Decision("ttl30", True, 30.0, 0.9, "b")),
+            LoggedDecision(3, Decision("ttl30", True, 30.0, 0.9, "b")),
+        ],
+    )
     join = OutcomeJoin([t for _, t in ACTIONS])
     joined = join.advance(trace, log, 4) + join.flush()
     first = next(j for j in joined if j.index == 0)
@@ -272,11 +287,23 @@ def test_public_surface() -> None:
 
 def test_cli_policy_eval(tmp_path: Path) -> None:
     out = tmp_path / "r.json"
-    res = CliRunner().invoke(app, ["policy", "eval", "--workload", "latest", "--requests",
-                                   "3000", "--bound", "knapsack", "--json", str(out)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "policy",
+            "eval",
+            "--workload",
+            "latest",
+            "--requests",
+            "3000",
+            "--bound",
+            "knapsack",
+            "--json",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     report = json.loads(out.read_text())["reports"][0]
     assert [p["policy"] for p in report["policies"]] == list(policy.POLICIES)
     assert report["bound"]["method"] == "knapsack"
-    assert all(p["saved_cost"] <= report["bound"]["savings"] + 1e-6
-               for p in report["policies"])
+    assert all(p["saved_cost"] <= report["bound"]["savings"] + 1e-6 for p in report["policies"])

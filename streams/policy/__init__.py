@@ -8,6 +8,8 @@ Domain code: no I/O except reading and writing traces (:mod:`.trace`). The piece
   outcomes; :mod:`.learned` the VW bandit and its exported table.
 - :mod:`.eviction` the learned eviction: the hit-density table learned from the log, the
   shadow caches that pick a table, and :class:`EvictionTable`, the hot-path rank.
+- :mod:`.simulator` also models an L2 (:class:`L2Model`): near-duplicate serves from a
+  cached sibling, right or false (a labelled probability), beside the exact L0 figures.
 - :mod:`.bounds` Belady and the LP / knapsack upper bounds; :mod:`.evaluate` all of it.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 from streams.policy.bounds import Bound, belady_hits, knapsack_bound, lp_bound
 from streams.policy.evaluate import (
     POLICIES,
+    POLICY_HELP,
     PolicyRow,
     WorkloadReport,
     default_budget,
@@ -24,6 +27,7 @@ from streams.policy.evaluate import (
     reports_to_json,
 )
 from streams.policy.eviction import (
+    BanditEvictingCache,
     EvictingCache,
     EvictionConfig,
     EvictionRun,
@@ -32,10 +36,12 @@ from streams.policy.eviction import (
 )
 from streams.policy.exceptions import BoundUnavailable, PolicyError, TraceFormatError
 from streams.policy.learned import (
+    CombinedRun,
     LearnerConfig,
     PolicyLearner,
     PolicyTable,
     TablePolicy,
+    replay_bandit_eviction,
     replay_learned,
 )
 from streams.policy.policies import (
@@ -45,15 +51,19 @@ from streams.policy.policies import (
     LRUCache,
     RuleAdmission,
 )
-from streams.policy.simulator import Decision, SimResult, replay
+from streams.policy.simulator import L2_PRECISION, Decision, L2Model, SimResult, replay
 from streams.policy.trace import Request, read_trace, write_trace
 from streams.policy.workloads import WORKLOADS, generate
 
 __all__ = [
+    "L2_PRECISION",
     "POLICIES",
+    "POLICY_HELP",
     "WORKLOADS",
+    "BanditEvictingCache",
     "Bound",
     "BoundUnavailable",
+    "CombinedRun",
     "ControlledCache",
     "Decision",
     "EvictingCache",
@@ -61,6 +71,7 @@ __all__ = [
     "EvictionRun",
     "EvictionTable",
     "GDSFCache",
+    "L2Model",
     "LFUCache",
     "LRUCache",
     "LearnerConfig",
@@ -83,6 +94,7 @@ __all__ = [
     "lp_bound",
     "read_trace",
     "replay",
+    "replay_bandit_eviction",
     "replay_learned",
     "replay_learned_eviction",
     "reports_to_json",

@@ -82,9 +82,13 @@ def reuse_intervals(requests: Sequence[Request], budget_bytes: int) -> Intervals
             sz.append(requests[i].size)
             gn.append(r.cost)
         last[r.key] = j
-    return Intervals(np.array(st, dtype=np.int64), np.array(en, dtype=np.int64),
-                     np.array(sz, dtype=np.float64), np.array(gn, dtype=np.float64),
-                     len(requests))
+    return Intervals(
+        np.array(st, dtype=np.int64),
+        np.array(en, dtype=np.int64),
+        np.array(sz, dtype=np.float64),
+        np.array(gn, dtype=np.float64),
+        len(requests),
+    )
 
 
 def knapsack_bound(requests: Sequence[Request], budget_bytes: int) -> Bound:
@@ -106,8 +110,9 @@ def knapsack_bound(requests: Sequence[Request], budget_bytes: int) -> Bound:
     return Bound("knapsack", savings, total, time.perf_counter() - t0)
 
 
-def lp_bound(requests: Sequence[Request], budget_bytes: int, *,
-             max_requests: int = 400_000) -> Bound:
+def lp_bound(
+    requests: Sequence[Request], budget_bytes: int, *, max_requests: int = 400_000
+) -> Bound:
     """The LP relaxation of the interval formulation (FOO), solved by HiGHS via scipy.
 
     Raises :class:`BoundUnavailable` without scipy, above ``max_requests``, or if the solver

@@ -44,6 +44,7 @@ table.
 from __future__ import annotations
 
 import bisect
+import heapq
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -52,7 +53,9 @@ from typing import Any
 
 import numpy as np
 
-from streams.policy.simulator import CacheSimulator, Decision, Meter, SimResult
+from streams.policy.context import Context, ContextTracker
+from streams.policy.policies import AdmissionPolicy, CacheState
+from streams.policy.simulator import CacheSimulator, Decision, L2Model, Meter, SimResult
 from streams.policy.trace import Request
 
 __all__ = [
@@ -249,6 +252,9 @@ class EvictingCache(CacheSimulator):
             raise ValueError(f"no key counts kept for tau {tau:g} s")
         self._table = table
         self._ci = self.counts.taus.index(tau)
+
+    def holds(self, key: str) -> bool:
+        return key in self._entries
 
     def priority_of(self, key: str, now: float) -> float:
         e = self._entries[key]
@@ -498,6 +504,8 @@ def replay_learned_eviction(
     budget_bytes: int,
     config: EvictionConfig | None = None,
     progress: Callable[[int], None] | None = None,
+    *,
+    l2: L2Model | None = None,
 ) -> EvictionRun:
     """Replay ``requests`` through the learned eviction, learning online from the log.
 
@@ -515,6 +523,7 @@ def replay_learned_eviction(
         samples=cfg.samples,
         seed=cfg.seed,
     )
+    cache.l2 = l2
     meter = Meter()
     n = len(requests)
     ends = sorted(
@@ -538,3 +547,101 @@ def replay_learned_eviction(
                 cache.table = table
         start = stop
     return EvictionRun(meter.result(cache), cache.table, tuple(selector.picks))
+
+
+class BanditEvictingCache(EvictingCache):
+    """The learned policy with the bandit in front: admission and idle TTL from an
+    :class:`~streams.policy.policies.AdmissionPolicy` (the VW table,
+    :class:`~streams.policy.learned.TablePolicy`), eviction by the learned rank.
+
+    A miss goes first to the admission policy (it sees the same :class:`Context` and
+    :class:`CacheState` as in :class:`~streams.policy.policies.ControlledCache`); if it
+    admits, the sampled eviction makes room, and with ``rank_admission`` a miss ranked below
+    the victim is still bypassed (logged as a bypass in the bandit's bucket, probability 1).
+    An admitted entry not hit for its TTL expires (not logged as an eviction: the join
+    knows the TTL).
+    """
+
+    def __init__(
+        self,
+        budget_bytes: int,
+        table: EvictionTable,
+        policy: AdmissionPolicy,
+        *,
+        counts: KeyCounts,
+        samples: int = 32,
+        seed: int = 0,
+        rank_admission: bool = True,
+        price_window_s: float = 60.0,
+        name: str = "learned",
+    ) -> None:
+        super().__init__(budget_bytes, table, counts=counts, samples=samples, seed=seed, name=name)
+        self.policy = policy
+        self.rank_admission = rank_admission
+        self.tracker = ContextTracker()
+        self._window = price_window_s
+        self._saved = 0.0
+        self._t = 0.0
+        self._ctx: Context | None = None
+        self._ttl: dict[str, tuple[float, float]] = {}  # key -> (ttl, expires)
+        self._expiry: list[tuple[float, str]] = []
+
+    def _lookup(self, index: int, req: Request) -> bool:
+        now = req.time
+        if now > self._t:
+            self._saved *= math.exp(-(now - self._t) / self._window)
+            self._t = now
+        while self._expiry and self._expiry[0][0] <= now:
+            expires, key = heapq.heappop(self._expiry)
+            held = self._ttl.get(key)
+            if held is not None and held[1] == expires:
+                self._drop(key)
+        self._ctx = self.tracker.observe(req)
+        hit = super()._lookup(index, req)
+        if hit:
+            self._saved += req.cost
+            held = self._ttl.get(req.key)
+            if held is not None:
+                self._ttl[req.key] = (held[0], now + held[0])
+                heapq.heappush(self._expiry, (now + held[0], req.key))
+        return hit
+
+    def _drop(self, key: str) -> None:
+        i = self._pos.pop(key)
+        last = self._keys.pop()
+        if last != key:
+            self._keys[i] = last
+            self._pos[last] = i
+        self.used_bytes -= self._entries.pop(key).size
+        self._ttl.pop(key, None)
+
+    def _evict(self, index: int, key: str, now: float) -> None:
+        super()._evict(index, key, now)
+        self._ttl.pop(key, None)
+
+    def _on_miss(self, index: int, req: Request) -> Decision:
+        now = req.time
+        state = CacheState(
+            now, self.used_bytes, self.budget_bytes, self._saved / self._window / self.budget_bytes
+        )
+        assert self._ctx is not None
+        decision = self.policy.decide(index, req, self._ctx, state)
+        if not decision.admitted:
+            return decision
+        s = self._stats[req.key]
+        mine = self._table.priority(
+            req.size, req.cost, s.counts[self._ci], s.context, 0.0, now - s.first
+        )
+        while self.used_bytes + req.size > self.budget_bytes:
+            victim, low = self._victim(now)
+            if self.rank_admission and low > mine:
+                return Decision("bypass", False, None, 1.0, decision.bucket)
+            self._evict(index, victim, now)
+        self._pos[req.key] = len(self._keys)
+        self._keys.append(req.key)
+        self._entries[req.key] = _Entry(req.size, req.cost, s)
+        self.used_bytes += req.size
+        if decision.ttl_s is not None:
+            self._ttl[req.key] = (decision.ttl_s, now + decision.ttl_s)
+            heapq.heappush(self._expiry, (now + decision.ttl_s, req.key))
+        return decision

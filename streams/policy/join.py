@@ -101,8 +101,9 @@ class OutcomeJoin:
             return self.ttls.index(None)
         return self.ttls.index(d.decision.ttl_s)
 
-    def advance(self, requests: Sequence[Request], log: ReplayLog, upto: int) -> list[
-            JoinedDecision]:
+    def advance(
+        self, requests: Sequence[Request], log: ReplayLog, upto: int
+    ) -> list[JoinedDecision]:
         out: list[JoinedDecision] = []
         decisions = log.decisions
         for i in range(self.consumed, upto):
@@ -118,19 +119,24 @@ class OutcomeJoin:
                     else:
                         keep.append(p)
                 plist[:] = keep
-            while self._next_decision < len(decisions) and decisions[
-                    self._next_decision].index < i:
+            while self._next_decision < len(decisions) and decisions[self._next_decision].index < i:
                 self._next_decision += 1  # decisions logged before the join started
             if self._next_decision < len(decisions) and decisions[self._next_decision].index == i:
                 d = decisions[self._next_decision]
                 self._next_decision += 1
-                p = _Pending(i, req.time, d.decision.bucket, self._action_of(d),
-                             d.decision.probability, req.size, d.decision.ttl_s,
-                             d.decision.admitted)
+                p = _Pending(
+                    i,
+                    req.time,
+                    d.decision.bucket,
+                    self._action_of(d),
+                    d.decision.probability,
+                    req.size,
+                    d.decision.ttl_s,
+                    d.decision.admitted,
+                )
                 self._pending.setdefault(req.key, []).append(p)
             evictions = log.evictions
-            while self._next_eviction < len(evictions) and evictions[
-                    self._next_eviction][0] <= i:
+            while self._next_eviction < len(evictions) and evictions[self._next_eviction][0] <= i:
                 _, key, _ = evictions[self._next_eviction]
                 self._next_eviction += 1
                 self._evictions_logged = True
@@ -185,8 +191,9 @@ class OutcomeJoin:
                 outcomes.append(Outcome(0.0, 0.0, a == p.action))
             else:
                 outcomes.append(self._hindsight(p, ttl))
-        return JoinedDecision(p.index, p.t0, p.bucket, p.action, p.probability, p.size,
-                              tuple(outcomes))
+        return JoinedDecision(
+            p.index, p.t0, p.bucket, p.action, p.probability, p.size, tuple(outcomes)
+        )
 
     def _held(self, p: _Pending) -> float:
         """Seconds the admitted entry held its bytes: until it was seen gone (evicted, or

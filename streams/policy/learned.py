@@ -33,6 +33,12 @@ from typing import Any, cast
 import vowpal_wabbit_next as vw
 
 from streams.policy.context import Context
+from streams.policy.eviction import (
+    BanditEvictingCache,
+    EvictionConfig,
+    EvictionTable,
+    ExpertSelector,
+)
 from streams.policy.join import JoinedDecision, OutcomeJoin
 from streams.policy.policies import (
     TTL_BUCKETS_S,
@@ -41,21 +47,24 @@ from streams.policy.policies import (
     ControlledCache,
     RuleAdmission,
 )
-from streams.policy.simulator import Decision, Meter, ReplayLog, SimResult
+from streams.policy.simulator import Decision, L2Model, Meter, ReplayLog, SimResult
 from streams.policy.trace import Request
 
 __all__ = [
     "ACTIONS",
+    "CombinedRun",
     "LearnedRun",
     "LearnerConfig",
     "PolicyLearner",
     "PolicyTable",
     "TablePolicy",
+    "replay_bandit_eviction",
     "replay_learned",
 ]
 
 ACTIONS: tuple[tuple[str, float | None], ...] = (
-    ("bypass", None), *((f"ttl{t:g}", t) for t in TTL_BUCKETS_S),
+    ("bypass", None),
+    *((f"ttl{t:g}", t) for t in TTL_BUCKETS_S),
 )
 _TTLS = tuple(t for _, t in ACTIONS)
 _INDEX = {name: i for i, (name, _) in enumerate(ACTIONS)}
@@ -73,8 +82,12 @@ class PolicyTable:
 
     def to_json(self) -> dict[str, Any]:
         """JSON form for the ``policy`` topic (the model travels as its own field)."""
-        return {"version": self.version, "actions": list(self.actions),
-                "epsilon": self.epsilon, "table": dict(sorted(self.entries.items()))}
+        return {
+            "version": self.version,
+            "actions": list(self.actions),
+            "epsilon": self.epsilon,
+            "table": dict(sorted(self.entries.items())),
+        }
 
 
 class TablePolicy:
@@ -82,8 +95,9 @@ class TablePolicy:
 
     name = "learned"
 
-    def __init__(self, *, epsilon: float = 0.05, seed: int = 0,
-                 fallback: AdmissionPolicy | None = None) -> None:
+    def __init__(
+        self, *, epsilon: float = 0.05, seed: int = 0, fallback: AdmissionPolicy | None = None
+    ) -> None:
         self.table: PolicyTable | None = None
         self.epsilon = epsilon
         self.fallback = fallback or RuleAdmission()
@@ -109,7 +123,7 @@ def _features(bucket: str, generalize: bool) -> str:
     if not generalize:
         return own
     parts = bucket.split(".")
-    pairs = [f"{a}{b}" for i, a in enumerate(parts) for b in parts[i + 1:]]
+    pairs = [f"{a}{b}" for i, a in enumerate(parts) for b in parts[i + 1 :]]
     return " ".join([own, *parts, *pairs])
 
 
@@ -132,7 +146,14 @@ class LearnerConfig:
     # power_t 1: per-feature steps shrink as 1/n, so a bucket's estimate is close to the
     # mean of its (heavy-tailed) outcomes rather than a recency-weighted guess.
     vw_args: tuple[str, ...] = (
-        "--cb_explore_adf", "-q", "SA", "--power_t", "1", "--quiet", "-b", "20",
+        "--cb_explore_adf",
+        "-q",
+        "SA",
+        "--power_t",
+        "1",
+        "--quiet",
+        "-b",
+        "20",
     )
 
 
@@ -150,8 +171,13 @@ class PolicyLearner:
         self.config = config or LearnerConfig()
         self.version = 0
         self.trained = 0
-        args = [*self.config.vw_args, "--epsilon", str(self.config.epsilon),
-                "--random_seed", str(self.config.seed)]
+        args = [
+            *self.config.vw_args,
+            "--epsilon",
+            str(self.config.epsilon),
+            "--random_seed",
+            str(self.config.seed),
+        ]
         self._ws = vw.Workspace(args)
         self._parser = vw.TextFormatParser(self._ws)
         self._buckets: set[str] = set()
@@ -160,8 +186,9 @@ class PolicyLearner:
         self._last_t: float | None = None
 
     @classmethod
-    def from_model(cls, budget_bytes: int, model: bytes,
-                   config: LearnerConfig | None = None) -> PolicyLearner:
+    def from_model(
+        cls, budget_bytes: int, model: bytes, config: LearnerConfig | None = None
+    ) -> PolicyLearner:
         """A learner whose VW weights come from ``PolicyTable.model`` (the small-model form):
         :meth:`greedy` answers as the exporting learner did. The rent, cost scale and
         turnover estimates are not in the model; they start over."""
@@ -174,8 +201,9 @@ class PolicyLearner:
         """The next :meth:`observe_log` starts a new log (its clock may start over)."""
         self._last_t = None
 
-    def observe_log(self, requests: Sequence[Request], log: ReplayLog, start: int,
-                    stop: int) -> None:
+    def observe_log(
+        self, requests: Sequence[Request], log: ReplayLog, start: int, stop: int
+    ) -> None:
         """Account requests ``[start, stop)`` for the rent, cost scale and turnover."""
         first = bisect.bisect_left(log.decisions, start, key=lambda d: d.index)
         for d in log.decisions[first:]:
@@ -242,8 +270,9 @@ class PolicyLearner:
         self.version += 1
         entries = {b: self.greedy(b) for b in sorted(self._buckets)}
         model = self._ws.serialize() if with_model else b""
-        return PolicyTable(self.version, tuple(n for n, _ in ACTIONS), entries,
-                           self.config.epsilon, model)
+        return PolicyTable(
+            self.version, tuple(n for n, _ in ACTIONS), entries, self.config.epsilon, model
+        )
 
 
 def _evicted_idle_median(log: ReplayLog, last: int = 2_000) -> float | None:
@@ -272,6 +301,7 @@ def replay_learned(
     progress: Callable[[int], None] | None = None,
     *,
     learner: PolicyLearner | None = None,
+    l2: L2Model | None = None,
 ) -> LearnedRun:
     """Replay ``requests`` through the learned policy, learning online (module docstring).
 
@@ -286,6 +316,7 @@ def replay_learned(
     if learner.trained:
         policy.table = learner.export()
     cache = ControlledCache(budget_bytes, policy)
+    cache.l2 = l2
     join = OutcomeJoin(_TTLS)
     meter = Meter()
     updates = 0
@@ -306,3 +337,82 @@ def replay_learned(
     learner.learn(join.flush())
     final = learner.export(with_model=True) if learner.trained else None
     return LearnedRun(meter.result(cache), final, updates, learner)
+
+
+@dataclass(frozen=True, slots=True)
+class CombinedRun:
+    """The combined replay: its result, the bandit's last table, the last eviction table
+    and the eviction table picked per period."""
+
+    result: SimResult
+    table: PolicyTable | None
+    eviction: EvictionTable
+    picks: tuple[str, ...]
+
+
+def replay_bandit_eviction(
+    requests: Sequence[Request],
+    budget_bytes: int,
+    config: LearnerConfig | None = None,
+    eviction: EvictionConfig | None = None,
+    progress: Callable[[int], None] | None = None,
+    *,
+    rank_admission: bool = True,
+    name: str = "learned",
+    l2: L2Model | None = None,
+) -> CombinedRun:
+    """The VW bandit's admission/TTL in front of the learned eviction, both learning online
+    from the same replay log (:class:`~streams.policy.eviction.BanditEvictingCache`).
+
+    The eviction side is :func:`~streams.policy.eviction.replay_learned_eviction`'s loop
+    (shadow caches, a table picked every ``update_every`` requests); the bandit side is
+    :func:`replay_learned`'s (join, VW training, a new admission table at the same points).
+    Nothing reads the future: both tables used at request ``i`` come from requests ``< i``.
+    """
+    cfg = config or LearnerConfig()
+    ecfg = eviction or EvictionConfig()
+    learner = PolicyLearner(budget_bytes, cfg)
+    policy = TablePolicy(epsilon=cfg.epsilon, seed=cfg.seed)
+    selector = ExpertSelector(budget_bytes, ecfg)
+    cache = BanditEvictingCache(
+        budget_bytes,
+        EvictionTable.decayed(ecfg.start_tau_s),
+        policy,
+        counts=selector.counts,
+        samples=ecfg.samples,
+        seed=ecfg.seed,
+        rank_admission=rank_admission,
+        name=name,
+    )
+    cache.l2 = l2
+    join = OutcomeJoin(_TTLS)
+    meter = Meter()
+    n = len(requests)
+    ends = sorted(
+        {
+            *range(ecfg.update_every, n, ecfg.update_every),
+            n,
+            *((ecfg.warmup,) if 0 < ecfg.warmup < min(ecfg.update_every, n) else ()),
+        }
+    )
+    start = 0
+    for stop in ends:
+        for i in range(start, stop):
+            req = requests[i]
+            selector.access(i, req)
+            meter.record(req, cache.access(i, req), cache.used_bytes)
+        if progress is not None:
+            progress(stop - start)
+        learner.observe_log(requests, cache.log, start, stop)
+        measured = _evicted_idle_median(cache.log)
+        join.char_time_s = learner.char_time_s if measured is None else measured
+        learner.learn(join.advance(requests, cache.log, stop))
+        if stop < n:
+            policy.table = learner.export()
+            table = selector.update(requests, start, stop, select=stop != ecfg.warmup)
+            if table is not None:
+                cache.table = table
+        start = stop
+    learner.learn(join.flush())
+    final = learner.export(with_model=True) if learner.trained else None
+    return CombinedRun(meter.result(cache), final, cache.table, tuple(selector.picks))

@@ -54,6 +54,9 @@ class LRUCache(CacheSimulator):
         super().__init__(budget_bytes)
         self._od: OrderedDict[str, int] = OrderedDict()
 
+    def holds(self, key: str) -> bool:
+        return key in self._od
+
     def _lookup(self, index: int, req: Request) -> bool:
         if req.key in self._od:
             self._od.move_to_end(req.key)
@@ -76,6 +79,9 @@ class LFUCache(CacheSimulator):
         super().__init__(budget_bytes)
         self._entries: dict[str, tuple[int, int, int]] = {}  # key -> (count, seq, size)
         self._heap: list[tuple[int, int, str]] = []  # (count, seq, key); stale ones skipped
+
+    def holds(self, key: str) -> bool:
+        return key in self._entries
 
     def _touch(self, index: int, key: str, count: int, size: int) -> None:
         self._entries[key] = (count, index, size)
@@ -119,8 +125,7 @@ class AdmissionPolicy(Protocol):
 
     name: str
 
-    def decide(self, index: int, req: Request, ctx: Context, state: CacheState) -> Decision:
-        ...
+    def decide(self, index: int, req: Request, ctx: Context, state: CacheState) -> Decision: ...
 
 
 class AdmitAll:
@@ -143,8 +148,14 @@ class _Entry:
 class ControlledCache(CacheSimulator):
     """GDSF eviction, idle TTLs and a pluggable admission policy (module docstring)."""
 
-    def __init__(self, budget_bytes: int, policy: AdmissionPolicy, *,
-                 price_window_s: float = 60.0, tracker: ContextTracker | None = None) -> None:
+    def __init__(
+        self,
+        budget_bytes: int,
+        policy: AdmissionPolicy,
+        *,
+        price_window_s: float = 60.0,
+        tracker: ContextTracker | None = None,
+    ) -> None:
         super().__init__(budget_bytes)
         self.policy = policy
         self.name = policy.name
@@ -158,6 +169,9 @@ class ControlledCache(CacheSimulator):
         self._saved = 0.0  # exponentially weighted saved cost
         self._t = 0.0
         self._ctx: Context | None = None
+
+    def holds(self, key: str) -> bool:
+        return key in self._entries
 
     def _prioritise(self, key: str, e: _Entry) -> None:
         self._seq += 1
@@ -246,8 +260,15 @@ class RuleAdmission:
 
     name = "rules"
 
-    def __init__(self, *, prior: float = 1.0, cluster_keys: float = 4.0, margin: float = 1.0,
-                 stale_per_s: float = 0.0, ttl_gaps: float = 3.0) -> None:
+    def __init__(
+        self,
+        *,
+        prior: float = 1.0,
+        cluster_keys: float = 4.0,
+        margin: float = 1.0,
+        stale_per_s: float = 0.0,
+        ttl_gaps: float = 3.0,
+    ) -> None:
         self.prior, self.cluster_keys, self.margin = prior, cluster_keys, margin
         self.stale_per_s, self.ttl_gaps = stale_per_s, ttl_gaps
 

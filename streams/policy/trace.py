@@ -39,8 +39,13 @@ class Request:
     ctx: Mapping[str, Feature] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"t": self.time, "key": self.key, "size": self.size, "cost": self.cost,
-                "ctx": dict(self.ctx)}
+        return {
+            "t": self.time,
+            "key": self.key,
+            "size": self.size,
+            "cost": self.cost,
+            "ctx": dict(self.ctx),
+        }
 
     @classmethod
     def from_json(cls, obj: Any) -> Request:

@@ -111,14 +111,26 @@ def _build(
         ctx: dict[str, Feature] = {"k": int(prof.k[p]), "filter": _FILTERS[int(prof.filt[p])]}
         if extra is not None:
             ctx.update(extra[i])
-        out.append(Request(round(float(times[i]), 6), key, int(prof.size[p]),
-                           round(float(prof.cost[p] * jitter[i]), 4), ctx))
+        out.append(
+            Request(
+                round(float(times[i]), 6),
+                key,
+                int(prof.size[p]),
+                round(float(prof.cost[p] * jitter[i]), 4),
+                ctx,
+            )
+        )
     return out
 
 
 def zipf_drift(
-    n: int, seed: int, *, n_keys: int = 20_000, alpha: float = 0.9,
-    drift_every: int = 5_000, drift_frac: float = 0.1,
+    n: int,
+    seed: int,
+    *,
+    n_keys: int = 20_000,
+    alpha: float = 0.9,
+    drift_every: int = 5_000,
+    drift_frac: float = 0.1,
 ) -> list[Request]:
     """Zipf(``alpha``) over ``n_keys`` ranks; every ``drift_every`` requests ``drift_frac`` of
     the ranks (chosen uniformly) move to keys never seen before."""
@@ -156,7 +168,12 @@ def latest(n: int, seed: int, *, p_new: float = 0.05, alpha: float = 0.99) -> li
 
 
 def sessions(
-    n: int, seed: int, *, n_chains: int = 3_000, alpha: float = 1.0, concurrent: int = 64,
+    n: int,
+    seed: int,
+    *,
+    n_chains: int = 3_000,
+    alpha: float = 1.0,
+    concurrent: int = 64,
     p_personal: float = 0.3,
 ) -> list[Request]:
     """Interleaved user sessions. A session follows one chain (Zipf(``alpha``) over
@@ -199,7 +216,12 @@ def sessions(
 
 
 def neardup(
-    n: int, seed: int, *, n_clusters: int = 5_000, alpha: float = 0.8, variants: int = 8,
+    n: int,
+    seed: int,
+    *,
+    n_clusters: int = 5_000,
+    alpha: float = 0.8,
+    variants: int = 8,
     p_fresh: float = 0.25,
 ) -> list[Request]:
     """Near-duplicate queries: cluster ~ Zipf(``alpha``); variant ~ Geometric(1/2) capped at
