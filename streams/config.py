@@ -62,8 +62,9 @@ class Settings(BaseSettings):
     cache_admit_after: int = Field(default=1, ge=1, le=2)
     # lazy offers: an admitted miss of an index without L1/L2 is parked and stored when
     # its query repeats (through the put's race check), so one-off queries never pay the
-    # store (CacheController, "Lazy offers")
-    cache_lazy_offers: bool = False
+    # store (CacheController, "Lazy offers"); on by default since the learner's join
+    # settles a parked admission at its repeat (streams/policy/join.py)
+    cache_lazy_offers: bool = True
     # the cache policy loop: hot-path policy and query log, the policy learner's thread in
     # `streamvec up` (a PolicyUpdate per index every N trained decisions), idle prefetch
     policy_enabled: bool = True

@@ -79,7 +79,11 @@ def test_an_entry_survives_the_seal_and_merge_of_its_hits_and_equals_a_fresh_sea
         for i in range(12):  # fewer than a Head: every hit of the entry is in the Head
             token = upsert(rig, f"v{i}", rng.standard_normal(DIM))
         first = search(rig, q, token)
-        assert not first.debug["cache_hit"] and first.debug["decision"]["outcome"] == "stored"
+        assert not first.debug["cache_hit"] and first.debug["decision"]["outcome"] == "parked"
+        stored = search(rig, q, token)  # lazy offers (the default): stored by the repeat
+        assert stored.debug["cache_hit"] and [h.id for h in stored.hits] == [
+            h.id for h in first.hits
+        ]
         vi = rig.node.indexer.indexes[KEY]
         assert vi.stats()["segments"] == []
         cache = rig.node.cache

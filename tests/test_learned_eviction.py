@@ -415,7 +415,8 @@ def test_a_node_evicts_by_the_published_table_and_rollback_restores_the_old_one(
     rng = np.random.default_rng(2)
     qs = [rng.standard_normal(DIM).astype(np.float32) for _ in range(6)]
     cache = rig.node.cache
-    assert cache is not None
+    assert cache is not None and rig.node.service.cache_layers is not None
+    rig.node.service.cache_layers.lazy_offers = False  # each search below stores its entry
     rig.node.service.search(SearchRequest("acme", "docs", qs[0], 5))
     size = cache.stats().bytes
     assert size > 0

@@ -260,6 +260,8 @@ def _search_event(item: _Search) -> dict[str, Any]:
             ttl_ms=decision.get("ttl_ms") if decision["action"] == "admit" else None,
         )
     event["features"] = dict(features)
+    if not hit and isinstance(decision, dict) and decision.get("outcome") == "parked":
+        event["features"]["parked"] = 1.0  # a lazy offer: stored only if the key repeats
     return event
 
 

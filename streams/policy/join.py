@@ -26,6 +26,17 @@ median idle age of evicted entries).
 A decision is resolved once ``max_events`` later requests of its key have been seen, or the
 key has been idle for longer than ``min(largest TTL, char_time_s)``; :meth:`OutcomeJoin.flush`
 resolves the rest at the end of a log. Results are deterministic in the log's order.
+
+Parked admissions (the query node's lazy offers, ``streams/cache/controller.py``): a decision
+whose index is in :attr:`OutcomeJoin.parked` was admitted but its entry is built and stored
+only when its key is searched again. Such a decision does not expire by the idle limit
+above while it waits: its key's next event settles it. A hit means the entry was stored at
+that event: from then on it is an ordinary admitted entry (its bytes are held from that
+time, the hit is credited to it). A miss means it was never stored (dropped from the parked
+map, or refused by its late put): no reuse, no bytes. A parked decision whose key is not
+searched again within ``parked_cap_s`` (default 10 x the largest TTL; the parked map drops
+its oldest entries silently, so this is what resolves those) is resolved the same way: no
+reuse, no bytes. The simulators never park, so their joins are unchanged.
 """
 
 from __future__ import annotations
@@ -74,6 +85,8 @@ class _Pending:
     admitted: bool
     events: list[tuple[float, float, bool]] = field(default_factory=list)  # (t, cost, hit)
     live: bool = True  # the admitted entry has not been seen gone yet
+    parked: bool = False  # a lazy offer not yet settled by its key's next event
+    since: float = 0.0  # when the entry began to hold its bytes (t0, or a parked one's repeat)
     saved: float = 0.0
     end: float | None = None  # when the observed entry was gone
 
@@ -85,9 +98,18 @@ class OutcomeJoin:
     resolved by then, each exactly once.
     """
 
-    def __init__(self, ttls: Sequence[float | None], *, max_events: int = 8) -> None:
+    def __init__(
+        self,
+        ttls: Sequence[float | None],
+        *,
+        max_events: int = 8,
+        parked_cap_s: float | None = None,
+    ) -> None:
         self.ttls = tuple(ttls)
         self.horizon = max(t for t in self.ttls if t is not None)
+        # how long a parked admission may wait for its key's next event (module docstring)
+        self.parked_cap_s = 10 * self.horizon if parked_cap_s is None else parked_cap_s
+        self.parked: set[int] = set()  # request indexes whose admission was parked
         self.max_events = max_events
         self.consumed = 0
         self.char_time_s = math.inf  # how long an unhit entry survives eviction (Che)
@@ -133,7 +155,10 @@ class OutcomeJoin:
                     req.size,
                     d.decision.ttl_s,
                     d.decision.admitted,
+                    parked=d.decision.admitted and i in self.parked,
+                    since=req.time,
                 )
+                self.parked.discard(i)
                 self._pending.setdefault(req.key, []).append(p)
             evictions = log.evictions
             while self._next_eviction < len(evictions) and evictions[self._next_eviction][0] <= i:
@@ -155,6 +180,12 @@ class OutcomeJoin:
 
     def _add_event(self, p: _Pending, req: Request, hit: bool) -> None:
         last = p.events[-1][0] if p.events else p.t0
+        if p.parked:  # its key's next event settles it (module docstring)
+            p.parked = False
+            p.since = last = req.time  # a hit: stored by this repeat, which it serves
+            if not hit:  # never stored: no reuse, no bytes
+                p.live = False
+                p.end = req.time
         if p.admitted and p.live:
             gone = p.ttl is not None and req.time - last > p.ttl
             if hit and not gone:
@@ -172,7 +203,7 @@ class OutcomeJoin:
             keep = []
             for p in plist:
                 last = p.events[-1][0] if p.events else p.t0
-                if now - last > limit:
+                if now - last > (self.parked_cap_s if p.parked else limit):
                     out.append(self._resolve(p))
                 else:
                     keep.append(p)
@@ -199,8 +230,11 @@ class OutcomeJoin:
         """Seconds the admitted entry held its bytes: until it was seen gone (evicted, or
         missed), but at most its last hit plus the idle TTL; when the log has no eviction
         events, or the entry was not seen gone, at most its last hit plus
-        ``min(ttl, char_time_s)`` (eviction takes an entry nobody hits)."""
-        last = p.t0
+        ``min(ttl, char_time_s)`` (eviction takes an entry nobody hits). A parked entry
+        holds bytes from its repeat's hit (``since``); one never stored holds none."""
+        if p.parked or (p.since > p.t0 and p.end is not None and p.end <= p.since):
+            return 0.0
+        last = p.since
         for t, _, hit in p.events:
             if not hit or (p.end is not None and t >= p.end):
                 break
@@ -211,7 +245,7 @@ class OutcomeJoin:
         else:  # not seen gone by the time it was resolved: the estimate
             idle = min(ttl, self.char_time_s)
             end = last + idle if p.end is None else min(p.end, last + idle)
-        return max(end - p.t0, 0.0) if math.isfinite(end) else 0.0
+        return max(end - p.since, 0.0) if math.isfinite(end) else 0.0
 
     def _hindsight(self, p: _Pending, ttl: float) -> Outcome:
         idle = min(ttl, self.char_time_s)  # expiry, or eviction of an entry nobody hits

@@ -414,7 +414,7 @@ class EventJoin(OutcomeJoin):
             return False
         self.matched += 1
         best.live = False
-        last = best.t0
+        last = best.since  # a parked admission's entry was stored at its repeat
         for te, _, hit in best.events:  # its last hit before it left
             if hit and te <= t:
                 last = te
@@ -441,7 +441,7 @@ class EventJoin(OutcomeJoin):
     def _held(self, p: _Pending) -> float:
         if p.index in self._exact and p.end is not None:
             self._exact.discard(p.index)
-            return max(p.end - p.t0, 0.0)
+            return max(p.end - p.since, 0.0)
         return super()._held(p)
 
 
@@ -599,6 +599,8 @@ class OnlineLearner:
                 )
             )
             self.decisions += 1
+            if features.get("parked"):  # a lazy offer: the join settles it at its repeat
+                w.join.parked.add(here)
 
     # -- feedback ---------------------------------------------------------------------------
 

@@ -101,7 +101,7 @@ class QueryNode:
         cache_background_offers: bool = False,
         cache_eviction: EvictionName = "gdsf",
         cache_admit_after: int = 1,
-        cache_lazy_offers: bool = False,
+        cache_lazy_offers: bool = True,
         policy_loop: bool = False,
         prefetch: bool = False,
         capacity_interval_s: float | None = None,
