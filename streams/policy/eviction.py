@@ -499,6 +499,18 @@ class EvictionRun:
     picks: tuple[str, ...]
 
 
+def period_ends(n: int, update_every: int, warmup: int) -> list[int]:
+    """Where an online replay of ``n`` requests stops to learn: every ``update_every``
+    requests, at the end, and once at ``warmup`` when it comes before the first period."""
+    return sorted(
+        {
+            *range(update_every, n, update_every),
+            n,
+            *((warmup,) if 0 < warmup < min(update_every, n) else ()),
+        }
+    )
+
+
 def replay_learned_eviction(
     requests: Sequence[Request],
     budget_bytes: int,
@@ -526,13 +538,7 @@ def replay_learned_eviction(
     cache.l2 = l2
     meter = Meter()
     n = len(requests)
-    ends = sorted(
-        {
-            *range(cfg.update_every, n, cfg.update_every),
-            n,
-            *((cfg.warmup,) if 0 < cfg.warmup < min(cfg.update_every, n) else ()),
-        }
-    )
+    ends = period_ends(n, cfg.update_every, cfg.warmup)
     start = 0
     for stop in ends:
         for i in range(start, stop):

@@ -38,6 +38,7 @@ from streams.policy.eviction import (
     EvictionConfig,
     EvictionTable,
     ExpertSelector,
+    period_ends,
 )
 from streams.policy.join import JoinedDecision, OutcomeJoin
 from streams.policy.policies import (
@@ -388,13 +389,7 @@ def replay_bandit_eviction(
     join = OutcomeJoin(_TTLS)
     meter = Meter()
     n = len(requests)
-    ends = sorted(
-        {
-            *range(ecfg.update_every, n, ecfg.update_every),
-            n,
-            *((ecfg.warmup,) if 0 < ecfg.warmup < min(ecfg.update_every, n) else ()),
-        }
-    )
+    ends = period_ends(n, ecfg.update_every, ecfg.warmup)
     start = 0
     for stop in ends:
         for i in range(start, stop):
