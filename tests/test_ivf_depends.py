@@ -206,9 +206,16 @@ def one_segment(rig: Rig, rows: int) -> str:
     vi = rig.node.indexer.indexes[KEY]
 
     def merged() -> bool:
+        # a full Head is sealed at the indexer's next poll (into a second segment), so the
+        # state is settled only when the Head is below capacity and nothing is frozen
         st = vi.stats()
         segs = st["segments"]
-        return len(segs) == 1 and segs[0]["rows"] + st["head_rows"] == rows
+        return (
+            len(segs) == 1
+            and segs[0]["rows"] + st["head_rows"] == rows
+            and st["head_rows"] < vi.head_capacity
+            and st["frozen_head_rows"] == 0
+        )
 
     assert wait_for(merged), vi.stats()
     return str(vi.stats()["segments"][0]["name"])
