@@ -28,11 +28,9 @@ from streams.schemas import catalog
 from streams.schemas.codec import AvroCodec
 from streams.schemas.log_registry import LogRegistry
 from streams.service.api import SearchRequest
-from streams.service.query_node import QueryNode
 from streams.topics import Topics
 from tests.test_policy_online import (
     KEY,
-    RELAXED,
     LoopRig,
     fill,
     queries,
@@ -47,19 +45,8 @@ class SmallCacheRig(LoopRig):
 
     budget = 6_000
 
-    def _node(self) -> QueryNode:
-        node = QueryNode(
-            self.log,
-            self.topics,
-            self.codec,
-            self.root / "node",
-            head_capacity=self.head_capacity,
-            policy_loop=True,
-            cache_budget_bytes=self.budget,
-        )
-        assert node.policy_loop is not None
-        node.policy_loop.holder.guard = RELAXED
-        return node.start()
+    def node_options(self) -> dict[str, Any]:
+        return {**super().node_options(), "cache_budget_bytes": self.budget}
 
 
 @pytest.fixture

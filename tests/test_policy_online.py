@@ -48,6 +48,10 @@ class LoopRig(Rig):
 
     prefetch = False
 
+    def node_options(self) -> dict[str, Any]:
+        """QueryNode keyword arguments beyond the policy loop (subclasses add theirs)."""
+        return {"prefetch": self.prefetch}
+
     def _node(self) -> QueryNode:
         node = QueryNode(
             self.log,
@@ -56,7 +60,7 @@ class LoopRig(Rig):
             self.root / "node",
             head_capacity=self.head_capacity,
             policy_loop=True,
-            prefetch=self.prefetch,
+            **self.node_options(),
         )
         assert node.policy_loop is not None
         node.policy_loop.holder.guard = RELAXED
