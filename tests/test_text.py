@@ -330,7 +330,8 @@ def test_plain_vector_indexes_are_not_keyword_indexed(rig: Rig) -> None:
     ).token
     assert (
         rig.node.text.search(
-            "acme", "plain", "paris", 3, mode="keyword", consistency=SESSION, tokens=(token,)
+            "acme", "plain", "paris", 3, mode="keyword", consistency=SESSION, tokens=(token,),
+            timeout_ms=10_000,
         ).hits
         == []
     )
@@ -372,7 +373,8 @@ def test_keyword_results_equal_after_restart(rig: Rig, embedder: Any) -> None:
             [
                 (h.id, round(h.score, 5))
                 for h in rig.node.text.search(
-                    "acme", "kb", q, 5, mode="keyword", consistency=SESSION, tokens=(token,)
+                    "acme", "kb", q, 5, mode="keyword", consistency=SESSION, tokens=(token,),
+                    timeout_ms=10_000,  # each applied batch is a tantivy commit (20-160 ms)
                 ).hits
             ]
             for q in queries
