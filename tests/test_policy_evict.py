@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -23,7 +24,13 @@ from streams.policy import (
     replay,
     replay_learned_eviction,
 )
-from streams.policy.eviction import DensityLearner, ExpertSelector
+from streams.policy.eviction import (
+    RATE_TAU_S,
+    DensityLearner,
+    ExpertSelector,
+    fit_rate_prior,
+    rate_alive,
+)
 from streams.policy.join import OutcomeJoin
 from streams.policy.learned import ACTIONS
 from streams.policy.simulator import Decision, ReplayLog
@@ -64,6 +71,90 @@ def test_tables_round_trip_through_json_and_bad_ones_are_refused() -> None:
     bad["density"][0][0][0][0] = float("nan")
     with pytest.raises(ValueError, match="finite"):
         EvictionTable.from_json(bad)
+
+
+def test_rate_priority_is_the_posterior_rate_times_the_chance_the_key_lives() -> None:
+    # no hazard: the Gamma(a, b) posterior mean of the rate after the first request
+    assert rate_alive(5.0, 30.0, 100.0, 0.5, 20.0, 0.0) == pytest.approx(4.5 / 120.0)
+    t = EvictionTable.rate(0.5, 20.0, 0.0)
+    assert t.tau_s == RATE_TAU_S and t.name == "rate0"
+    assert t.priority(10, 2.0, 5.0, 0, 30.0, 100.0) == pytest.approx(4.5 / 120.0 * 0.2)
+    # with a hazard the rank falls with idle time, faster for a key that used to be busy
+    ages = [0.0, 1.0, 10.0, 100.0]
+    hot = [rate_alive(100.0, a, 100.0, 0.5, 20.0, 1e-3) for a in ages]
+    assert hot[0] == pytest.approx(99.5 / 120.0) and hot == sorted(hot, reverse=True)
+    # a key that sent 100 requests in 100 s and then nothing for 30 s has most likely died:
+    # it ranks below a slow key idle as long; without the hazard it would rank above
+    hot_idle = rate_alive(100.0, 30.0, 130.0, 0.5, 20.0, 1e-3)
+    slow_idle = rate_alive(3.0, 30.0, 130.0, 0.5, 20.0, 1e-3)
+    assert hot_idle < slow_idle
+    assert rate_alive(100.0, 30.0, 130.0, 0.5, 20.0, 0.0) > rate_alive(
+        3.0, 30.0, 130.0, 0.5, 20.0, 0.0
+    )
+
+
+def test_the_rate_prior_is_fitted_from_counts_alone() -> None:
+    rng = np.random.default_rng(3)
+    for a, b in ((0.3, 30.0), (2.0, 100.0)):
+        lam = rng.gamma(a, 1.0 / b, size=20_000)
+        exposure = rng.uniform(10.0, 500.0, size=20_000)
+        fa, fb = fit_rate_prior(rng.poisson(lam * exposure), exposure)
+        # the grid's steps are about 27% (a) and 32% (b)
+        assert a / 1.5 < fa < a * 1.5 and b / 1.6 < fb < b * 1.6
+        assert fa / fb == pytest.approx(a / b, rel=0.15)  # the mean rate
+    assert fit_rate_prior(np.array([]), np.array([])) == (0.3, 30.0)
+
+
+def test_rate_tables_round_trip_through_json_and_bad_ones_are_refused() -> None:
+    t = EvictionTable.rate(0.25, 40.0, 1e-3, version=4)
+    back = EvictionTable.from_json(json.loads(json.dumps(t.to_json())))
+    assert back == t and back.priority(10, 1.0, 7.0, 0, 3.0, 60.0) == t.priority(
+        10, 1.0, 7.0, 0, 3.0, 60.0
+    )
+    for field, value in (("prior_a", 0.0), ("prior_b", -1.0), ("hazard_per_s", -1e-3)):
+        with pytest.raises(ValueError, match="rate table"):
+            EvictionTable.from_json({**t.to_json(), field: value})
+    with pytest.raises(ValueError, match="rate table"):
+        EvictionTable.from_json({"kind": "rate", "tau_s": RATE_TAU_S, "prior_a": 1.0})
+    with pytest.raises(ValueError, match="rate table"):
+        EvictionTable.from_json({**t.to_json(), "prior_b": float("inf")})
+
+
+def dying_keys(seed: int = 0, horizon_s: float = 2_000.0) -> list[Request]:
+    """20 steady keys at 0.2 requests/s; every 30 s a new burst key that sends 1/s for 60 s
+    and then nothing again (it dies). Equal sizes and costs."""
+    rng = np.random.default_rng(seed)
+    events: list[tuple[float, str]] = []
+    for k in range(20):
+        t = rng.exponential(5.0)
+        while t < horizon_s:
+            events.append((t, f"s{k}"))
+            t += rng.exponential(5.0)
+    for j, born in enumerate(np.arange(0.0, horizon_s, 30.0)):
+        t = born + rng.exponential(1.0)
+        while t < min(born + 60.0, horizon_s):
+            events.append((t, f"b{j}"))
+            t += rng.exponential(1.0)
+    return [req(t, k) for t, k in sorted(events)]
+
+
+def test_where_keys_die_the_selector_picks_a_rate_table_with_a_hazard() -> None:
+    trace = dying_keys()
+    cfg = EvictionConfig(
+        update_every=2_000, taus_s=(30.0, 100.0), density_taus_s=(), rate_hazards_per_s=(0.0, 0.01)
+    )
+    sel = ExpertSelector(100, cfg)  # room for 10 of the 22 live keys
+    for i, r in enumerate(trace):
+        sel.access(i, r)
+        if (i + 1) % 2_000 == 0:
+            sel.update(trace, i + 1 - 2_000, i + 1)
+    assert sel.prior is not None
+    saved = {s.name: s.log.hits.count(True) for s in sel.shadows}
+    # a dead burst key keeps a high count for a while: decayed counts and a rate with no
+    # hazard keep it cached long after its last request; the hazard lets it go
+    assert saved["rate0.01"] > 1.05 * max(saved["decayed30"], saved["decayed100"]), saved
+    assert saved["rate0.01"] > 1.3 * saved["rate0"], saved
+    assert sel.picks[-3:] == ["rate0.01"] * 3
 
 
 # -- sampled eviction with known answers ------------------------------------------------------
@@ -180,7 +271,9 @@ def test_the_density_table_learns_that_personal_queries_never_repeat() -> None:
 
 def test_the_selector_picks_the_shadow_that_saved_most() -> None:
     # a stationary hot set with a long tail: long memory wins over short
-    cfg = EvictionConfig(update_every=2_000, taus_s=(1.0, 1000.0), density_taus_s=())
+    cfg = EvictionConfig(
+        update_every=2_000, taus_s=(1.0, 1000.0), density_taus_s=(), rate_hazards_per_s=()
+    )
     trace = generate("neardup", 8_000, 1)
     budget = default_budget(trace)
     sel = ExpertSelector(budget, cfg)

@@ -14,6 +14,15 @@ victim's (admission by the same rank). Two kinds of table:
 - ``decayed``: priority = the key's request count decayed with time constant ``tau_s``
   (evaluated now) x cost / size: frequency that survives eviction (the key counts are kept
   for every key, cached or not), forgotten at a rate the learner picks.
+- ``rate``: priority = the key's request rate while alive x the chance it is still alive x
+  cost / size (:func:`rate_alive`). The rate is the Gamma(``prior_a``, ``prior_b``) posterior
+  mean given the key's requests since it was first seen (its total count: the table's
+  ``tau_s`` is :data:`RATE_TAU_S`); a key dies with ``hazard_per_s`` per second, so a
+  silence long for its rate makes it likely dead. Keys do die (a trend ends, a document is
+  replaced; in ``zipf`` every 5,000 requests 10% of the ranks move to new keys), and a
+  decayed count keeps a dead hot key cached for several time constants; with the hazard it
+  goes after a few of its own mean gaps. The prior is fitted by empirical Bayes from the key
+  counts (:func:`fit_rate_prior`), so a new key is ranked by what new keys usually do.
 
 :class:`DensityLearner` builds the density table from the log alone: every request of a key
 is a sample, and its label is the gap to the key's next request, read off the log once it
@@ -27,8 +36,9 @@ best of 0.5-30 on the density table alone). Labels come from arrivals,
 not from the cache's decisions, so the table is learned off-policy and needs no exploration.
 
 :class:`ExpertSelector` is the loop: it replays the same log through one shadow cache per
-candidate table (the learned density table and decayed counts at each ``tau`` of
-:class:`EvictionConfig`), scores each by the proxy cost it saved (an exponentially weighted
+candidate table (the learned density table, decayed counts at each ``tau`` of
+:class:`EvictionConfig`, and a rate table per hazard, its prior refitted every period),
+scores each by the proxy cost it saved (an exponentially weighted
 sum over periods), and every ``update_every`` requests hands the best one to the real cache.
 Before the first selection the real cache runs on the rule (decayed counts, ``start_tau_s``).
 Nothing reads the future: a table used at request ``i`` comes from requests ``< i``.
@@ -77,6 +87,54 @@ _AGE_LO = np.array((0.0, *AGE_EDGES_S))
 _N_F, _N_X, _N_L, _N_A = len(COUNT_EDGES) + 1, 5, len(LIFE_EDGES_S) + 1, len(AGE_EDGES_S) + 1
 
 
+RATE_TAU_S = 1e9  # a count "decayed" with this is the key's total count (about 32 years)
+
+
+def rate_alive(
+    count: float, idle_s: float, life_s: float, a: float, b: float, hazard_per_s: float
+) -> float:
+    """A key's expected requests per second now: its rate while alive times the chance it
+    is still alive (the ``rate`` table; module docstring).
+
+    Rate: the Gamma(``a``, ``b``) posterior mean given ``count - 1`` requests after the
+    first in ``life_s`` seconds (the first request only says the key exists). Alive: a
+    key dies with ``hazard_per_s`` per second and sends nothing after; ``idle_s`` seconds
+    without a request are ``exp(-rate x idle)`` likely if it lives and the odds of an
+    unseen death grow with them.
+    """
+    lam = (max(count - 1.0, 0.0) + a) / (max(life_s, 0.0) + b)
+    if hazard_per_s <= 0.0:
+        return lam
+    q = lam + hazard_per_s
+    x = math.exp(-q * max(idle_s, 0.0))
+    return lam * x / (x + hazard_per_s / q * (1.0 - x))
+
+
+def fit_rate_prior(counts: np.ndarray, exposures_s: np.ndarray) -> tuple[float, float]:
+    """Empirical Bayes: the Gamma(a, b) prior of key rates that makes the keys' counts most
+    likely (gamma-Poisson marginal likelihood over a log grid of a and b). ``counts``: each
+    key's requests after its first; ``exposures_s``: seconds since its first."""
+    from scipy.special import gammaln
+
+    k = np.asarray(counts, dtype=np.float64)
+    e = np.maximum(np.asarray(exposures_s, dtype=np.float64), 0.0)
+    if len(k) == 0:
+        return 0.3, 30.0
+    logs = np.log(e[None, :] + _PRIOR_B[:, None])  # [b][key]
+    by_k, total = logs @ k, logs.sum(axis=1)
+    best, out = -math.inf, (0.3, 30.0)
+    for a in _PRIOR_A:
+        ll = (gammaln(k + a) - gammaln(a)).sum() + a * len(k) * np.log(_PRIOR_B) - by_k - a * total
+        j = int(np.argmax(ll))
+        if ll[j] > best:
+            best, out = float(ll[j]), (float(a), float(_PRIOR_B[j]))
+    return out
+
+
+_PRIOR_A = np.exp(np.linspace(math.log(0.01), math.log(10.0), 30))
+_PRIOR_B = np.exp(np.linspace(math.log(1.0), math.log(3000.0), 30))
+
+
 def filter_kind(req: Request) -> int:
     """The filter-kind index of a request's context (4: unknown)."""
     f = req.ctx.get("filter", "none")
@@ -92,13 +150,22 @@ class EvictionTable:
     kind: str
     tau_s: float
     density: tuple[tuple[tuple[tuple[float, ...], ...], ...], ...] = ()
+    prior_a: float = 0.0  # ``rate``: Gamma(a, b) prior of a key's request rate (1/s)
+    prior_b: float = 0.0
+    hazard_per_s: float = 0.0  # ``rate``: the chance per second that a live key dies
 
     @classmethod
     def decayed(cls, tau_s: float, version: int = 0) -> EvictionTable:
         return cls(version, "decayed", tau_s)
 
+    @classmethod
+    def rate(cls, a: float, b: float, hazard_per_s: float, version: int = 0) -> EvictionTable:
+        return cls(version, "rate", RATE_TAU_S, (), a, b, hazard_per_s)
+
     @property
     def name(self) -> str:
+        if self.kind == "rate":
+            return f"rate{self.hazard_per_s:g}"
         return f"{self.kind}{self.tau_s:g}"
 
     def priority(
@@ -110,6 +177,12 @@ class EvictionTable:
         ``idle_s``: seconds since that request; ``life_s``: seconds since first seen."""
         if self.kind == "decayed":
             return count * math.exp(-idle_s / self.tau_s) * cost / size
+        if self.kind == "rate":
+            return (
+                rate_alive(count, idle_s, life_s, self.prior_a, self.prior_b, self.hazard_per_s)
+                * cost
+                / size
+            )
         f = bisect.bisect_right(COUNT_EDGES, count + 1e-9)
         ln = bisect.bisect_right(LIFE_EDGES_S, life_s)
         a = bisect.bisect_right(AGE_EDGES_S, idle_s)
@@ -124,14 +197,35 @@ class EvictionTable:
             "life_edges_s": list(LIFE_EDGES_S),
             "count_edges": list(COUNT_EDGES),
             "density": [[[list(row) for row in mat] for mat in cube] for cube in self.density],
+            **(
+                {
+                    "prior_a": self.prior_a,
+                    "prior_b": self.prior_b,
+                    "hazard_per_s": self.hazard_per_s,
+                }
+                if self.kind == "rate"
+                else {}
+            ),
         }
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> EvictionTable:
         """Inverse of :meth:`to_json`; ``ValueError`` if the kind or the shape is wrong."""
         kind, tau = obj.get("kind"), obj.get("tau_s")
-        if kind not in ("density", "decayed") or not isinstance(tau, int | float) or tau <= 0:
-            raise ValueError("kind must be density or decayed, tau_s > 0")
+        if (
+            kind not in ("density", "decayed", "rate")
+            or not isinstance(tau, int | float)
+            or (tau <= 0)
+        ):
+            raise ValueError("kind must be density, decayed or rate, tau_s > 0")
+        if kind == "rate":
+            a, b, h = (obj.get(f) for f in ("prior_a", "prior_b", "hazard_per_s"))
+            nums = [v for v in (a, b, h) if isinstance(v, int | float) and math.isfinite(v)]
+            if len(nums) != 3 or not (nums[0] > 0 and nums[1] > 0 and nums[2] >= 0):
+                raise ValueError("a rate table needs prior_a > 0, prior_b > 0, hazard_per_s >= 0")
+            return cls.rate(
+                float(nums[0]), float(nums[1]), float(nums[2]), int(obj.get("version", 0))
+            )
         dens = obj.get("density", [])
         if kind != "decayed":
             arr = np.asarray(dens, dtype=np.float64)
@@ -162,6 +256,9 @@ class EvictionConfig:
     warmup: int = 2_500  # requests before the density shadows' first table (no pick)
     default_horizon_s: float = 60.0
     horizon_factor: float = 10.0  # T = this x the median idle age of evicted entries
+    # the rate candidates: one per hazard (per second), prior fitted from the key counts
+    rate_hazards_per_s: tuple[float, ...] = (1e-4, 1e-3, 4e-3)
+    rate_fit_keys: int = 20_000  # keys sampled for the prior's fit
     seed: int = 0
 
 
@@ -432,8 +529,11 @@ class ExpertSelector:
 
     def __init__(self, budget_bytes: int, config: EvictionConfig) -> None:
         self.config = config
-        taus = tuple(sorted({*config.taus_s, *config.density_taus_s, config.start_tau_s}))
+        rate = (RATE_TAU_S,) if config.rate_hazards_per_s else ()
+        taus = tuple(sorted({*config.taus_s, *config.density_taus_s, config.start_tau_s, *rate}))
         self.counts = KeyCounts(taus)
+        self._fit_rng = np.random.default_rng(config.seed)
+        self.prior: tuple[float, float] | None = None  # the rate prior of the last fit
         self.start = start = EvictionTable.decayed(config.start_tau_s)
         self.learners = [DensityLearner(config, t) for t in config.density_taus_s]
         self.shadows = [
@@ -458,6 +558,18 @@ class ExpertSelector:
             )
             for i, t in enumerate(config.taus_s)
         ]
+        self.rate_shadows = [
+            EvictingCache(
+                budget_bytes,
+                EvictionTable.rate(0.3, 30.0, h),  # until the first fit
+                counts=self.counts,
+                samples=config.samples,
+                seed=config.seed + 201 + i,
+                name=f"rate{h:g}",
+            )
+            for i, h in enumerate(config.rate_hazards_per_s)
+        ]
+        self.shadows += self.rate_shadows
         self.scores = [0.0] * len(self.shadows)
         self._period = [0.0] * len(self.shadows)
         self.picks: list[str] = []
@@ -479,6 +591,12 @@ class ExpertSelector:
             first = bisect.bisect_left(evictions, start, key=lambda e: e[0])
             learner.observe(requests, evictions[first:], start, stop)
             shadow.table = learner.export(requests[stop - 1].time)
+        for shadow in self.shadows:  # read once: a caller may restart its request numbering
+            shadow.log.evictions.clear()
+        if self.rate_shadows:
+            self.prior = a, b = self.fit_prior(requests[stop - 1].time)
+            for shadow, h in zip(self.rate_shadows, self.config.rate_hazards_per_s, strict=True):
+                shadow.table = EvictionTable.rate(a, b, h, shadow.table.version + 1)
         if not select:  # the density shadows ran the start rule: their scores mean nothing
             self._period = [0.0] * len(self.shadows)
             return None
@@ -488,6 +606,17 @@ class ExpertSelector:
         best = max(range(len(self.shadows)), key=lambda k: self.scores[k])
         self.picks.append(self.shadows[best].name)
         return self.shadows[best].table
+
+    def fit_prior(self, now: float) -> tuple[float, float]:
+        """The rate prior fitted (:func:`fit_rate_prior`) on a sample of the keys seen."""
+        ri = self.counts.taus.index(RATE_TAU_S)
+        stats = list(self.counts.stats.values())
+        if len(stats) > self.config.rate_fit_keys:
+            pick = self._fit_rng.choice(len(stats), self.config.rate_fit_keys, replace=False)
+            stats = [stats[int(j)] for j in pick]
+        k = np.array([s.counts[ri] - 1.0 for s in stats])
+        e = np.array([now - s.first for s in stats])
+        return fit_rate_prior(k, e)
 
 
 @dataclass(frozen=True, slots=True)
