@@ -161,7 +161,7 @@ def test_a_miss_ranked_below_every_sample_is_evicted_by_its_own_put() -> None:
     assert cache.learned is not None and cache.learned.counts["bypassed"] == 1
 
 
-def test_a_hit_updates_the_keys_decayed_count_and_last_request() -> None:
+def test_a_hit_updates_the_keys_decayed_and_total_counts_and_last_request() -> None:
     cache, _, clock = learned_cache(4)
     e = entry(0, filter=RANGE)
     cache.put(e, 0)
@@ -169,10 +169,11 @@ def test_a_hit_updates_the_keys_decayed_count_and_last_request() -> None:
     assert learned is not None
     s = learned.state(e.key)
     assert s is not None and (s.count, s.first, s.last, s.kind) == (1.0, 1000.0, 1000.0, 2)
-    clock.t += 300.0  # one tau: the old count decays to 1/e
+    assert s.total == 1.0
+    clock.t += 300.0  # one tau: the old count decays to 1/e; the total does not
     cache.hit(e.key)
     assert s.count == pytest.approx(1.0 + np.exp(-1.0)) and s.last == 1300.0
-    assert s.first == 1000.0
+    assert s.first == 1000.0 and s.total == 2.0
     assert filter_kind_of(None) == 0 and filter_kind_of(TAG) == 1
 
 
@@ -371,7 +372,8 @@ def test_the_learner_publishes_a_table_the_node_applies_and_a_restart_reloads(
     learner.close()
     assert published and published[-1]["eviction_table"] is not None
     sent = parse_eviction_payload(published[-1]["eviction_table"])
-    assert sent.table.kind == "density" and not sent.by_filter
+    # 400 searches: the selector has no pick yet (its warm-up is 2,500): the start rule
+    assert sent.table == EvictionTable.decayed(300.0) and not sent.by_filter
     version = published[-1]["version"]
 
     cache = rig.node.cache
@@ -451,4 +453,10 @@ def test_a_node_evicts_by_the_published_table_and_rollback_restores_the_old_one(
     assert now is not None and now.table == anti
     assert [r["version"] for r in read_policies(rig.log, rig.topics, rig.codec)] == [1, 2]
     shown = policy_status(rig.node.service, "acme", "docs")["eviction_table"]
-    assert shown == {"version": 1, "kind": "density", "tau_s": 300.0, "by_filter": False}
+    assert shown == {
+        "version": 1,
+        "kind": "density",
+        "tau_s": 300.0,
+        "by_filter": False,
+        "applied": True,
+    }

@@ -12,10 +12,24 @@ admission by the same rank (a bypass).
 
 Per key (cached or not, at most ``max_keys``) the cache keeps :class:`KeyState`: first
 and last request time, the request count decayed with ``tau_s`` as of the last request,
-and the filter kind (none, tag, range). A request is counted when its result is offered
-to the cache (the miss's put) and on every hit (:meth:`LearnedEviction.hit`, a dict
-lookup and one ``exp``: the hit path stays a few microseconds). Size and cost are the
-slot's (``nbytes``, the entry's ``compute_ms``).
+the total request count, and the filter kind (none, tag, range). A request is counted
+when its result is offered to the cache (the miss's put) and on every hit
+(:meth:`LearnedEviction.hit`, a dict lookup, one ``exp`` and two adds: the hit path stays
+a few microseconds). Size and cost are the slot's (``nbytes``, the entry's
+``compute_ms``). A ``rate`` table is given the total count (its ``tau_s`` is
+:data:`~streams.policy.eviction.RATE_TAU_S`: a count decayed with it is the total), a
+``density`` or ``decayed`` table the decayed one. These counts are of the requests the
+cache saw (hits and stored misses; a miss not stored, e.g. a lazy offer not yet
+promoted, is not counted) and start again for a key forgotten past ``max_keys``; the
+learner's shadow caches count every logged search.
+
+Which tables apply: a ``rate`` table always; a ``density`` or ``decayed`` table only when
+its ``tau_s`` is the cache's (the count it is keyed by is the one the cache keeps).
+Another tau would rank by the wrong count, so such a table is refused: its index evicts
+by GDSF, as with no table; each eviction that refused it is counted (``refused`` in
+:meth:`LearnedEviction.stats`) and the refusal logged once per index and table version
+(:meth:`LearnedEviction.applies`); the policy status shows ``applied: false``. The
+policy learner publishes only tables at the node's tau (:mod:`streams.policy.learner`).
 
 Tables come from a :class:`TableSource`, per index: :class:`StaticTables` (tests,
 benchmarks) or :class:`HolderTables`, the versions a
@@ -26,12 +40,13 @@ when the guardrails put the rules (or LRU) back in charge the index has no table
 eviction whose sampled candidates include an entry of an index without a table is left
 to GDSF (the cache keeps its heaps): until a table is in force the cache is GDSF.
 
-Domain code: no I/O, no locks (the cache's lock guards every call).
+Domain code: no I/O but that warning, no locks (the cache's lock guards every call).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import time
@@ -59,6 +74,8 @@ __all__ = [
     "filter_kind_of",
     "parse_eviction_payload",
 ]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TAU_S = 300.0  # the count's time constant (EvictionConfig.density_taus_s)
 
@@ -152,13 +169,14 @@ class HolderTables:
 
 class KeyState:
     """What the rank needs of one key: first/last request (``clock`` seconds), count
-    decayed with ``tau_s`` as of ``last`` (this request included), filter kind."""
+    decayed with ``tau_s`` as of ``last`` (this request included), total count (every
+    request counted since ``first``), filter kind."""
 
-    __slots__ = ("count", "first", "kind", "last")
+    __slots__ = ("count", "first", "kind", "last", "total")
 
     def __init__(self, now: float, kind: int) -> None:
         self.first = self.last = now
-        self.count = 1.0
+        self.count = self.total = 1.0
         self.kind = kind
 
 
@@ -213,7 +231,8 @@ class LearnedEviction:
         self._keys: dict[QueryKey, KeyState] = {}
         self._members: dict[str, _Members] = {"": _Members()}
         self._newest: Slot | None = None
-        self.counts = {"learned": 0, "gdsf": 0, "bypassed": 0}
+        self.counts = {"learned": 0, "gdsf": 0, "bypassed": 0, "refused": 0}
+        self._refused: set[tuple[str, int, str, float]] = set()  # logged once each
 
     # -- requests ------------------------------------------------------------------------
 
@@ -223,6 +242,7 @@ class LearnedEviction:
         if s is not None:
             now = self.clock()
             s.count = s.count * math.exp((s.last - now) / self.tau_s) + 1.0
+            s.total += 1.0
             s.last = now
 
     def offered(self, key: QueryKey, f: Filter | None) -> None:
@@ -235,6 +255,7 @@ class LearnedEviction:
             self._keys[key] = KeyState(now, filter_kind_of(f))
             return
         s.count = s.count * math.exp(min(s.last - now, 0.0) / self.tau_s) + 1.0
+        s.total += 1.0
         s.last = now
         s.kind = filter_kind_of(f)
 
@@ -275,22 +296,55 @@ class LearnedEviction:
 
     # -- eviction ----------------------------------------------------------------------
 
+    def can_apply(self, table: EvictionTable) -> bool:
+        """Whether this cache can rank by ``table`` (module docstring): a ``rate`` table,
+        or one keyed by a count decayed with the cache's ``tau_s``."""
+        return table.kind == "rate" or math.isclose(table.tau_s, self.tau_s, rel_tol=1e-9)
+
+    def applies(self, index_key: str, installed: InstalledTable) -> bool:
+        """:meth:`can_apply`, a refusal counted, and logged once per index and table
+        version."""
+        t = installed.table
+        if self.can_apply(t):
+            return True
+        self.counts["refused"] += 1
+        memo = (index_key, t.version, t.kind, t.tau_s)
+        if memo not in self._refused:
+            if len(self._refused) > 256:
+                self._refused.clear()
+            self._refused.add(memo)
+            log.warning(
+                "learned eviction: %s table v%d of %s is keyed by a count decayed with "
+                "tau %g s but this cache keeps tau %g s; refused, %s evicts by GDSF",
+                t.kind,
+                t.version,
+                index_key,
+                t.tau_s,
+                self.tau_s,
+                index_key,
+            )
+        return False
+
     def priority(self, slot: Slot, installed: InstalledTable, now: float) -> float:
+        """The rank of ``slot`` by ``installed`` (one that :meth:`applies`): a ``rate``
+        table is given the key's total count, the others its decayed count."""
         s = self._keys.get(slot.key)
         cost = slot.entry.compute_ms
         cost = cost if cost > self.min_cost_ms else self.min_cost_ms
         if s is None:  # forgotten while cached (cannot happen: cached keys are kept)
             return 0.0
         kind = s.kind if installed.by_filter else 0
-        return installed.table.priority(
-            max(slot.nbytes, 1), cost, s.count, kind, max(now - s.last, 0.0), now - s.first
+        t = installed.table
+        count = s.total if t.kind == "rate" else s.count
+        return t.priority(
+            max(slot.nbytes, 1), cost, count, kind, max(now - s.last, 0.0), now - s.first
         )
 
     def victim(self, scope: str | None) -> tuple[Slot, float] | None:
         """The lowest-priority of ``samples`` random live slots of ``scope`` (None: the
         whole cache; all of them when it has at most ``samples``) and the newest slot,
-        with its priority; None when one of them has no table (GDSF decides) or the
-        scope is empty."""
+        with its priority; None when one of them has no table or one this cache cannot
+        apply (:meth:`applies`; GDSF decides) or the scope is empty."""
         m = self._members.get(scope or "")
         if m is None or not m.slots:
             return None
@@ -311,7 +365,10 @@ class LearnedEviction:
             if ik in tables:
                 installed = tables[ik]
             else:
-                installed = tables[ik] = self.source.table_for(ik)
+                installed = self.source.table_for(ik)
+                if installed is not None and not self.applies(ik, installed):
+                    installed = None
+                tables[ik] = installed
             if installed is None:
                 self.counts["gdsf"] += 1
                 return None

@@ -49,8 +49,8 @@ POLICY_HELP = {
     "gdsf": "Greedy-Dual-Size-Frequency with cost, admit all",
     "rules": "GDSF eviction + rule admission and idle TTL",
     "bandit": "GDSF eviction + VW contextual-bandit admission and idle TTL",
-    "learned": "learned eviction (density table / decayed counts picked by shadow caches), "
-    "admission by rank",
+    "learned": "learned eviction (density table / decayed counts / rate x survival, picked by "
+    "shadow caches), admission by rank",
     "combined": "VW bandit admission and idle TTL in front of the learned eviction",
 }
 BoundKind = Literal["lp", "knapsack"]

@@ -375,14 +375,22 @@ class EvictingCache(CacheSimulator):
         n = len(keys)
         victim, low = "", math.inf
         table = self._table
-        decayed = table.kind == "decayed"
+        decayed, rate = table.kind == "decayed", table.kind == "rate"
         tau = table.tau_s
+        a, b, h = table.prior_a, table.prior_b, table.hazard_per_s
         for _ in range(min(self.samples, n)):
             key = keys[int(rnd() * n)]
             e = entries[key]
             s = e.stats
             if decayed:  # the decayed form inlined: this loop is the simulator's hot spot
                 p = s.counts[ci] * math.exp((s.last - now) / tau) * e.cost / e.size
+            elif rate:  # rate_alive inlined (same arithmetic)
+                lam = (max(s.counts[ci] - 1.0, 0.0) + a) / (max(now - s.first, 0.0) + b)
+                if h > 0.0:
+                    q = lam + h
+                    x = math.exp(-q * max(now - s.last, 0.0))
+                    lam = lam * x / (x + h / q * (1.0 - x))
+                p = lam * e.cost / e.size
             else:
                 p = table.priority(
                     e.size, e.cost, s.counts[ci], s.context, now - s.last, now - s.first

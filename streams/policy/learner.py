@@ -24,11 +24,22 @@ Memory: an index's window holds at most ``max_window`` searches; then the pendin
 decisions are resolved (as at the end of a log) and a new window starts.
 
 Learned eviction (``cache_eviction: learned``, :mod:`streams.cache.learned_eviction`): per
-index a :class:`~streams.policy.eviction.DensityLearner` reads the same searches (the label
-of each is its key's next request gap, as far as the log has seen it) and the evicted
-entries' idle ages (removal events with reason ``evicted``); once it has read
-``eviction_min_requests`` searches every published version carries its table in
-``eviction_table`` (before that, the newest version's table is carried forward).
+index an :class:`~streams.policy.eviction.ExpertSelector` replays every search through
+its shadow caches, one per candidate table, as the simulator's ``learned`` row does
+(:func:`~streams.policy.eviction.replay_learned_eviction`), with only the candidates a
+node can apply (:data:`NODE_EVICTION`: density and decayed counts at the node's tau of
+300 s, and the ``rate`` tables, which rank by the total count). Its periods end where the
+simulator's do (:func:`~streams.policy.eviction.period_ends`: every ``update_every``
+searches of the :class:`EvictionConfig`, and at ``warmup`` before the first: learn only,
+no pick), counted in searches, not at publishes: the VW side's publishing pace (trained
+decisions) must not change the selection. A window reset (and a flush) ends a period
+too, before its searches are dropped. The density learner in the selector learns from
+its own shadow's evictions, not from the node's removal events (those go to the join
+only). Once the selector has replayed ``eviction_min_requests`` searches every published
+version carries in ``eviction_table`` its newest pick; before its first pick, the newest
+version's table carried forward over a restart, else the rule the simulator starts on
+(decayed counts at ``start_tau_s``). Before ``eviction_min_requests``, the carried table
+or none.
 
 Removal events (a SearchEvent with ``removal`` set: an admitted entry left the cache, and
 why) replace the join's estimates where present (:class:`EventJoin`): the admission that
@@ -67,7 +78,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from streams.log.port import Log, LogPosition, Record, StoredRecord
-from streams.policy.eviction import DensityLearner, EvictionConfig
+from streams.policy.eviction import EvictionConfig, EvictionTable, ExpertSelector
 from streams.policy.join import JoinedDecision, Outcome, OutcomeJoin, _Pending
 from streams.policy.learned import ACTIONS, LearnerConfig, PolicyLearner, PolicyTable
 from streams.policy.simulator import Decision, LoggedDecision, ReplayLog
@@ -85,6 +96,7 @@ __all__ = [
     "DEFAULT_GUARDRAILS",
     "KEEP_VERSIONS",
     "LEARNER_GROUP",
+    "NODE_EVICTION",
     "EventJoin",
     "OnlineLearner",
     "PolicyFeed",
@@ -108,6 +120,11 @@ DEFAULT_GUARDRAILS: Mapping[str, float] = {
     "canary_share": 1.0,
 }
 KEEP_VERSIONS = 16  # versions of an index the policy topic keeps (GuardConfig.history)
+NODE_TAU_S = 300.0  # the count tau a node's learned eviction keeps (learned_eviction.DEFAULT_TAU_S)
+# the selector's candidates a node can apply: density and decayed counts at its tau, rate
+NODE_EVICTION = EvictionConfig(
+    taus_s=(NODE_TAU_S,), density_taus_s=(NODE_TAU_S,), start_tau_s=NODE_TAU_S
+)
 _TTLS = tuple(t for _, t in ACTIONS)
 _ARM = {name: (i, ttl) for i, (name, ttl) in enumerate(ACTIONS)}
 
@@ -470,17 +487,21 @@ class _IndexState:
     window: _Window = field(default_factory=_Window)
     trained_at_publish: int = 0
     # the learned eviction (module docstring)
-    density: DensityLearner | None = None
-    density_seen: int = 0  # searches the density learner has read
-    evictions: list[tuple[int, str, float]] = field(default_factory=list)  # not yet read
-    last_seen: dict[str, float] = field(default_factory=dict)  # key -> its last search
+    selector: ExpertSelector | None = None
+    eviction_seen: int = 0  # searches the selector has replayed (every window)
+    eviction_from: int = 0  # the window's first search not yet in a closed period
+    eviction_next: int = 0  # eviction_seen at which the next period may close
+    eviction_periods: int = 0  # periods closed
+    eviction_pick: EvictionTable | None = None  # the selector's newest pick
     eviction_table: str | None = None  # the newest published (carried forward)
-    density_now: float = 0.0  # log time of the newest search it read
 
 
 class OnlineLearner:
     """The policy learner (module docstring). ``budget_bytes``: the query nodes' cache
-    budget (the rent); ``guardrails``: those published with every version."""
+    budget (the rent, and the shadow caches' budget); ``guardrails``: those published
+    with every version; ``eviction_config``: the expert selection's (default
+    :data:`NODE_EVICTION`; ``ValueError`` when a candidate is keyed by a count tau other
+    than the node's, a table the node would refuse)."""
 
     def __init__(
         self,
@@ -501,7 +522,15 @@ class OnlineLearner:
         eviction_min_requests: int = 1_000,
     ) -> None:
         self.log, self.topics, self.codec = log, topics, codec
-        self.eviction_config = eviction_config or EvictionConfig()
+        cfg = eviction_config or NODE_EVICTION
+        odd = {*cfg.taus_s, *cfg.density_taus_s, cfg.start_tau_s} - {NODE_TAU_S}
+        if odd:
+            raise ValueError(
+                f"eviction_config: a node keeps key counts at tau {NODE_TAU_S:g} s only; "
+                f"candidates at {sorted(odd)} s would be refused (taus_s, density_taus_s, "
+                "start_tau_s)"
+            )
+        self.eviction_config = cfg
         self.eviction_min_requests = eviction_min_requests
         self.budget_bytes = budget_bytes
         self.feedback_grace_s = feedback_grace_s
@@ -543,7 +572,8 @@ class OnlineLearner:
             learner.version = version
             st = self._indexes[key] = _IndexState(learner, version)
             cfg = self.eviction_config
-            st.density = DensityLearner(cfg, cfg.density_taus_s[0])
+            st.selector = ExpertSelector(self.budget_bytes, cfg)
+            st.eviction_next = cfg.warmup if cfg.warmup < cfg.update_every else cfg.update_every
             st.eviction_table = newest.get("eviction_table") if newest else None
         return st
 
@@ -562,18 +592,11 @@ class OnlineLearner:
                 str(removal["reason"]),
             )
             w.owner.pop(key, None)
-            if removal["reason"] == "evicted":  # its idle age: the density table's horizon
-                t = _ms(ev["timestamp"]) / 1000
-                idle = t - st.last_seen.get(key, _ms(removal["stored_ms"]) / 1000)
-                st.evictions.append((len(w.requests), key, max(idle, 0.0)))
             return
         features = ev.get("features") or {}
         size = max(1, int(features.get("size", 1)))
         cost = float(ev["proxy_cost"])
         w.requests.append(Request(_ms(ev["timestamp"]) / 1000, key, size, cost))
-        if len(st.last_seen) >= 200_000:  # bounded: a forgotten key's idle counts from storing
-            st.last_seen.clear()
-        st.last_seen[key] = w.requests[-1].time
         w.replay.hits.append(1 if ev["cache_hit"] else 0)
         here = len(w.requests) - 1
         if ev["cache_hit"]:
@@ -670,11 +693,7 @@ class OnlineLearner:
         w, learner = st.window, st.learner
         stop = len(w.requests)
         if stop > w.accounted:
-            if st.density is not None:  # the learned eviction's labels (module docstring)
-                st.density.observe(w.requests, st.evictions, w.accounted, stop)
-                st.density_seen += stop - w.accounted
-                st.evictions.clear()
-                st.density_now = w.requests[stop - 1].time
+            self._eviction_replay(st, stop)
             learner.observe_log(w.requests, w.replay, w.accounted, stop)
             measured = w.join.measured_char_time_s
             w.join.char_time_s = learner.char_time_s if measured is None else measured
@@ -684,6 +703,7 @@ class OnlineLearner:
             w.accounted = stop
             learner.learn(self._release(w, now))
         if flush or stop >= self.max_window:
+            self._eviction_period(st)  # before the window's searches go
             w.join.orphans_unmatched()
             for name in self._removal_counts:
                 self._removal_counts[name] += getattr(w.join, name)
@@ -692,6 +712,7 @@ class OnlineLearner:
             learner.learn(self._release(w, math.inf))
             learner.new_log()
             st.window = _Window()
+            st.eviction_from = 0
 
     def _publish(self, key: str, st: _IndexState, reason: str = "trained") -> dict[str, Any]:
         tenant, _, index = key.partition("/")
@@ -712,12 +733,53 @@ class OnlineLearner:
         self.published.append(record)
         return record
 
+    def _eviction_replay(self, st: _IndexState, stop: int) -> None:
+        """Replay the window's searches up to ``stop`` in the selector, closing a period
+        wherever the simulator's ends (module docstring)."""
+        selector, requests = st.selector, st.window.requests
+        if selector is None:
+            return
+        i = st.window.accounted
+        while i < stop:
+            upto = min(stop, i + st.eviction_next - st.eviction_seen)
+            for j in range(i, upto):
+                selector.access(j, requests[j])
+            st.eviction_seen += upto - i
+            i = upto
+            if st.eviction_seen >= st.eviction_next:
+                self._eviction_period(st, upto)
+
+    def _eviction_period(self, st: _IndexState, stop: int | None = None) -> None:
+        """Close the selector's period: the window's searches from the last end to
+        ``stop`` (None: every one accounted; a window reset). The first period is the
+        warm-up when ``warmup < update_every``: learn only, no pick (module docstring)."""
+        selector, w = st.selector, st.window
+        start = st.eviction_from
+        stop = w.accounted if stop is None else stop
+        if selector is None or stop <= start:
+            return
+        cfg = selector.config
+        warmup = st.eviction_periods == 0 and cfg.warmup < cfg.update_every
+        table = selector.update(w.requests, start, stop, select=not warmup)
+        for shadow in selector.shadows:  # unread by the selector: bound a long-lived learner
+            shadow.log.hits.clear()
+            shadow.log.decisions.clear()
+        st.eviction_periods += 1
+        st.eviction_from = stop
+        st.eviction_next = (st.eviction_seen // cfg.update_every + 1) * cfg.update_every
+        if table is not None:
+            st.eviction_pick = table
+
     def _eviction_table(self, st: _IndexState) -> str | None:
         """The learned eviction's table for the next version (module docstring)."""
         from streams.cache.learned_eviction import eviction_payload
 
-        if st.density is not None and st.density_seen >= self.eviction_min_requests:
-            st.eviction_table = eviction_payload(st.density.export(st.density_now))
+        if st.selector is None or st.eviction_seen < self.eviction_min_requests:
+            return st.eviction_table
+        if st.eviction_pick is not None:
+            st.eviction_table = eviction_payload(st.eviction_pick)
+        elif st.eviction_table is None:  # no pick yet and nothing carried: the rule
+            st.eviction_table = eviction_payload(st.selector.start)
         return st.eviction_table
 
     def step(
@@ -907,19 +969,29 @@ def policy_status(dataplane: object, tenant: str, index: str) -> dict[str, Any]:
             r["version"] for r in records if r["tenant"] == tenant and r["index"] == index
         ),
         "fallbacks": [f for f in status["fallbacks"] if f["key"] == key],
-        "eviction_table": _eviction_status(holder, key),
+        "eviction_table": _eviction_status(holder, key, svc),
     }
 
 
-def _eviction_status(holder: PolicyHolder, key: str) -> dict[str, Any] | None:
-    """The learned eviction table in force for ``key`` (None: GDSF decides)."""
+def _eviction_status(holder: PolicyHolder, key: str, svc: VectorService) -> dict[str, Any] | None:
+    """The learned eviction table in force for ``key`` (None: GDSF decides); ``applied``:
+    whether this node's cache ranks by it (False: refused, GDSF decides; None: the cache
+    does not evict by learned tables)."""
     from streams.cache.learned_eviction import HolderTables
 
     found = HolderTables(holder).table_for(key)
     if found is None:
         return None
     t = found.table
-    return {"version": t.version, "kind": t.kind, "tau_s": t.tau_s, "by_filter": found.by_filter}
+    cache = getattr(svc.search_observer, "cache", None)
+    learned = getattr(cache, "learned", None)
+    return {
+        "version": t.version,
+        "kind": t.kind,
+        "tau_s": t.tau_s,
+        "by_filter": found.by_filter,
+        "applied": None if learned is None else learned.can_apply(t),
+    }
 
 
 def rollback_policy(dataplane: object, tenant: str, index: str, version: int) -> dict[str, Any]:
