@@ -26,7 +26,7 @@ from streams.cache.learned_eviction import (
 )
 from streams.cache.policy import AdmissionDecision
 from streams.log.embedded import EmbeddedLog
-from streams.policy.eviction import EvictionTable, ExpertSelector, period_ends
+from streams.policy.eviction import EvictionConfig, EvictionTable, ExpertSelector, period_ends
 from streams.policy.learner import (
     NODE_EVICTION,
     OnlineLearner,
@@ -222,6 +222,7 @@ def test_the_learners_candidates_are_the_nodes_and_others_are_refused_at_start(
     node = LearnedEviction()  # a node's cache: cache_eviction learned
     assert NODE_EVICTION.taus_s == NODE_EVICTION.density_taus_s == (DEFAULT_TAU_S,)
     assert NODE_EVICTION.start_tau_s == node.tau_s == DEFAULT_TAU_S
+    assert EvictionConfig() == NODE_EVICTION  # the simulator's learned row runs what a node runs
     shadows = ExpertSelector(1 << 20, NODE_EVICTION).shadows
     assert [s.name for s in shadows] == [
         "density300",

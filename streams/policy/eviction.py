@@ -247,7 +247,7 @@ class EvictionConfig:
 
     update_every: int = 5_000
     samples: int = 32
-    taus_s: tuple[float, ...] = (100.0, 300.0, 1000.0)  # the decayed-count candidates
+    taus_s: tuple[float, ...] = (300.0,)  # the decayed-count candidates (a node keeps 300 s)
     density_taus_s: tuple[float, ...] = (300.0,)  # one density table per count tau
     start_tau_s: float = 300.0  # the table before the first selection (the rule)
     table_decay: float = 0.5  # weight left to older samples at each new table

@@ -122,6 +122,7 @@ DEFAULT_GUARDRAILS: Mapping[str, float] = {
 KEEP_VERSIONS = 16  # versions of an index the policy topic keeps (GuardConfig.history)
 NODE_TAU_S = 300.0  # the count tau a node's learned eviction keeps (learned_eviction.DEFAULT_TAU_S)
 # the selector's candidates a node can apply: density and decayed counts at its tau, rate
+# (the EvictionConfig defaults, spelled out: the simulator's ``learned`` row runs the same)
 NODE_EVICTION = EvictionConfig(
     taus_s=(NODE_TAU_S,), density_taus_s=(NODE_TAU_S,), start_tau_s=NODE_TAU_S
 )
