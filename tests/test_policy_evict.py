@@ -28,6 +28,7 @@ from streams.policy.eviction import (
     RATE_TAU_S,
     DensityLearner,
     ExpertSelector,
+    KeyCounts,
     fit_rate_prior,
     rate_alive,
 )
@@ -155,6 +156,34 @@ def test_where_keys_die_the_selector_picks_a_rate_table_with_a_hazard() -> None:
     assert saved["rate0.01"] > 1.05 * max(saved["decayed30"], saved["decayed100"]), saved
     assert saved["rate0.01"] > 1.3 * saved["rate0"], saved
     assert sel.picks[-3:] == ["rate0.01"] * 3
+
+
+def test_per_key_state_is_bounded_and_forgets_the_least_recent_keys() -> None:
+    counts = KeyCounts((300.0, RATE_TAU_S), max_keys=100)
+    for i in range(1_000):
+        counts.observe(req(float(i), f"k{i}"))
+        counts.observe(req(float(i) + 0.5, "hot"))  # requested all along: never forgotten
+    assert len(counts.stats) <= 100 and counts.forgotten >= 900
+    assert "hot" in counts.stats and counts.stats["hot"].counts[1] == pytest.approx(1_000)
+    assert "k999" in counts.stats and "k0" not in counts.stats
+    learner = DensityLearner(EvictionConfig(max_keys=100), 300.0)
+    trace = [req(float(i), f"k{i}") for i in range(1_000)]
+    learner.observe(trace, [], 0, len(trace))
+    assert len(learner._stats) <= 100
+    with pytest.raises(ValueError, match="max_keys"):
+        KeyCounts((300.0,), max_keys=1)
+
+
+def test_a_cached_key_forgotten_by_the_counts_is_ranked_by_its_new_stats() -> None:
+    counts = KeyCounts((RATE_TAU_S,), max_keys=4)
+    cache = EvictingCache(10_000, EvictionTable.rate(0.3, 30.0, 0.0), counts=counts)
+    trace = [req(0.0, "a"), *(req(float(i), f"x{i}") for i in range(1, 10)), req(10.0, "a")]
+    for i, r in enumerate(trace):
+        counts.observe(r)
+        cache.access(i, r)
+    assert cache.log.hits[-1]  # still cached: the budget holds everything
+    assert cache._entries["a"].stats is counts.stats["a"]  # not the forgotten object
+    assert counts.stats["a"].first == 10.0
 
 
 # -- sampled eviction with known answers ------------------------------------------------------

@@ -259,6 +259,9 @@ class EvictionConfig:
     # the rate candidates: one per hazard (per second), prior fitted from the key counts
     rate_hazards_per_s: tuple[float, ...] = (1e-4, 1e-3, 4e-3)
     rate_fit_keys: int = 20_000  # keys sampled for the prior's fit
+    # per-key state kept (KeyCounts, the density learner's counts); past it the least
+    # recently requested half is forgotten (a long-running learner stays bounded)
+    max_keys: int = 200_000
     seed: int = 0
 
 
@@ -277,12 +280,19 @@ class KeyCounts:
     """:class:`KeyStats` of every key seen, updated once per request by :meth:`observe`.
 
     Several caches replaying the same requests share one (the shadows and the real cache).
-    Memory grows with the distinct keys; production bounds it with a sketch.
+    With ``max_keys``, a new key past it makes the least recently requested half be
+    forgotten (in place: the caches hold this dict); a forgotten key that comes back starts
+    again at count 1, and an entry still cached for it is given the new stats at its next
+    hit.
     """
 
-    def __init__(self, taus_s: Sequence[float]) -> None:
+    def __init__(self, taus_s: Sequence[float], max_keys: int | None = None) -> None:
+        if max_keys is not None and max_keys < 2:
+            raise ValueError("max_keys must be >= 2")
         self.taus = tuple(taus_s)
+        self.max_keys = max_keys
         self.stats: dict[str, KeyStats] = {}
+        self.forgotten = 0
 
     def observe(self, req: Request) -> None:
         now = req.time
@@ -290,6 +300,8 @@ class KeyCounts:
         s = self.stats.get(req.key)
         if s is None:
             self.stats[req.key] = KeyStats(now, now, [1.0] * len(self.taus), context)
+            if self.max_keys is not None and len(self.stats) > self.max_keys:
+                self._forget()
             return
         dt = max(now - s.last, 0.0)
         s.counts = [
@@ -297,6 +309,15 @@ class KeyCounts:
         ]
         s.last = now
         s.context = context
+
+    def _forget(self) -> None:
+        assert self.max_keys is not None
+        stale = heapq.nsmallest(
+            len(self.stats) - self.max_keys // 2, self.stats, key=lambda k: self.stats[k].last
+        )
+        for key in stale:
+            del self.stats[key]
+        self.forgotten += len(stale)
 
 
 class _Entry:
@@ -367,6 +388,9 @@ class EvictingCache(CacheSimulator):
         if e is None:
             return False
         e.cost = req.cost
+        s = self._stats.get(req.key)
+        if s is not None and s is not e.stats:  # its key was forgotten and came back
+            e.stats = s
         return True
 
     def _victim(self, now: float) -> tuple[str, float]:
@@ -450,6 +474,7 @@ class DensityLearner:
         self._pending = _Samples()
         self._open: dict[str, int] = {}  # key -> its latest sample (gap unknown)
         self._stats: dict[str, tuple[float, float, float]] = {}  # key -> (count, last, first)
+        self._max_keys = config.max_keys
         self._evicted_idle: list[float] = []
 
     @property
@@ -474,6 +499,12 @@ class DensityLearner:
             c, last, first = self._stats.get(r.key, (0.0, r.time, r.time))
             c = c * math.exp(-max(r.time - last, 0.0) / self.tau_s) + 1.0
             self._stats[r.key] = (c, r.time, first)
+            if len(self._stats) > self._max_keys:  # forget the least recent half
+                stats = self._stats
+                for key in heapq.nsmallest(
+                    len(stats) - self._max_keys // 2, stats, key=lambda k: stats[k][1]
+                ):
+                    del stats[key]
             j = self._open.get(r.key)
             if j is not None:
                 p.gap[j] = r.time - p.t[j]
@@ -539,7 +570,7 @@ class ExpertSelector:
         self.config = config
         rate = (RATE_TAU_S,) if config.rate_hazards_per_s else ()
         taus = tuple(sorted({*config.taus_s, *config.density_taus_s, config.start_tau_s, *rate}))
-        self.counts = KeyCounts(taus)
+        self.counts = KeyCounts(taus, config.max_keys)
         self._fit_rng = np.random.default_rng(config.seed)
         self.prior: tuple[float, float] | None = None  # the rate prior of the last fit
         self.start = start = EvictionTable.decayed(config.start_tau_s)
