@@ -39,7 +39,16 @@ from streams.schemas import catalog
 from streams.schemas.codec import AvroCodec
 from streams.schemas.log_registry import LogRegistry
 from streams.topics import Topics
-from tests.test_learned_eviction import Clock, Evicted, LearnedRig, entry, learned_cache, record
+from tests.test_learned_eviction import (
+    Clock,
+    Evicted,
+    LearnedRig,
+    entry,
+    evictions_of,
+    learned_cache,
+    random_ops,
+    record,
+)
 
 INDEX = "acme/docs"
 CFG = replace(NODE_EVICTION, update_every=2_000, warmup=1_000)  # smaller periods: a short log
@@ -184,6 +193,18 @@ def in_order(sub: list[str], seq: list[str]) -> bool:
 # -- the learner ----------------------------------------------------------------------------
 
 
+def busy_long_ago(cache: Any, clock: Clock, a: Any, b: Any) -> None:
+    """Key ``a`` hit 199 times, then 3,000 s pass; ``b`` and ``a`` are hit once each since:
+    ``a`` has the larger total count, ``b`` the larger count decayed at 300 s."""
+    for _ in range(199):
+        cache.hit(a)
+    clock.t += 3000.0
+    cache.hit(b)
+    clock.t += 1.0
+    cache.hit(a)
+    cache.hit(b)
+
+
 @pytest.mark.parametrize(("workload", "winner"), [("sessions", "rate"), ("latest", "density")])
 def test_the_learner_publishes_the_simulators_picks_which_follow_the_workload(
     query_logs: dict[str, QueryLog], workload: str, winner: str
@@ -259,13 +280,7 @@ def test_a_rate_table_ranks_by_the_total_count_a_decayed_table_by_the_recent_one
         a, b = entry(0), entry(1)
         cache.put(a, 0)
         cache.put(b, 0)
-        for _ in range(199):
-            cache.hit(a.key)
-        clock.t += 3000.0
-        cache.hit(b.key)
-        clock.t += 1.0
-        cache.hit(a.key)
-        cache.hit(b.key)
+        busy_long_ago(cache, clock, a.key, b.key)
         learned = cache.learned
         assert learned is not None
         sa, sb = learned.state(a.key), learned.state(b.key)
@@ -283,29 +298,16 @@ def test_a_table_keyed_by_another_tau_is_refused_and_gdsf_evicts(
     """The cache keeps counts at tau 300 s: a decayed or density table at another tau is
     refused (logged once per version, counted) and the index evicts exactly as GDSF; a
     table at 300 s and a rate table apply."""
-    import numpy as np
-
-    rng = np.random.default_rng(5)
-    ops = [
-        (int(rng.integers(0, 12)), float(rng.uniform(0.1, 20)), rng.random() < 0.5)
-        for _ in range(200)
-    ]
     from streams.cache import ResultCache
 
+    ops = random_ops(5, 200)
     seen = []
     wrong = EvictionTable.decayed(100.0, version=7)
     with caplog.at_level(logging.WARNING, logger="streams.cache.learned_eviction"):
         for cache, tables in ((ResultCache(5 * entry(0).nbytes), None), learned_cache(5)[:2]):
             if tables is not None:
                 tables.install("t/i", wrong)
-            rec = Evicted()
-            cache.add_removal_listener(rec)
-            for i, cost, hit in ops:
-                if hit:
-                    cache.hit(entry(i).key)
-                else:
-                    cache.put(entry(i, cost=cost), 0)
-            seen.append(rec.keys)
+            seen.append(evictions_of(cache, ops))
     assert seen[0] and seen[0] == seen[1]
     learned = cache.learned
     assert learned is not None
@@ -369,13 +371,7 @@ def test_a_node_applies_the_rate_table_the_learner_picked_and_ranks_by_total_cou
     cache.add_removal_listener(rec)
     cache.put(a, 0, ADMIT)
     cache.put(b, 0, ADMIT)
-    for _ in range(199):
-        cache.hit(a.key)
-    clock.t += 3000.0
-    cache.hit(b.key)
-    clock.t += 1.0
-    cache.hit(a.key)
-    cache.hit(b.key)
+    busy_long_ago(cache, clock, a.key, b.key)
     before = dict(learned.counts)
     cache.put(entry(2, tenant="acme", index="docs", cost=1e6), 0, ADMIT)
     assert rec.keys == [b.key] and learned.counts["learned"] == before["learned"] + 1

@@ -300,7 +300,7 @@ def test_kill_9_with_held_chunks_loses_none_and_appends_none_stale(
     from tests.test_ingest_crash import start_child
 
     monkeypatch.setenv("STREAMVEC_SMART_VECTORIZE", "true")
-    seed = int.from_bytes(os.urandom(4), "big")
+    seed = int(os.environ.get("STREAMVEC_TEST_SEED") or int.from_bytes(os.urandom(4), "big"))
     rng = random.Random(seed)
     ports = {"http": free_port(), "resp": free_port(), "registry": free_port()}
     journal = tmp_path / "journal.jsonl"
@@ -365,15 +365,23 @@ def test_kill_9_with_held_chunks_loses_none_and_appends_none_stale(
         topics = Topics()
         codec = AvroCodec(LogRegistry(log, topics))
         last: dict[str, int] = {}
+        history: dict[str, list[str]] = {}  # per id: offset:version(priority), for the message
         deferred = 0
         for p in sorted(log.end_offsets(topics.vectors)):
             for rec in log.read(topics.vectors, p, 0, 1_000_000):
                 key = (rec.key or b"").decode()
                 if rec.value is None:  # a delete: a re-created Source starts at version 1
                     last.pop(key, None)
+                    history.setdefault(key, []).append(f"{rec.offset}:del")
                     continue
                 value = codec.decode(rec.value)[1]
-                assert value["version"] >= last.get(key, 0), f"seed {seed}: stale {key}"
+                vz = json.loads(value["meta"]).get("vectorize", {})
+                history.setdefault(key, []).append(
+                    f"{rec.offset}:v{value['version']}({vz.get('priority')})"
+                )
+                assert value["version"] >= last.get(key, 0), (
+                    f"seed {seed}: stale {key}: {history[key]}"
+                )
                 last[key] = value["version"]
                 priority = json.loads(value["meta"]).get("vectorize", {}).get("priority")
                 deferred += priority in ("medium", "low")

@@ -108,22 +108,30 @@ def learned_cache(budget_entries: int, **kw: Any) -> tuple[ResultCache, StaticTa
 # -- the table on the hot path ----------------------------------------------------------------
 
 
-def test_without_a_table_learned_evicts_exactly_as_gdsf() -> None:
-    rng = np.random.default_rng(3)
-    ops = [
+def random_ops(seed: int, n: int) -> list[tuple[int, float, bool]]:
+    """``n`` random operations on 12 keys: (entry number, cost, hit or put)."""
+    rng = np.random.default_rng(seed)
+    return [
         (int(rng.integers(0, 12)), float(rng.uniform(0.1, 20)), rng.random() < 0.5)
-        for _ in range(300)
+        for _ in range(n)
     ]
-    seen = []
-    for cache in (ResultCache(5 * entry(0).nbytes), learned_cache(5)[0]):
-        rec = Evicted()
-        cache.add_removal_listener(rec)
-        for i, cost, hit in ops:
-            if hit:
-                cache.hit(entry(i).key)
-            else:
-                cache.put(entry(i, cost=cost), 0)
-        seen.append(rec.keys)
+
+
+def evictions_of(cache: ResultCache, ops: list[tuple[int, float, bool]]) -> list[Any]:
+    """The keys ``cache`` evicts while it runs ``ops`` (hits of ``entry(i)``, or puts)."""
+    rec = Evicted()
+    cache.add_removal_listener(rec)
+    for i, cost, hit in ops:
+        if hit:
+            cache.hit(entry(i).key)
+        else:
+            cache.put(entry(i, cost=cost), 0)
+    return rec.keys
+
+
+def test_without_a_table_learned_evicts_exactly_as_gdsf() -> None:
+    ops = random_ops(3, 300)
+    seen = [evictions_of(c, ops) for c in (ResultCache(5 * entry(0).nbytes), learned_cache(5)[0])]
     assert seen[0] and seen[0] == seen[1]
     assert learned_cache(1)[0].stats().eviction == "learned"
 
