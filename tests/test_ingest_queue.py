@@ -193,6 +193,29 @@ def test_held_chunks_survive_a_restart_and_are_appended_exactly_once(
         svc.close()
 
 
+def test_after_a_restart_a_session_query_still_waits_for_held_chunks(
+    rig: Rig, tmp_path: Path
+) -> None:
+    """``processed`` does not pass a Source whose chunks are held, on a restarted
+    processor too (its start advanced it to the committed positions, past them)."""
+    state_dir = tmp_path / "ingest"
+    svc = open_svc(rig, state_dir, hold_idle_ms=NEVER, hold_max_age_ms=NEVER)
+    svc.create_text_index("t", "kb", "wordllama", recipe="Flat")
+    tok = put(svc, "low", HERON)
+    wait_for(lambda: svc.processor.stats.pending.get("low") == 1)
+    svc.close()
+    svc = open_svc(rig, state_dir, hold_idle_ms=NEVER, hold_max_age_ms=NEVER)
+    try:
+        assert svc.processor.stats.pending["low"] == 1
+        with pytest.raises(Busy):
+            session(svc, tok, timeout_ms=300)
+        svc.processor.hold_idle_ms = 0
+        session(svc, tok)
+        assert upserts(rig) == ["t/kb/low#0"]
+    finally:
+        svc.close()
+
+
 def test_an_update_or_a_tombstone_supersedes_held_chunks_of_the_old_version(
     rig: Rig, tmp_path: Path
 ) -> None:
@@ -273,6 +296,95 @@ def test_bad_hold_limits_are_refused(rig: Rig, tmp_path: Path) -> None:
             )
     finally:
         state.close()
+
+
+def open_attached(rig: Rig, state_dir: Path) -> IngestService:
+    """What ``streamvec up`` runs with smart vectorization on: the vectorizer attached to
+    the node's service (it writes representatives' members), here at every decision."""
+    indexer = rig.node.indexer
+    catalog_ = NodeCatalog(rig.node)
+    vz = SmartVectorizer(policies={"t/kb": POLICY}, collapse_interval_s=0)
+    processor = EmbedderProcessor(
+        indexer.log,
+        indexer.topics,
+        indexer.codec,
+        rig.node.dlq,
+        IngestState(state_dir),
+        catalog_,
+        vectorizer=vz.attach(rig.node.service),
+        backoff_s=0.001,
+        hold_idle_ms=0,
+    ).start()
+    return IngestService(
+        indexer.log, indexer.topics, indexer.codec, rig.node.service, catalog_, processor
+    )
+
+
+def copies(rig: Rig, id: str) -> list[dict[str, Any]]:
+    """The upserts of ``id`` in ``vectors``, in order."""
+    return [v for k, v in vectors(rig) if k == f"t/kb/{id}" and v is not None]
+
+
+def test_collapsing_duplicates_never_makes_a_chunk_version_go_down(
+    rig: Rig, tmp_path: Path
+) -> None:
+    """What the kill -9 test below caught: a representative's ``meta.members`` is written
+    as duplicates of it come in. Its chunk's record version is its Source's version, so
+    that write keeps it: with the node's ``stored + 1`` two collapses put ``rep#0`` at
+    version 3 and the Source's next version (2) landed after it, stale to any sink."""
+    svc = open_attached(rig, tmp_path / "ingest")
+
+    def write(sid: str, text: str, **kw: Any) -> None:
+        session(svc, put(svc, sid, text, **kw))
+        assert rig.node.catch_up(20)
+
+    try:
+        svc.create_text_index("t", "kb", "wordllama", recipe="Flat")
+        write("rep", TRACEBACK, channel_id="incidents")  # v1: critical, appended now
+        write("d1", TRACEBACK, channel_id="incidents")  # a duplicate of rep#0: collapsed
+        write("d2", TRACEBACK, channel_id="incidents")  # another one: collapsed again
+        write("rep", PIE)  # v2
+        got = copies(rig, "rep#0")
+        metas = [json.loads(v["meta"]) for v in got]
+        assert [m.get("members") for m in metas] == [None, ["d1#0"], ["d1#0", "d2#0"], None]
+        assert [v["version"] for v in got] == [1, 1, 1, 2]  # never down
+        assert [v["source_id"] for v in got] == ["rep"] * 4  # the Source fields kept
+        entry = rig.node.state.entry("t/kb", "rep#0")
+        assert entry is not None and entry.version == 2
+        assert "apple pie" in json.loads(entry.meta or "{}")["text"]
+    finally:
+        svc.close()
+
+
+def test_a_collapse_behind_the_processor_writes_no_stale_copy(rig: Rig, tmp_path: Path) -> None:
+    """The node has not applied the processor's newest version of a representative when a
+    duplicate of it comes in (a starved node): its members wait, rather than going out
+    on the older copy after the newer one (which would also put the old text back in the
+    index); once the node has caught up they are written on the newest copy."""
+    svc = open_attached(rig, tmp_path / "ingest")
+    vz = svc.processor.vectorizer
+    assert isinstance(vz, SmartVectorizer)
+    try:
+        svc.create_text_index("t", "kb", "wordllama", recipe="Flat")
+        session(svc, put(svc, "rep", TRACEBACK, channel_id="incidents"))  # v1
+        assert rig.node.catch_up(20)
+        with rig.node.indexer.lock:  # the node applies nothing meanwhile
+            put(svc, "rep", PIE)  # v2 (held, then released: idle)
+            wait_for(lambda: len(copies(rig, "rep#0")) == 2)
+            put(svc, "d1", PIE)  # a duplicate of rep#0 v2: collapse while the node has v1
+            wait_for(lambda: len(copies(rig, "d1#0")) == 1)
+            assert vz.members("t/kb") == {"rep#0": ["d1#0"]}  # not written: kept
+        assert rig.node.catch_up(20)
+        assert [v["version"] for v in copies(rig, "rep#0")] == [1, 2]  # nothing after v2
+        assert vz.collapse(rig.node.service, "t", "kb") == {"rep#0": ["d1#0"]}
+        assert rig.node.catch_up(20)
+        assert [v["version"] for v in copies(rig, "rep#0")] == [1, 2, 2]
+        entry = rig.node.state.entry("t/kb", "rep#0")
+        assert entry is not None and entry.version == 2
+        meta = json.loads(entry.meta or "{}")
+        assert "apple pie" in meta["text"] and meta["members"] == ["d1#0"]
+    finally:
+        svc.close()
 
 
 @pytest.mark.slow
@@ -365,7 +477,9 @@ def test_kill_9_with_held_chunks_loses_none_and_appends_none_stale(
         topics = Topics()
         codec = AvroCodec(LogRegistry(log, topics))
         last: dict[str, int] = {}
-        history: dict[str, list[str]] = {}  # per id: offset:version(priority), for the message
+        # per id, for the message: offset:version(the decision's priority), and "members"
+        # on a representative's members write (SmartVectorizer.collapse)
+        history: dict[str, list[str]] = {}
         deferred = 0
         for p in sorted(log.end_offsets(topics.vectors)):
             for rec in log.read(topics.vectors, p, 0, 1_000_000):
@@ -375,15 +489,16 @@ def test_kill_9_with_held_chunks_loses_none_and_appends_none_stale(
                     history.setdefault(key, []).append(f"{rec.offset}:del")
                     continue
                 value = codec.decode(rec.value)[1]
-                vz = json.loads(value["meta"]).get("vectorize", {})
+                meta = json.loads(value["meta"])
+                priority = meta.get("vectorize", {}).get("priority")
                 history.setdefault(key, []).append(
-                    f"{rec.offset}:v{value['version']}({vz.get('priority')})"
+                    f"{rec.offset}:v{value['version']}({priority})"
+                    + (" members" if "members" in meta else "")
                 )
                 assert value["version"] >= last.get(key, 0), (
                     f"seed {seed}: stale {key}: {history[key]}"
                 )
                 last[key] = value["version"]
-                priority = json.loads(value["meta"]).get("vectorize", {}).get("priority")
                 deferred += priority in ("medium", "low")
         assert deferred > 0, f"seed {seed}: no chunk went through the hold"
     finally:

@@ -225,7 +225,9 @@ class EmbedderProcessor:
             if t == self.topics.documents:
                 sub.seek(t, p, off)
         self._sub = sub
-        self.processed.advance(sub.positions(), caught_up=False)
+        # the committed positions, held back to the first Source with a held chunk (not
+        # the subscription's: those pass the held Sources)
+        self.processed.advance(self._visible(), caught_up=False)
         return self
 
     def start(self) -> EmbedderProcessor:

@@ -564,9 +564,18 @@ class SmartVectorizer:
             return {} if stats is None else {k: sorted(v) for k, v in stats.members.items()}
 
     def collapse(self, service: Any, tenant: str, index: str) -> dict[str, list[str]]:
-        """Write each representative's ``meta.members`` (merged with what it lists) by an
-        upsert of its current copy with IF_VERSION; a representative not indexed yet, or
-        changed meanwhile, is kept for the next call. Returns what was written."""
+        """Write each representative's ``meta.members`` (merged with what it lists); a
+        representative not indexed yet, or changed meanwhile, is kept for the next call.
+        Returns what was written.
+
+        A Source chunk (written by the embedder processor: its record's ``version`` is its
+        Source's version) is rewritten as its newest record with the merged members and
+        the same version, and only while the node has applied every record of its
+        partition (so the copy read is the newest one: the processor appends Source chunks
+        without the service's version bookkeeping). A node-assigned version (``stored +
+        1``) there would make the processor's next version of that chunk go down in
+        ``vectors``, and a copy read behind the processor's newest append would put stale
+        text after it. Any other vector is upserted with IF_VERSION (stored version + 1)."""
         from streams.index.exceptions import NotFound, VersionConflict
         from streams.index.model import VectorUpsert
 
@@ -581,21 +590,25 @@ class SmartVectorizer:
                 meta = {"value": meta}
             merged = sorted(set(meta.get("members") or []) | set(new))
             meta["members"] = merged
-            try:
-                service.upsert(
-                    VectorUpsert(
-                        tenant,
-                        index,
-                        rep,
-                        entry.vector,
-                        json.dumps(meta),
-                        entry.tags,
-                        dict(entry.numeric),
-                    ),
-                    if_version=entry.version,
-                )
-            except (VersionConflict, NotFound):
-                continue
+            if "source_version" in meta:  # a Source chunk: the processor's version
+                if not _rewrite_newest(service, entry.position, json.dumps(meta)):
+                    continue
+            else:
+                try:
+                    service.upsert(
+                        VectorUpsert(
+                            tenant,
+                            index,
+                            rep,
+                            entry.vector,
+                            json.dumps(meta),
+                            entry.tags,
+                            dict(entry.numeric),
+                        ),
+                        if_version=entry.version,
+                    )
+                except (VersionConflict, NotFound):
+                    continue
             written[rep] = merged
             with self._lock:
                 self._stats[key].members.pop(rep, None)
@@ -621,3 +634,26 @@ class SmartVectorizer:
         service.info_sections["vectorize"] = self.stats
         self._service = service
         return self
+
+
+def _rewrite_newest(service: Any, position: str, meta: str) -> bool:
+    """Append the record at ``position`` (a ``vectors`` token: an entry's copy) again with
+    ``meta``, everything else as it is (version, Source fields, TTL and timestamp), if it
+    is still the newest record of its id: the node has applied its whole partition. The
+    caller appends no other record of that id meanwhile (the processor's thread)."""
+    from streams.log.port import LogPosition, Record, now_ms
+    from streams.schemas import catalog
+
+    pos = LogPosition.parse(position)
+    tp = (pos.topic, pos.partition)
+    if not service.applied.reached({tp: service.log.end_offsets(pos.topic).get(pos.partition, 0)}):
+        return False  # the node is behind: a newer copy may be in the log
+    recs = service.log.read(pos.topic, pos.partition, pos.offset, 1)
+    if not recs or recs[0].offset != pos.offset or recs[0].value is None:
+        return False
+    _, value = service.codec.decode(recs[0].value)
+    value["meta"] = meta
+    schema = catalog.load_schema(catalog.TOPIC_VALUE_SCHEMA["vectors"])
+    data = service.codec.encode(catalog.subject_for(pos.topic), schema, value)
+    service.log.append_batch([Record.of(pos.topic, recs[0].key, data, timestamp_ms=now_ms())])
+    return True
