@@ -51,8 +51,11 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     r.close()
 
 
-def open_svc(rig: Rig, state_dir: Path, **hold: int) -> IngestService:
-    """What ``open_ingest`` builds, with a smart vectorizer and the hold limits given."""
+def open_svc(
+    rig: Rig, state_dir: Path, vectorizer: SmartVectorizer | None = None, **hold: int
+) -> IngestService:
+    """What ``open_ingest`` builds, with a smart vectorizer (default: one for POLICY, not
+    attached) and the hold limits given."""
     indexer = rig.node.indexer
     catalog_ = NodeCatalog(rig.node)
     processor = EmbedderProcessor(
@@ -62,7 +65,7 @@ def open_svc(rig: Rig, state_dir: Path, **hold: int) -> IngestService:
         rig.node.dlq,
         IngestState(state_dir),
         catalog_,
-        vectorizer=SmartVectorizer(policies={"t/kb": POLICY}),
+        vectorizer=vectorizer or SmartVectorizer(policies={"t/kb": POLICY}),
         backoff_s=0.001,
         **hold,
     ).start()
@@ -301,23 +304,8 @@ def test_bad_hold_limits_are_refused(rig: Rig, tmp_path: Path) -> None:
 def open_attached(rig: Rig, state_dir: Path) -> IngestService:
     """What ``streamvec up`` runs with smart vectorization on: the vectorizer attached to
     the node's service (it writes representatives' members), here at every decision."""
-    indexer = rig.node.indexer
-    catalog_ = NodeCatalog(rig.node)
     vz = SmartVectorizer(policies={"t/kb": POLICY}, collapse_interval_s=0)
-    processor = EmbedderProcessor(
-        indexer.log,
-        indexer.topics,
-        indexer.codec,
-        rig.node.dlq,
-        IngestState(state_dir),
-        catalog_,
-        vectorizer=vz.attach(rig.node.service),
-        backoff_s=0.001,
-        hold_idle_ms=0,
-    ).start()
-    return IngestService(
-        indexer.log, indexer.topics, indexer.codec, rig.node.service, catalog_, processor
-    )
+    return open_svc(rig, state_dir, vz.attach(rig.node.service), hold_idle_ms=0)
 
 
 def copies(rig: Rig, id: str) -> list[dict[str, Any]]:
