@@ -32,8 +32,8 @@ from streams.index.model import IndexConfig, Metric, VectorUpsert
 from streams.policy.eviction import AGE_EDGES_S, COUNT_EDGES, LIFE_EDGES_S, EvictionTable
 from streams.policy.learner import OnlineLearner, policy_status, publish_policy, read_policies
 from streams.service.api import SearchRequest
-from streams.service.query_node import QueryNode
 from tests.rigs import Rig
+from tests.test_policy_online import LoopRig
 
 DIM = 4
 TAG = Filter((TagClause("color", ("red",)),))
@@ -315,22 +315,17 @@ def test_the_holder_installs_rolls_back_and_falls_back_to_gdsf() -> None:
 # -- on a node, through the learner -------------------------------------------------------------
 
 
-class LearnedRig(Rig):
+class LearnedRig(LoopRig):
+    """A LoopRig whose node's cache evicts by the learned tables."""
+
     budget = 64 << 20
 
-    def _node(self) -> QueryNode:
-        node = QueryNode(
-            self.log,
-            self.topics,
-            self.codec,
-            self.root / "node",
-            head_capacity=self.head_capacity,
-            policy_loop=True,
-            cache_eviction="learned",
-            cache_budget_bytes=self.budget,
-            policy_guard=GuardConfig(decision_budget_us=1e9),
-        )
-        return node.start()
+    def node_options(self) -> dict[str, Any]:
+        return {
+            **super().node_options(),
+            "cache_eviction": "learned",
+            "cache_budget_bytes": self.budget,
+        }
 
 
 @pytest.fixture
