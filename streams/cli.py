@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
 from streams.config import Settings
-from streams.exceptions import StreamvecError
+from streams.exceptions import ConfigError, StreamvecError
 from streams.log.port import LogPosition, Record
 from streams.node import Node, open_node
 from streams.schemas import catalog
@@ -40,7 +42,19 @@ def _settings(data_dir: Path | None, kafka: str | None, **extra: Any) -> Setting
     if kafka is not None:
         over["transport"] = "kafka"
         over["kafka_bootstrap"] = kafka
-    return Settings(**over).check()
+    try:
+        return Settings(**over).check()
+    except (ValidationError, SettingsError) as exc:  # a bad STREAMVEC_* value or flag
+        raise ConfigError(_settings_error(exc)) from None
+
+
+def _settings_error(exc: ValidationError | SettingsError) -> str:
+    """One line per bad setting, named as its environment variable."""
+    if isinstance(exc, SettingsError):  # the value is not even parseable (bad JSON)
+        return f"{exc} (a list or object setting takes JSON, e.g. STREAMVEC_KAFKA_CONFIG)"
+    return "; ".join(
+        f"{'STREAMVEC_' + '_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+        for e in exc.errors())
 
 
 def _fail(exc: StreamvecError) -> None:

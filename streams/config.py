@@ -11,7 +11,15 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streams.exceptions import ConfigError
 
-__all__ = ["Settings"]
+__all__ = ["RESERVED_KAFKA_PROPERTIES", "Settings"]
+
+# librdkafka properties a user's kafka_config may not set: the adapter's own (durable,
+# ordered appends; readers' groups and commits) and the two that have their own setting
+RESERVED_KAFKA_PROPERTIES = frozenset({
+    "bootstrap.servers", "metadata.broker.list", "sasl.password", "acks",
+    "request.required.acks", "enable.idempotence", "group.id", "enable.auto.commit",
+    "enable.auto.offset.store", "auto.offset.reset", "client.id", "partitioner",
+})
 
 
 class Settings(BaseSettings):
@@ -22,7 +30,15 @@ class Settings(BaseSettings):
     transport: Literal["embedded", "kafka"] = "embedded"
     data_dir: Path = Path("./data")
     kafka_bootstrap: str | None = None
+    # librdkafka properties added to every Kafka client this node opens (security.protocol,
+    # sasl.*, ssl.*, client.rack ...); STREAMVEC_KAFKA_CONFIG takes a JSON object. The
+    # properties streamvec's guarantees rest on (acks, idempotence, groups) are not settable.
+    kafka_config: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    # becomes sasl.password (a secret: kept out of kafka_config, never printed)
     kafka_sasl_password: SecretStr | None = None
+    # replication factor of the topics streamvec creates; -1: the broker's
+    # default.replication.factor (Kafka >= 2.4), so a cluster's own default applies
+    kafka_replication_factor: int = Field(default=-1, ge=-1, le=32)
     topic_prefix: str = "streamvec."
     partitions: int = Field(default=1, ge=1, le=1024)
 
@@ -107,4 +123,19 @@ class Settings(BaseSettings):
     def check(self) -> Settings:
         if self.transport == "kafka" and not self.kafka_bootstrap:
             raise ConfigError("transport=kafka needs kafka_bootstrap (STREAMVEC_KAFKA_BOOTSTRAP)")
+        reserved = sorted(set(self.kafka_config) & RESERVED_KAFKA_PROPERTIES)
+        if reserved:
+            raise ConfigError(
+                f"kafka_config may not set {', '.join(reserved)}: streamvec sets them itself"
+                " (bootstrap servers: kafka_bootstrap; sasl.password: kafka_sasl_password)")
+        if self.kafka_replication_factor == 0:
+            raise ConfigError(
+                "kafka_replication_factor must be >= 1, or -1 for the broker's default")
         return self
+
+    def kafka_client_config(self) -> dict[str, str | int | float | bool]:
+        """The librdkafka properties every Kafka client gets on top of the bootstrap servers."""
+        out = dict(self.kafka_config)
+        if self.kafka_sasl_password is not None:
+            out["sasl.password"] = self.kafka_sasl_password.get_secret_value()
+        return out

@@ -45,10 +45,17 @@ def open_log(settings: object) -> Log:
     assert isinstance(settings, Settings)
     settings.check()
     if settings.transport == "kafka":
+        from confluent_kafka import KafkaException
+
+        from streams.exceptions import ConfigError
         from streams.log.kafka import KafkaLog
 
         assert settings.kafka_bootstrap is not None
-        return KafkaLog(settings.kafka_bootstrap)
+        try:
+            return KafkaLog(settings.kafka_bootstrap, config=settings.kafka_client_config(),
+                            replication_factor=settings.kafka_replication_factor)
+        except KafkaException as e:  # librdkafka refuses a property (unknown, bad value)
+            raise ConfigError(f"kafka_config: {e.args[0].str()}") from None
     from streams.log.embedded import EmbeddedLog
 
     return EmbeddedLog(
