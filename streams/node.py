@@ -96,7 +96,8 @@ class Node:
 
         self.learner = OnlineLearner(
             self.log, self.topics, self.codec, budget_bytes=self.settings.cache_budget_bytes,
-            update_every=self.settings.policy_update_every).start()
+            update_every=self.settings.policy_update_every,
+        ).start(cpu_share=self.settings.policy_learner_cpu_share)
         return self.learner
 
     def start_ingest(

@@ -743,3 +743,28 @@ def test_a_malformed_update_is_refused_and_the_version_in_force_stays(rig: LoopR
     assert loop.holder.current(KEY).version == 1  # type: ignore[union-attr]
     with pytest.raises(ValueError, match="probability"):
         loop.holder.apply(bad)
+
+
+def test_the_learner_thread_keeps_to_its_cpu_share(rig: LoopRig) -> None:
+    """A learner inside a node pauses c x (1/share - 1) after each step that used c s of
+    CPU: at a share of 0.2 it sleeps four times the CPU it used, and still learns it all."""
+    fill(rig)
+    run_searches(rig, queries(30), 1500)
+    flush(rig)
+    learner = OnlineLearner(rig.log, rig.topics, rig.codec, budget_bytes=64 << 20,
+                            update_every=10**9)
+    with pytest.raises(ValueError, match="cpu_share"):
+        learner.start(cpu_share=0.0)
+    t0 = time.monotonic()
+    learner.start(poll_s=0.05, cpu_share=0.2, max_events=100)
+    try:
+        assert wait_for(lambda: learner.events >= 1500, timeout_s=120)
+        wall = time.monotonic() - t0
+    finally:
+        learner.close()
+    assert learner.error is None
+    assert learner.cpu_s > 0
+    assert learner.paused_s == pytest.approx(4 * learner.cpu_s, rel=1e-6)
+    # 15 steps of 100 events, each followed by its pause: the wall time holds the
+    # pauses of all but the last
+    assert wall >= learner.paused_s * 0.5, (wall, learner.paused_s, learner.cpu_s)

@@ -552,6 +552,8 @@ class OnlineLearner:
         self.published: list[dict[str, Any]] = []
         self.error: Exception | None = None
         self.busy_s = 0.0  # time spent in steps that read events (throughput)
+        self.cpu_s = 0.0  # CPU time of the learner thread's steps (``start``)
+        self.paused_s = 0.0  # pauses the thread's CPU share asked for (``start``)
         self.removals = 0
         # removal events of windows already closed: joined, late, never joined
         self._removal_counts = {"matched": 0, "late": 0, "unmatched": 0}
@@ -834,15 +836,32 @@ class OnlineLearner:
         out.extend(self.step(flush=True))
         return out
 
-    def start(self, poll_s: float = 0.5) -> OnlineLearner:
+    def start(
+        self, poll_s: float = 0.5, *, cpu_share: float = 1.0, max_events: int = 5_000
+    ) -> OnlineLearner:
+        """Learn on a thread until :meth:`close`. ``cpu_share`` (0 to 1]: the share of one
+        CPU the thread may take: a step that used ``c`` s of CPU is followed by a pause of
+        ``c x (1/share - 1)``, so a learner inside a query node falls behind under load
+        (its policy gets older; the guardrails judge its age) instead of taking the GIL
+        from searches. ``max_events``: events per step (a pause follows each)."""
+        if not 0.0 < cpu_share <= 1.0:
+            raise ValueError("cpu_share must be in (0, 1]")
+
         def loop() -> None:
             while not self._stop.is_set():
+                c0 = time.thread_time()
                 try:
-                    self.step(timeout_s=poll_s)
+                    self.step(max_events, timeout_s=poll_s)
                 except Exception as exc:  # stop learning, keep the node serving
                     self.error = exc  # uncommitted events are re-read by the next learner
                     log.exception("policy learner stopped")
                     return
+                cpu = time.thread_time() - c0
+                self.cpu_s += cpu
+                if cpu_share < 1.0 and cpu > 0.0:
+                    pause = cpu * (1.0 / cpu_share - 1.0)
+                    self.paused_s += pause
+                    self._stop.wait(pause)
 
         self._thread = threading.Thread(target=loop, name="policy-learner", daemon=True)
         self._thread.start()
@@ -871,6 +890,8 @@ class OnlineLearner:
             "published": len(self.published),
             "error": None if self.error is None else repr(self.error),
             "events_per_s": self.events / self.busy_s if self.busy_s else 0.0,
+            "cpu_s": round(self.cpu_s, 3),
+            "paused_s": round(self.paused_s, 3),
             "removals": self.removals,
             "removals_joined": self.removal_counts(),
             "feedback": dict(self.feedback),
