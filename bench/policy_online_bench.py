@@ -29,6 +29,15 @@ What is measured:
   it the offline replay (``replay_learned``) of the same number of requests of a
   generated trace, which trains the same VW model without the log or Avro. Per event and
   per decision (a miss with its logged action): the VW training is per decision.
+* **a learner beside searches** (``--beside``, after the above, same node): blocks of
+  ``--beside-block`` searches alternate between no learner and a learner thread at each
+  of ``--beside-shares`` (``cpu_share`` 1: unthrottled; 0.25: ``streamvec up``'s
+  default). Each learner block starts a learner with a fresh group (it reads the query
+  log from the start: a backlog, as after a restart or a burst) and a small budget
+  (``--learner-budget``: its shadow caches evict, the costly case), waits ``--ramp-s``
+  and then times the block's searches. Per mode: search p50/p99/mean and their ratio to
+  no learner; the events the learner read per second of the block (how far behind it
+  falls).
 """
 
 from __future__ import annotations
@@ -216,6 +225,50 @@ def bench_learner(args: argparse.Namespace, handles: Any) -> dict[str, Any]:
     }
 
 
+def bench_beside(args: argparse.Namespace, handles: Any) -> dict[str, Any]:
+    node, log, topics, codec = handles
+    svc = node.service
+    rng = np.random.default_rng(7)
+    pool = [rng.standard_normal(args.dim).astype(np.float32) for _ in range(args.pool)]
+    order = zipf_order(args.pool, args.beside, seed=11).tolist()
+    modes = ("none", *(f"share {float(x)}" for x in args.beside_shares.split(",")))
+    lat: dict[str, list[float]] = {m: [] for m in modes}
+    learned: dict[str, list[float]] = {m: [] for m in modes}
+    block = args.beside_block
+    for b in range(0, len(order), block):
+        mode = modes[(b // block) % len(modes)]
+        learner = None
+        if mode != "none":
+            learner = OnlineLearner(log, topics, codec, budget_bytes=args.learner_budget,
+                                    group=f"bench-{b}", update_every=10**9)
+            learner.start(cpu_share=float(mode.split()[1]))  # the node's step size
+            time.sleep(args.ramp_s)
+        e0, t_block = (learner.events if learner else 0), time.perf_counter()
+        for i in order[b : b + block]:
+            t0 = time.perf_counter_ns()
+            svc.search(SearchRequest("acme", "docs", pool[i], 10))
+            lat[mode].append((time.perf_counter_ns() - t0) / 1000)
+        if learner is not None:
+            learned[mode].append((learner.events - e0) / (time.perf_counter() - t_block))
+            learner.close()
+            if learner.error is not None:
+                raise learner.error
+    out: dict[str, Any] = {}
+    for mode in modes:
+        xs = lat[mode]
+        out[mode] = {
+            "searches": len(xs),
+            "p50_us": pct(xs, 50),
+            "p99_us": pct(xs, 99),
+            "mean_us": float(np.mean(xs)),
+            "learner_events_per_s": float(np.median(learned[mode])) if learned[mode] else 0.0,
+        }
+    for mode in modes[1:]:
+        for q in ("p50_us", "p99_us", "mean_us"):
+            out[mode][f"ratio_{q[:-3]}"] = out[mode][q] / out["none"][q]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -226,6 +279,13 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--pool", type=int, default=3_000)
     ap.add_argument("--searches", type=int, default=20_000)
+    ap.add_argument("--beside", type=int, default=0,
+                    help="searches of the learner-beside-searches part (0: skip it)")
+    ap.add_argument("--beside-block", type=int, default=2_000)
+    ap.add_argument("--beside-shares", default="1.0,0.5,0.25",
+                    help="the learner's cpu_share in each learner mode")
+    ap.add_argument("--learner-budget", type=int, default=256 << 10)
+    ap.add_argument("--ramp-s", type=float, default=0.3)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.quick:
@@ -238,6 +298,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         report["search"], handles = bench_search(args, Path(tmp))
         print(json.dumps({"search": report["search"]}, indent=2), flush=True)
+        if args.beside:
+            report["beside"] = bench_beside(args, handles)
+            print(json.dumps({"beside": report["beside"]}, indent=2), flush=True)
         report["learner"] = bench_learner(args, handles)
     machine["loadavg_at_end"] = os.getloadavg()
     print(json.dumps({"learner": report["learner"], "machine": machine}, indent=2))

@@ -87,7 +87,7 @@ class Settings(BaseSettings):
     policy_learner: bool = True
     policy_update_every: int = Field(default=5_000, ge=1)
     # the in-process learner's share of one CPU (searches keep the rest; it lags under load)
-    policy_learner_cpu_share: float = Field(default=0.5, gt=0.0, le=1.0)
+    policy_learner_cpu_share: float = Field(default=0.25, gt=0.0, le=1.0)
     prefetch_enabled: bool = False
     # the hot path's guardrails (streams.cache.policy.GuardConfig): a version older than
     # this falls back; what decides then; searches per side before a version is judged
