@@ -434,26 +434,30 @@ def test_records_produced_straight_to_vectors_count_against_the_budget(rig: Rig)
 
 
 def test_housekeeping_delete_never_swallows_a_newer_acknowledged_write(rig: Rig) -> None:
-    """The race the capacity manager must not lose: it scanned ``id`` at version v, a client
-    then wrote v+1 (acknowledged, maybe not yet applied); the archive/expiry delete for v
-    must leave the id alone, while an unchanged id is deleted."""
+    """The race the capacity manager must not lose: it scanned ``id``'s copy at version v, a
+    client then wrote v+1 (acknowledged, maybe not yet applied), or deleted the id and
+    added it again (version 1 again: the same version, another copy); the archive/expiry
+    delete of the copy scanned must leave the id alone, while an unchanged id is deleted."""
     create(rig, IndexQuotas(None, None))
     svc = rig.node.service
     rng = np.random.default_rng(7)
-    for id in ("raced", "still"):
+    for id in ("raced", "again", "still"):
         svc.upsert(VectorUpsert("acme", "kb", id, rng.standard_normal(DIM).astype(np.float32)))
     assert rig.node.catch_up(10)
     scanned = {}
-    for id in ("raced", "still"):
+    for id in ("raced", "again", "still"):
         entry = svc.state.entry("acme/kb", id)
-        assert entry is not None
-        scanned[id] = entry.version
+        assert entry is not None and entry.version == 1
+        scanned[id] = entry.position
     newer = rng.standard_normal(DIM).astype(np.float32)
     svc.upsert(VectorUpsert("acme", "kb", "raced", newer))  # after the scan, before the delete
+    svc.delete("acme", "kb", "again")
+    svc.add(VectorUpsert("acme", "kb", "again", newer))  # version 1 again
     gone, pos = svc.delete_unchanged("acme", "kb", scanned)
     assert gone == ["still"] and pos is not None
     assert rig.node.catch_up(10)
-    got = svc.get("acme", "kb", "raced", consistency=STRONG)
-    assert np.allclose(got.vector, newer)
+    for id in ("raced", "again"):
+        got = svc.get("acme", "kb", id, consistency=STRONG)
+        assert np.allclose(got.vector, newer)
     with pytest.raises(NotFound):
         svc.get("acme", "kb", "still", consistency=STRONG)

@@ -67,6 +67,7 @@ def open_svc(
         catalog_,
         vectorizer=vectorizer or SmartVectorizer(policies={"t/kb": POLICY}),
         backoff_s=0.001,
+        writer=rig.node.service,
         **hold,
     ).start()
     return IngestService(
@@ -383,7 +384,11 @@ def test_kill_9_with_held_chunks_loses_none_and_appends_none_stale(
     times mid-stream: afterwards every Source's chunks are in the index with its last
     version's text, none beyond, deleted Sources gone, nothing still held, and per chunk id
     the versions appended to ``vectors`` never go down (no stale held chunk after a newer
-    version). Some chunks did go through the hold (medium/low decisions in ``vectors``)."""
+    version). Some chunks did go through the hold (medium/low decisions in ``vectors``).
+    Searches between the writes and a capacity tick every 0.1 s make the manager promote
+    the temporaries hit while the processor updates their Sources (a promotion of an older
+    copy behind the processor put stale text back: 2 seeds of 11 failed so before the
+    processor appended through the service; tests/test_capacity_race.py is deterministic)."""
     import os
     import random
     import signal
@@ -400,6 +405,7 @@ def test_kill_9_with_held_chunks_loses_none_and_appends_none_stale(
     from tests.test_ingest_crash import start_child
 
     monkeypatch.setenv("STREAMVEC_SMART_VECTORIZE", "true")
+    monkeypatch.setenv("STREAMVEC_CAPACITY_INTERVAL_S", "0.1")  # housekeeping races ingest
     seed = int(os.environ.get("STREAMVEC_TEST_SEED") or int.from_bytes(os.urandom(4), "big"))
     rng = random.Random(seed)
     ports = {"http": free_port(), "resp": free_port(), "registry": free_port()}
@@ -430,6 +436,8 @@ def test_kill_9_with_held_chunks_loses_none_and_appends_none_stale(
                     expected[sid] = text
                     gone.discard(sid)
             pipe.execute()
+            for _ in range(5):  # hits: the capacity manager promotes the temporaries hit
+                r.execute_command("VEC.QUERY", "t", "kb", "TOPK", 10, "TEXT", rng.choice(words))
             time.sleep(rng.uniform(0.0, 0.5))
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()

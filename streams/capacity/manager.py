@@ -34,10 +34,19 @@ Limits: the duplicate pass compares all pairs up to ``compress_limit`` vectors, 
 it asks the index for the neighbours of the first ``compress_limit``; "cold" means not hit
 since this node started (hits are counted in memory). Writes produced straight to
 ``vectors`` bypass admission. Deletes go through
-:meth:`VectorService.delete_unchanged`: under the service's per-id locks an id is deleted
-only if its newest write is still the copy scanned, so an acknowledged write racing an
-archive or expiry keeps its id (the archive then holds the older copy too; restoring it is
-refused while the id exists).
+:meth:`VectorService.delete_unchanged` and re-writes (promote, compress) through
+:meth:`VectorService.rewrite_unchanged`: under the service's per-id locks an id is deleted
+or re-written only if its newest write is still the copy scanned (the same position, not
+just the same version), so an acknowledged write racing an archive or expiry keeps its id
+(the archive then holds the older copy too; restoring it is refused while the id exists)
+and one racing a promotion is not followed by the older copy. "Newest write" covers the
+service's own writes and the embedder processor's chunks (appended through
+:meth:`VectorService.append_versioned`), applied or not; anything else (a previous run's
+writes a restarted node is replaying, a producer appending straight to ``vectors``, a
+processor in another process) only once the node has applied it, so a tick does nothing
+unless the node has applied what was appended before it (within ``catch_up_timeout_s``):
+only such a write appended during the tick can still race it. A re-written Source chunk
+keeps its version (its Source's).
 """
 
 from __future__ import annotations
@@ -65,7 +74,13 @@ from streams.capacity.budget import (
 )
 from streams.capacity.duplicates import duplicate_groups
 from streams.capacity.ledger import Ledger, Row
-from streams.index.exceptions import InvalidRequest, NotFound, QuotaExceeded, VersionConflict
+from streams.index.exceptions import (
+    Busy,
+    InvalidRequest,
+    NotFound,
+    QuotaExceeded,
+    VersionConflict,
+)
 from streams.index.model import IndexConfig, VectorUpsert, check_name
 from streams.log.port import LogPosition, now_ms
 from streams.service.state import Entry
@@ -111,6 +126,7 @@ class CapacityManager:
         warm_window_ms: int = 3_600_000,
         max_pending: int = 100_000,
         full_scan_interval_s: float = 60.0,
+        catch_up_timeout_s: float = 10.0,
     ) -> None:
         self.service = service
         self.thresholds = thresholds or Thresholds()
@@ -121,6 +137,7 @@ class CapacityManager:
         self.warm_window_ms = warm_window_ms
         self.max_pending = max_pending
         self.full_scan_interval_s = full_scan_interval_s
+        self.catch_up_timeout_s = catch_up_timeout_s  # tick: how long to wait for the node
         # _lock guards the ledgers (short sections, never around a write to the log);
         # _tick_lock runs one tick at a time
         self._lock = threading.RLock()
@@ -314,20 +331,26 @@ class CapacityManager:
     # -- the tick ----------------------------------------------------------------------
     def tick(self) -> list[CapacityAction]:
         """Run steps 1-6 of the module docstring on every index; returns what was done
-        (each action is on ``audit`` when this returns)."""
-        self._catch_up()
+        (each action is on ``audit`` when this returns). Nothing, when the node has not
+        applied the ``vectors`` appended before the tick within ``catch_up_timeout_s``
+        (a replay after a restart, a stalled applier): the state it would decide on may
+        be older than records no bookkeeping of this process knows of (a previous run's
+        writes), so the next tick decides instead."""
+        if not self._catch_up(self.catch_up_timeout_s):
+            log.warning("capacity tick skipped: the node is behind the vectors topic")
+            return []
         done: list[CapacityAction] = []
         for config in list(self.service.indexer.configs.values()):
             if config.key in self.service.indexer.indexes:
                 done.extend(self.tick_index(config))
         return done
 
-    def _catch_up(self, timeout_s: float = 10.0) -> None:
+    def _catch_up(self, timeout_s: float = 10.0) -> bool:
         """Wait (bounded) until the node has applied the ``vectors`` written so far, so a
-        tick decides on what is really there."""
+        tick decides on what is really there; whether it has."""
         topic = self.service.topics.vectors
         ends = self.service.log.end_offsets(topic)
-        self.service.applied.wait({(topic, p): end for p, end in ends.items()}, timeout_s)
+        return self.service.applied.wait({(topic, p): end for p, end in ends.items()}, timeout_s)
 
     def tick_index(self, config: IndexConfig) -> list[CapacityAction]:
         with self._tick_lock:  # one tick at a time; never holds _lock while writing
@@ -483,14 +506,11 @@ class CapacityManager:
     def _rewrite(self, config: IndexConfig, row: Row, *, meta: str | None) -> LogPosition | None:
         """Re-write ``row`` without its TTL and with ``meta``, unless it changed since
         the scan (then the next tick sees the new copy)."""
-        e = row.entry
-        record = VectorUpsert(
-            config.tenant, config.index, row.id, e.vector, meta, e.tags, dict(e.numeric)
-        )
         try:
-            with self._bypass():
-                return self.service.upsert(record, if_version=e.version)
-        except (VersionConflict, NotFound):
+            return self.service.rewrite_unchanged(
+                config.tenant, config.index, row.id, row.entry.position, meta=meta
+            )
+        except NotFound:  # the index was dropped meanwhile
             return None
 
     def _unchanged(self, config: IndexConfig, rows: list[Row]) -> list[tuple[Row, Entry]]:
@@ -499,7 +519,7 @@ class CapacityManager:
         out = []
         for row in rows:
             current = self.service.state.entry(config.key, row.id)
-            if current is not None and current.version == row.entry.version:
+            if current is not None and current.position == row.entry.position:
                 out.append((row, current))
         return out
 
@@ -512,7 +532,7 @@ class CapacityManager:
         if not rows:
             return [], None
         gone, pos = self.service.delete_unchanged(
-            config.tenant, config.index, {row.id: cur.version for row, cur in rows})
+            config.tenant, config.index, {row.id: cur.position for row, cur in rows})
         deleted = set(gone)
         return [row for row, _ in rows if row.id in deleted], pos
 
@@ -560,15 +580,18 @@ class CapacityManager:
     def restore(self, tenant: str, index: str, ids: list[str]) -> dict[str, LogPosition]:
         """Re-append archived vectors to ``vectors`` (whatever the utilisation), then
         tombstone them in ``archive``. Raises :class:`NotFound` if an id is not in the
-        archive and :class:`VersionConflict` if it exists again in the index; nothing is
-        written then (checked once the node has applied what was appended before the call;
-        an id written concurrently after the check fails alone with VersionConflict, the
-        ids restored before it stay restored)."""
+        archive, :class:`VersionConflict` if it exists again in the index and
+        :class:`Busy` if the node has not applied within ``catch_up_timeout_s`` what was
+        appended before the call; nothing is written then (an id written concurrently
+        after the check fails alone with VersionConflict, the ids restored before it stay
+        restored)."""
         config = self._config(tenant, index)
         ids = list(dict.fromkeys(ids))
         if not ids:
             raise InvalidRequest("no ids to restore", field="ids")
-        self._catch_up()  # so the state shows every write appended before this call
+        if not self._catch_up(self.catch_up_timeout_s):  # the state must show every
+            raise Busy(  # write appended before this call, or the check below is blind
+                "the node is behind the vectors topic: restore again shortly", retry_after_s=1.0)
         archived = self.archive.records(tenant, index)
         missing = [i for i in ids if i not in archived]
         if missing:

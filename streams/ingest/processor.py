@@ -21,6 +21,15 @@ records, so a chunk embedded before the crash is not embedded again; a crash bef
 1 loses only the embedding work of the batch in flight, which is redone. Records appended
 twice (a crash between 2 and 3) carry the same ids and bytes, so the index ends the same.
 
+Step 2 goes through the query node's service when the processor is given one (``writer``,
+as ``open_ingest`` wires it): :meth:`VectorService.append_versioned` appends under the
+chunk ids' locks and remembers each id's newest version and position until the node has
+applied it. The capacity manager's housekeeping (expiry, archive, promotion, which act on
+the copy the node has applied) then never deletes or rewrites a chunk over a newer one
+the processor has appended but the node not yet applied. (Chosen over having the manager
+skip indexes whose processor is ahead of the node: that check and the manager's append
+would still race the processor's next append without a lock they share.)
+
 Held chunks (smart vectorization): a chunk whose decision carries ``defer`` (a medium/low
 Queue) is not appended with its batch. Its encoded record is held in the state, put in the
 same write batch as the position of its Source (step 3), so a crash neither loses nor
@@ -45,8 +54,9 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -61,13 +71,13 @@ from streams.ingest.chunker import Chunk, Chunker
 from streams.ingest.decision import IndexNow, VectorizeContext, Vectorizer
 from streams.ingest.source import Source, source_from_avro
 from streams.ingest.state import Held, IngestState, Outcome, SourceDone
-from streams.log.port import Log, Record, StoredRecord, Subscription, now_ms
+from streams.log.port import Log, LogPosition, Record, StoredRecord, Subscription, now_ms
 from streams.schemas import catalog
 from streams.schemas.codec import AvroCodec
 from streams.service.applied import AppliedPositions
 from streams.topics import Topics
 
-__all__ = ["EmbedderProcessor", "EmbeddingFailed", "ProcessorStats", "chunk_tags"]
+__all__ = ["ChunkWriter", "EmbedderProcessor", "EmbeddingFailed", "ProcessorStats", "chunk_tags"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +92,15 @@ class EmbeddingFailed(StreamvecError):
     def __init__(self, message: str, attempts: int) -> None:
         super().__init__(message)
         self.attempts = attempts
+
+
+class ChunkWriter(Protocol):
+    """Where step 2 appends (``VectorService.append_versioned``): ``versions[i]`` is the
+    version in ``records[i]`` (0 for a delete); durable on return, positions in order."""
+
+    def append_versioned(
+        self, records: Sequence[Record], versions: Sequence[int]
+    ) -> list[LogPosition]: ...
 
 
 @dataclass
@@ -164,8 +183,10 @@ class EmbedderProcessor:
         hold_max_age_ms: int = 5_000,
         hold_max_pending: int = 10_000,
         release_batch: int = 512,
+        writer: ChunkWriter | None = None,
     ) -> None:
         self.log = log
+        self.writer = writer  # None: straight to the log (no node in this process)
         self.topics = topics
         self.codec = codec
         # chunk records are built here field by field from the schema: skip the per-record
@@ -270,6 +291,7 @@ class EmbedderProcessor:
         self._release(idle=False)
         decoded = decode_or_dead_letter(recs, self.codec, self.dlq, processor=PROCESSOR)
         outcome = Outcome(positions=self._sub.positions())
+        versions: dict[bytes | None, int] = {}  # record key -> version of its last upsert
         planned: dict[str, int] = {}  # key -> version planned in this batch (0: tombstone)
         work: list[_Work] = []
         for rec, value in decoded:
@@ -286,10 +308,10 @@ class EmbedderProcessor:
                 self._dead_letter(w.rec, w.error, w.attempts)
                 continue
             try:
-                self._build(w, outcome)  # appends nothing when it raises
+                self._build(w, outcome, versions)  # appends nothing when it raises
             except StreamvecError as exc:
                 self._dead_letter(w.rec, exc)
-        self._finish(outcome)
+        self._finish(outcome, versions)
         self.stats.batches += 1
         return len(recs)
 
@@ -385,8 +407,9 @@ class EmbedderProcessor:
             if w.error is None:
                 w.vectors = np.stack(rows).astype(np.float32, copy=False)
 
-    def _build(self, w: _Work, outcome: Outcome) -> None:
-        """Append ``w``'s records to ``outcome`` (after those of earlier records)."""
+    def _build(self, w: _Work, outcome: Outcome, versions: dict[bytes | None, int]) -> None:
+        """Append ``w``'s records to ``outcome`` (after those of earlier records), each
+        upsert's version to ``versions``."""
         prev = outcome.sources[w.key] if w.key in outcome.sources else self.state.source(w.key)
         old = prev.chunks if prev is not None else 0
         self._supersede(w.key, outcome)
@@ -469,6 +492,7 @@ class EmbedderProcessor:
                 )
                 continue
             outcome.records.append(record)
+            versions[record.key] = s.version
         for n in range(len(w.chunks), old):
             outcome.records.append(self._delete(s.tenant, s.index, f"{s.id}#{n}"))
         outcome.sources[w.key] = SourceDone(s.version, len(w.chunks))
@@ -478,11 +502,12 @@ class EmbedderProcessor:
     def _delete(self, tenant: str, index: str, id: str) -> Record:
         return Record.of(self.topics.vectors, f"{tenant}/{index}/{id}", None)
 
-    def _finish(self, outcome: Outcome) -> None:
-        """Steps 1-3 of the module docstring."""
+    def _finish(self, outcome: Outcome, versions: Mapping[bytes | None, int] | None = None) -> None:
+        """Steps 1-3 of the module docstring (``versions``: record key -> the version of
+        its last upsert in ``outcome``; None: read from the records, for an intent)."""
         if outcome.records:
             self.state.write_intent(outcome)  # 1
-            positions = self.log.append_batch(outcome.records)  # 2
+            positions = self._append(outcome.records, versions)  # 2
             reached: dict[tuple[str, int], int] = {}
             for pos in positions:
                 tp = (pos.topic, pos.partition)
@@ -502,6 +527,22 @@ class EmbedderProcessor:
             self.stats.held_chunks += len(outcome.held)
             self.stats.pending = _pending_counts(self._held)
         self.processed.advance(self._visible(), caught_up=False)
+
+    def _append(
+        self, records: list[Record], versions: Mapping[bytes | None, int] | None
+    ) -> list[LogPosition]:
+        """Step 2: through ``writer`` when there is one, else straight to the log."""
+        if self.writer is None:
+            return self.log.append_batch(records)
+        if versions is None:  # an intent left by a crash (once per start)
+            versions = {
+                r.key: int(self.codec.decode(r.value)[1]["version"])
+                for r in records
+                if r.value is not None
+            }
+        return self.writer.append_versioned(
+            records, [0 if r.value is None else versions[r.key] for r in records]
+        )
 
     # -- held chunks ----------------------------------------------------------------------
     def _load_held(self) -> None:
@@ -555,15 +596,17 @@ class EmbedderProcessor:
             if not due:
                 return
             outcome = Outcome()
+            versions: dict[bytes | None, int] = {}
             for h in due:
                 done = self.state.source(h.key)
                 if done is not None and done.version == h.version:  # else stale: drop it
                     outcome.records.append(h.record)
+                    versions[h.record.key] = h.version
                     self.stats.released_chunks += 1
                 else:
                     self.stats.superseded_chunks += 1
                 outcome.released.add((h.key, h.chunk_no))
-            self._finish(outcome)
+            self._finish(outcome, versions)
 
 
 def _split_key(key: str) -> tuple[str, str, str]:

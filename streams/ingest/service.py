@@ -390,6 +390,7 @@ def open_ingest(
         hold_idle_ms=hold_idle_ms,
         hold_max_age_ms=hold_max_age_ms,
         hold_max_pending=hold_max_pending,
+        writer=node.service,  # the node's service knows each chunk's newest version
     ).start()
     if text is None:  # the node's keyword/hybrid search, where it has one
         text = getattr(node, "text", None)

@@ -570,12 +570,14 @@ class SmartVectorizer:
 
         A Source chunk (written by the embedder processor: its record's ``version`` is its
         Source's version) is rewritten as its newest record with the merged members and
-        the same version, and only while the node has applied every record of its
-        partition (so the copy read is the newest one: the processor appends Source chunks
-        without the service's version bookkeeping). A node-assigned version (``stored +
-        1``) there would make the processor's next version of that chunk go down in
-        ``vectors``, and a copy read behind the processor's newest append would put stale
-        text after it. Any other vector is upserted with IF_VERSION (stored version + 1)."""
+        the same version (:meth:`VectorService.rewrite_unchanged`, under the id's lock,
+        only if the copy read is still the newest write: a capacity archive or a newer
+        chunk appended meanwhile wins), and only while the node has applied every record
+        of its partition (no newer copy is in the log that this process did not append,
+        e.g. one a restarted node is replaying). A node-assigned version (``stored + 1``)
+        there would make the processor's next version of that chunk go down in
+        ``vectors``, and a copy read behind the newest append would put stale text after
+        it. Any other vector is upserted with IF_VERSION (stored version + 1)."""
         from streams.index.exceptions import NotFound, VersionConflict
         from streams.index.model import VectorUpsert
 
@@ -591,7 +593,9 @@ class SmartVectorizer:
             merged = sorted(set(meta.get("members") or []) | set(new))
             meta["members"] = merged
             if "source_version" in meta:  # a Source chunk: the processor's version
-                if not _rewrite_newest(service, entry.position, json.dumps(meta)):
+                if not _applied_all(service, entry.position) or service.rewrite_unchanged(
+                    tenant, index, rep, entry.position, meta=json.dumps(meta), keep_ttl=True
+                ) is None:
                     continue
             else:
                 try:
@@ -636,24 +640,12 @@ class SmartVectorizer:
         return self
 
 
-def _rewrite_newest(service: Any, position: str, meta: str) -> bool:
-    """Append the record at ``position`` (a ``vectors`` token: an entry's copy) again with
-    ``meta``, everything else as it is (version, Source fields, TTL and timestamp), if it
-    is still the newest record of its id: the node has applied its whole partition. The
-    caller appends no other record of that id meanwhile (the processor's thread)."""
-    from streams.log.port import LogPosition, Record, now_ms
-    from streams.schemas import catalog
+def _applied_all(service: Any, position: str) -> bool:
+    """Whether the node has applied every record of the partition of ``position`` (a
+    ``vectors`` token): then no copy newer than the applied one is in the log, whoever
+    appended it (a previous run's records a restarted node replays included)."""
+    from streams.log.port import LogPosition
 
     pos = LogPosition.parse(position)
-    tp = (pos.topic, pos.partition)
-    if not service.applied.reached({tp: service.log.end_offsets(pos.topic).get(pos.partition, 0)}):
-        return False  # the node is behind: a newer copy may be in the log
-    recs = service.log.read(pos.topic, pos.partition, pos.offset, 1)
-    if not recs or recs[0].offset != pos.offset or recs[0].value is None:
-        return False
-    _, value = service.codec.decode(recs[0].value)
-    value["meta"] = meta
-    schema = catalog.load_schema(catalog.TOPIC_VALUE_SCHEMA["vectors"])
-    data = service.codec.encode(catalog.subject_for(pos.topic), schema, value)
-    service.log.append_batch([Record.of(pos.topic, recs[0].key, data, timestamp_ms=now_ms())])
-    return True
+    end = service.log.end_offsets(pos.topic).get(pos.partition, 0)
+    return bool(service.applied.reached({(pos.topic, pos.partition): end}))

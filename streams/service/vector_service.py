@@ -3,9 +3,10 @@
 Writes: validate against the index's config, assign the next version, encode the Avro
 record and append it; return once durable with its position. Nothing is appended when
 validation fails. Version checks (``IF_VERSION``, ``add``) are exact among writes through
-this node: the node remembers the versions it appended until the indexer has applied them.
-Producers writing to the ``vectors`` topic directly bypass that check (last write in log
-order wins).
+this node: the node remembers the versions it appended until the indexer has applied them,
+and those of the records another writer in this process appends through
+:meth:`VectorService.append_versioned` (the embedder processor's chunks). Producers writing
+to the ``vectors`` topic directly bypass that check (last write in log order wins).
 
 Reads: wait for the requested consistency, then look the search up in the L0 result
 cache (when the node has one and the index is enabled); on a miss search the node's
@@ -24,6 +25,7 @@ import random
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -129,6 +131,10 @@ class VectorService(DataPlane):
         self._pending_configs: dict[str, IndexConfig] = {}
         # versions appended by this node and not yet applied: (version, position); 0 = deleted
         self._pending_versions: dict[tuple[str, str], tuple[int, LogPosition]] = {}
+        # every _pending_versions entry in append order, dropped once applied
+        # (_forget_applied; appended to under stripe locks, popped only under _tracked_lock)
+        self._tracked: deque[tuple[LogPosition, tuple[str, str]]] = deque()
+        self._tracked_lock = threading.Lock()
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
         self._config_lock = threading.Lock()
         self._vsubject = catalog.subject_for(topics.vectors)
@@ -171,6 +177,18 @@ class VectorService(DataPlane):
         entry = self.state.entry(key, id)
         return entry.version if entry is not None else 0
 
+    def _newest_copy(self, key: str, id: str) -> str | None:
+        """The position token of the newest write of ``id`` (as :meth:`_current_version`
+        finds it), None if it is deleted or absent (caller holds the id's stripe lock)."""
+        pending = self._pending_versions.get((key, id))
+        if pending is not None:
+            version, pos = pending
+            if not self.applied.reached({(pos.topic, pos.partition): pos.offset + 1}):
+                return pos.token if version else None
+            del self._pending_versions[(key, id)]  # the indexer caught up
+        entry = self.state.entry(key, id)
+        return entry.position if entry is not None else None
+
     # -- writes ----------------------------------------------------------------------------
     def create_index(self, config: IndexConfig) -> LogPosition:
         with self._config_lock:
@@ -207,6 +225,7 @@ class VectorService(DataPlane):
         config = self._config(record.tenant, record.index)
         record.validate(config)
         key = config.key
+        self._forget_applied()
         with self._stripe(key, record.id):
             current = self._current_version(key, record.id)
             if if_version is not None and current != if_version:
@@ -216,7 +235,7 @@ class VectorService(DataPlane):
             version = current + 1
             value = self._encode_upsert(record, version)
             pos = self.log.append(self.topics.vectors, f"{key}/{record.id}", value)
-            self._pending_versions[(key, record.id)] = (version, pos)
+            self._remember((key, record.id), version, pos)
             if self.admission is not None:
                 self.admission.appended(config, record, pos, is_new=current == 0)
             return pos
@@ -224,11 +243,12 @@ class VectorService(DataPlane):
     def delete(self, tenant: str, index: str, id: str) -> LogPosition:
         config = self._config(tenant, index)
         check_id(id)
+        self._forget_applied()
         with self._stripe(config.key, id):
             if self._current_version(config.key, id) == 0:
                 raise NotFound(f"id {id!r} does not exist in {config.key}")
             pos = self.log.append(self.topics.vectors, f"{config.key}/{id}", None)
-            self._pending_versions[(config.key, id)] = (0, pos)
+            self._remember((config.key, id), 0, pos)
             return pos
 
     def append_raw(self, records: list[Record]) -> list[LogPosition]:
@@ -258,6 +278,7 @@ class VectorService(DataPlane):
                 continue
             out.append(None)  # its position, once appended
             valid.append((i, record, config))
+        self._forget_applied()
         locks = {id(lk): lk for lk in (self._stripe(c.key, r.id) for _, r, c in valid)}
         with contextlib.ExitStack() as held:
             for _, lock in sorted(locks.items()):  # a fixed order: batches never deadlock
@@ -285,35 +306,127 @@ class VectorService(DataPlane):
                                          self._encode_upsert(record, current + 1)))
             positions = self.log.append_batch(encoded) if encoded else []
             for (i, record, config, version, is_new), pos in zip(batch, positions, strict=True):
-                self._pending_versions[(config.key, record.id)] = (version, pos)
+                self._remember((config.key, record.id), version, pos)
                 if self.admission is not None:
                     self.admission.appended(config, record, pos, is_new=is_new)
                 out[i] = pos
         return [x for x in out if x is not None]  # every item was answered
 
     def delete_unchanged(
-        self, tenant: str, index: str, versions: Mapping[str, int]
+        self, tenant: str, index: str, copies: Mapping[str, str]
     ) -> tuple[list[str], LogPosition | None]:
-        """Delete each id whose newest write (applied or still pending) is still
-        ``versions[id]``, in one durable batch; ids written since are left alone. Holds the
-        ids' stripe locks across the check and the append, so an acknowledged write through
-        this service never races a housekeeping delete (the capacity manager's archive and
-        expiry use it). Returns the ids deleted and the last position appended."""
+        """Delete each id whose newest write (applied, or appended through this service and
+        not applied yet: its own writes and :meth:`append_versioned`'s) is still the copy
+        at ``copies[id]`` (a position token: the scanned ``Entry.position``), in one
+        durable batch; ids written since are left alone. Holds the ids' stripe locks across
+        the check and the append, so an acknowledged write through this service never races
+        a housekeeping delete (the capacity manager's archive and expiry use it). A copy is
+        named by its position, not its version: versions repeat (an id deleted and written
+        again, or a Source put again, starts again at 1; a Source chunk's rewrite keeps
+        its version). Returns the ids deleted and the last position appended."""
         config = self._config(tenant, index)
-        locks = {id(lk): lk for lk in (self._stripe(config.key, i) for i in versions)}
+        locks = {id(lk): lk for lk in (self._stripe(config.key, i) for i in copies)}
         with contextlib.ExitStack() as held:
             for _, lock in sorted(locks.items()):  # the same fixed order as batch upserts
                 held.enter_context(lock)
-            gone = [i for i, v in versions.items()
-                    if v > 0 and self._current_version(config.key, i) == v]
+            gone = [i for i, at in copies.items() if self._newest_copy(config.key, i) == at]
             if not gone:
                 return [], None
             topic = self.topics.vectors
             positions = self.log.append_batch(
                 [Record.of(topic, f"{config.key}/{i}", None) for i in gone])
             for i, pos in zip(gone, positions, strict=True):
-                self._pending_versions[(config.key, i)] = (0, pos)
+                self._remember((config.key, i), 0, pos)
             return gone, positions[-1]
+
+    def rewrite_unchanged(
+        self, tenant: str, index: str, id: str, position: str, *, meta: str | None,
+        keep_ttl: bool = False,
+    ) -> LogPosition | None:
+        """Append the copy of ``id`` at ``position`` (an ``Entry.position``) again with
+        ``meta`` and without its TTL (``keep_ttl``: with it, expiring when it did), if it
+        is still the newest write of the id (as :meth:`delete_unchanged` decides, under
+        the id's stripe lock); returns its position, or None when the id changed since
+        (nothing appended). Every other field is read back from the record: a Source
+        chunk (the record names its ``source_id``) keeps its version, its Source's, so the
+        Source's next version never goes down in ``vectors``; any other vector gets the
+        next version, as an upsert would."""
+        config = self._config(tenant, index)
+        check_id(id)
+        key = config.key
+        with self._stripe(key, id):
+            if self._newest_copy(key, id) != position:
+                return None
+            at = LogPosition.parse(position)
+            found = self.log.read(at.topic, at.partition, at.offset, 1)
+            if not found or found[0].offset != at.offset or found[0].value is None:
+                return None  # compacted away: a newer record of the id exists
+            _, value = self.codec.decode(found[0].value, self._vschema)
+            value["meta"] = meta
+            if value.get("source_id") is None:
+                value["version"] += 1
+            if not keep_ttl:
+                value["ttl_ms"], value["timestamp"] = None, now_ms()
+            data = self.codec.encode(self._vsubject, self._vschema, value)
+            pos = self.log.append(self.topics.vectors, f"{key}/{id}", data)
+            self._remember((key, id), int(value["version"]), pos)
+            return pos
+
+    def append_versioned(
+        self, records: Sequence[Record], versions: Sequence[int]
+    ) -> list[LogPosition]:
+        """Append ``vectors`` records built elsewhere in this process (the embedder
+        processor's chunks and their deletes; ``versions[i]`` is the version in
+        ``records[i]``, ignored for a delete) in one durable batch, under their ids' stripe
+        locks, and remember each id's newest version and position as for this service's
+        own writes, until the indexer applies them. So :meth:`delete_unchanged`,
+        :meth:`rewrite_unchanged` and ``IF_VERSION`` see the newest copy written, not the
+        applied one: a housekeeping delete that scanned an older copy leaves the newer one
+        alone. Nothing is validated (the caller built the records); writes of these ids
+        through this service wait for the append (they would wait for durability anyway)."""
+        if len(versions) != len(records):
+            raise ValueError("one version per record")
+        self._forget_applied()
+        ids: list[tuple[str, str]] = []
+        for r in records:
+            if r.topic != self.topics.vectors or r.key is None:
+                raise ValueError(f"not a {self.topics.vectors} record with a key: {r.key!r}")
+            tenant, _, rest = r.key.decode().partition("/")
+            index, _, vector_id = rest.partition("/")
+            ids.append((f"{tenant}/{index}", vector_id))
+        locks = {id(lk): lk for lk in (self._stripe(k, i) for k, i in ids)}
+        with contextlib.ExitStack() as held:
+            for _, lock in sorted(locks.items()):  # the same fixed order as batch upserts
+                held.enter_context(lock)
+            positions = self.log.append_batch(records)
+            for k, r, version, pos in zip(ids, records, versions, positions, strict=True):
+                self._remember(k, 0 if r.value is None else version, pos)
+        return positions
+
+    def _remember(self, k: tuple[str, str], version: int, pos: LogPosition) -> None:
+        """Record ``k``'s newest write (0: a delete) until the indexer applies it (caller
+        holds the id's stripe lock)."""
+        self._pending_versions[k] = (version, pos)
+        self._tracked.append((pos, k))
+
+    def _forget_applied(self) -> None:
+        """Drop the entries of :attr:`_pending_versions` the indexer has applied, oldest
+        first (``_current_version`` drops an entry only when its id is written again: the
+        map would otherwise hold every id ever written). Called before a write takes its
+        stripe locks; amortised O(1) per write."""
+        if not self._tracked:
+            return
+        with self._tracked_lock:
+            applied = self.applied.snapshot()
+            while self._tracked:
+                pos, k = self._tracked[0]
+                if applied.get((pos.topic, pos.partition), 0) <= pos.offset:
+                    return  # not applied yet (nor, mostly, what follows)
+                self._tracked.popleft()
+                with self._stripe(*k):
+                    pending = self._pending_versions.get(k)
+                    if pending is not None and pending[1] == pos:
+                        del self._pending_versions[k]
 
     def _encode_upsert(self, record: VectorUpsert, version: int) -> bytes:
         """The VectorRecord of a validated upsert (``_write`` and ``upsert_many``)."""
