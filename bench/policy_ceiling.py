@@ -15,6 +15,9 @@ taken from:
   per second), the prior refitted every 5,000 requests by
   :func:`~streams.policy.eviction.fit_rate_prior` from the requests so far (past only: one
   ``learned`` candidate on its own, without the selection);
+- ``hit density T, hazard H``: the same posterior, ranked by its hit density over ``T``
+  seconds (:func:`streams.policy.eviction.rate_hit_density`; the selector's rate tables
+  set T from their evictions, here it is fixed);
 - ``belady``: the next request's time itself (``cost / (size x time to next request)``;
   clairvoyant, a lower bound on the 0/1 optimum, so it shows how tight the LP bound is).
 
@@ -44,11 +47,12 @@ from streams.policy import (
     replay,
     replay_learned_eviction,
 )
-from streams.policy.eviction import fit_rate_prior, rate_alive
+from streams.policy.eviction import fit_rate_prior, rate_alive, rate_hit_density
 from streams.policy.simulator import ADMIT, CacheSimulator, Decision
 from streams.policy.trace import Request
 
 HAZARDS = (1e-4, 1e-3, 4e-3)  # EvictionConfig.rate_hazards_per_s
+HORIZONS_S = (10.0, 30.0, 100.0)  # T of the hit-density rows (hazard 0.004/s)
 
 
 class RateCache(CacheSimulator):
@@ -128,6 +132,22 @@ class RateAlive:
         return rate_alive(count, now - last, now - first, self.a, self.b, self.hazard)
 
 
+class HitDensity(RateAlive):
+    """``hit density T`` (module docstring): reads requests up to ``i`` only."""
+
+    def __init__(self, trace: Sequence[Request], hazard_per_s: float, horizon_s: float) -> None:
+        super().__init__(trace, hazard_per_s)
+        self.horizon = horizon_s
+
+    def __call__(self, key: str, i: int) -> float:
+        super().__call__(key, i)  # reads up to i, refits the prior
+        first, count, last = self.keys[key]
+        now = self.trace[i].time
+        return rate_hit_density(
+            count, now - last, now - first, self.a, self.b, self.hazard, self.horizon
+        )
+
+
 def caches(trace: Sequence[Request], budget: int, windows: Sequence[int]) -> list[RateCache]:
     where: dict[str, list[int]] = {}
     for i, r in enumerate(trace):
@@ -151,6 +171,10 @@ def caches(trace: Sequence[Request], budget: int, windows: Sequence[int]) -> lis
     out = [RateCache(budget, f"past {w}", past(w)) for w in windows]
     out += [RateCache(budget, f"window +-{w}", around(w)) for w in windows[:1]]
     out += [RateCache(budget, f"rate x alive {h:g}", RateAlive(trace, h)) for h in HAZARDS]
+    out += [
+        RateCache(budget, f"hit density {t:g}s 0.004", HitDensity(trace, 4e-3, t))
+        for t in HORIZONS_S
+    ]
     out.append(RateCache(budget, "belady", belady))
     return out
 

@@ -19,6 +19,7 @@ from streams.cache import CachedResult, ResultCache, query_key
 from streams.cache.eviction import Slot
 from streams.cache.learned_eviction import (
     HolderTables,
+    InstalledTable,
     LearnedEviction,
     StaticTables,
     eviction_payload,
@@ -29,8 +30,16 @@ from streams.cache.policy import GuardConfig, PolicyHolder
 from streams.config import Settings
 from streams.index.filters import Filter, NumericClause, TagClause
 from streams.index.model import IndexConfig, Metric, VectorUpsert
-from streams.policy.eviction import AGE_EDGES_S, COUNT_EDGES, LIFE_EDGES_S, EvictionTable
+from streams.policy.eviction import (
+    AGE_EDGES_S,
+    COUNT_EDGES,
+    LIFE_EDGES_S,
+    RATE_TAU_S,
+    EvictingCache,
+    EvictionTable,
+)
 from streams.policy.learner import OnlineLearner, policy_status, publish_policy, read_policies
+from streams.policy.trace import Request
 from streams.service.api import SearchRequest
 from tests.rigs import Rig
 from tests.test_policy_online import LoopRig
@@ -167,6 +176,39 @@ def test_a_miss_ranked_below_every_sample_is_evicted_by_its_own_put() -> None:
     assert out.outcome == "evicted" and entry(9).key not in cache
     assert all(entry(i).key in cache for i in range(3))
     assert cache.learned is not None and cache.learned.counts["bypassed"] == 1
+
+
+@pytest.mark.parametrize(
+    "tab",
+    [
+        EvictionTable.rate(0.3, 30.0, 1e-3, horizon_s=25.0),  # the hit density over 25 s
+        EvictionTable.rate(0.3, 30.0, 1e-3),
+        EvictionTable.decayed(300.0),
+        table(lambda f, x, ln, a: 1.0 + f + 3 * ln + 0.1 * a),
+    ],
+    ids=["rate-horizon", "rate", "decayed", "density"],
+)
+def test_node_and_simulator_rank_the_same_key_state_alike(tab: EvictionTable) -> None:
+    """The same requests of one key (stored, then hits) seen by a node's cache and by the
+    simulator's: both rank it the same at several later times (the node gives a ``rate``
+    table the total count, the simulator its count decayed with RATE_TAU_S, equal to
+    1e-7)."""
+    clock = Clock()
+    learned = LearnedEviction(StaticTables(), clock=clock)
+    e = entry(0, cost=3.0)
+    slot = Slot(e.key, e, e.nbytes)
+    sim = EvictingCache(1 << 20, tab, taus_s=(300.0, RATE_TAU_S))
+    for i, dt in enumerate((0.0, 2.0, 3.0, 40.0, 41.5, 160.0)):
+        clock.t = 1000.0 + dt
+        if i == 0:
+            learned.added(slot)
+        else:
+            learned.hit(e.key)
+        sim.access(i, Request(clock.t, "k", e.nbytes, 3.0, {"filter": "none"}))
+    for later in (0.0, 5.0, 60.0, 400.0):
+        now = clock.t + later
+        node = learned.priority(slot, InstalledTable(tab), now)
+        assert node > 0.0 and node == pytest.approx(sim.priority_of("k", now), rel=1e-6)
 
 
 def test_a_hit_updates_the_keys_decayed_and_total_counts_and_last_request() -> None:

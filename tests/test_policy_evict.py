@@ -31,6 +31,7 @@ from streams.policy.eviction import (
     KeyCounts,
     fit_rate_prior,
     rate_alive,
+    rate_hit_density,
 )
 from streams.policy.join import OutcomeJoin
 from streams.policy.learned import ACTIONS
@@ -94,6 +95,84 @@ def test_rate_priority_is_the_posterior_rate_times_the_chance_the_key_lives() ->
     )
 
 
+def test_rate_hit_density_is_hits_per_occupied_second_under_the_posterior() -> None:
+    from scipy import stats
+
+    # the closed form against the expectation over the Gamma(alpha, beta) posterior,
+    # alpha below, at and above 1 (count 1 with a = 1: the limit form)
+    for count, life, a, b, horizon in (
+        (1.0, 0.0, 0.3, 30.0, 20.0),
+        (1.0, 5.0, 1.0, 10.0, 50.0),
+        (8.0, 100.0, 0.3, 30.0, 30.0),
+    ):
+        al, be = count - 1.0 + a, life + b
+        post = stats.gamma(al, scale=1.0 / be)
+        hits = post.expect(lambda x, t=horizon: -math.expm1(-x * t))
+        occupied = post.expect(lambda x, t=horizon: -math.expm1(-x * t) / x, limit=200)
+        got = rate_hit_density(count, 0.0, life, a, b, 0.0, horizon)
+        assert got == pytest.approx(hits / occupied, rel=1e-5)
+    # T -> 0: the posterior mean, i.e. rate_alive, with and without a hazard
+    for h in (0.0, 1e-3):
+        assert rate_hit_density(5.0, 30.0, 100.0, 0.5, 20.0, h, 1e-9) == pytest.approx(
+            rate_alive(5.0, 30.0, 100.0, 0.5, 20.0, h), rel=1e-6
+        )
+    # same posterior mean (0.01/s), but one key was seen once: most draws of its rate bring
+    # no hit within T, so it ranks below the key seen 11 times; rate_alive ties them
+    once, often = (1.0, 0.0), (11.0, 1000.0)
+    assert rate_alive(*once[:1], 0.0, once[1], 0.3, 30.0, 0.0) == pytest.approx(
+        rate_alive(*often[:1], 0.0, often[1], 0.3, 30.0, 0.0)
+    )
+    d_once = rate_hit_density(once[0], 0.0, once[1], 0.3, 30.0, 0.0, 100.0)
+    d_often = rate_hit_density(often[0], 0.0, often[1], 0.3, 30.0, 0.0, 100.0)
+    assert d_once < 0.7 * d_often
+    # with a hazard: a key dead (chance 1 - p, p as in rate_alive) has no hit and
+    # occupies all of T
+    count, idle, life, horizon = 20.0, 15.0, 100.0, 20.0
+    p = rate_alive(count, idle, life, 0.3, 30.0, 1e-3) / rate_alive(
+        count, idle, life, 0.3, 30.0, 0.0
+    )
+    hits = 1.0 - (130.0 / (130.0 + horizon)) ** 19.3
+    occupied = hits / rate_hit_density(count, idle, life, 0.3, 30.0, 0.0, horizon)
+    assert 0.05 < p < 0.95
+    assert rate_hit_density(count, idle, life, 0.3, 30.0, 1e-3, horizon) == pytest.approx(
+        p * hits / (p * occupied + (1.0 - p) * horizon)
+    )
+    # a long silence: likely dead, it occupies T for nothing
+    assert rate_hit_density(50.0, 60.0, 100.0, 0.3, 30.0, 1e-3, 20.0) < 0.1 * rate_hit_density(
+        50.0, 0.0, 100.0, 0.3, 30.0, 1e-3, 20.0
+    )
+    t = EvictionTable.rate(0.3, 30.0, 1e-3, horizon_s=20.0)
+    assert t.priority(10, 2.0, 8.0, 0, 3.0, 100.0) == pytest.approx(
+        rate_hit_density(8.0, 3.0, 100.0, 0.3, 30.0, 1e-3, 20.0) * 0.2
+    )
+    assert t.priority(10, 2.0, 8.0, 0, 3.0, 100.0) != EvictionTable.rate(0.3, 30.0, 1e-3).priority(
+        10, 2.0, 8.0, 0, 3.0, 100.0
+    )
+
+
+def test_the_selector_sets_each_rate_tables_horizon_from_its_own_evictions() -> None:
+    trace = dying_keys(horizon_s=700.0)
+    for factor in (1.5, 0.0):
+        cfg = EvictionConfig(
+            update_every=2_000,
+            density_taus_s=(),
+            rate_horizon_factor=factor,
+            rate_hazards_per_s=(0.0, 0.01),
+        )
+        sel = ExpertSelector(100, cfg)
+        idle: list[list[float]] = [[], []]
+        for i, r in enumerate(trace[:4_000]):
+            sel.access(i, r)
+            if (i + 1) % 2_000 == 0:
+                for mine, shadow in zip(idle, sel.rate_shadows, strict=True):
+                    mine.extend(e[2] for e in shadow.log.evictions)
+                sel.update(trace, i + 1 - 2_000, i + 1)
+        assert all(idle)
+        got = [s.table.horizon_s for s in sel.rate_shadows]
+        assert got == pytest.approx([factor * float(np.median(m)) for m in idle])
+        assert (min(got) > 0.0) == (factor > 0.0)
+
+
 def test_the_rate_prior_is_fitted_from_counts_alone() -> None:
     rng = np.random.default_rng(3)
     for a, b in ((0.3, 30.0), (2.0, 100.0)):
@@ -119,6 +198,12 @@ def test_rate_tables_round_trip_through_json_and_bad_ones_are_refused() -> None:
         EvictionTable.from_json({"kind": "rate", "tau_s": RATE_TAU_S, "prior_a": 1.0})
     with pytest.raises(ValueError, match="rate table"):
         EvictionTable.from_json({**t.to_json(), "prior_b": float("inf")})
+    with_t = EvictionTable.rate(0.25, 40.0, 1e-3, version=5, horizon_s=25.0)
+    assert EvictionTable.from_json(json.loads(json.dumps(with_t.to_json()))) == with_t
+    with pytest.raises(ValueError, match="rate table"):
+        EvictionTable.from_json({**with_t.to_json(), "horizon_s": -1.0})
+    old = {k: v for k, v in with_t.to_json().items() if k != "horizon_s"}  # published before
+    assert EvictionTable.from_json(old).horizon_s == 0.0
 
 
 def dying_keys(seed: int = 0, horizon_s: float = 2_000.0) -> list[Request]:

@@ -18,10 +18,12 @@ when its result is offered to the cache (the miss's put) and on every hit
 a few microseconds). Size and cost are the slot's (``nbytes``, the entry's
 ``compute_ms``). A ``rate`` table is given the total count (its ``tau_s`` is
 :data:`~streams.policy.eviction.RATE_TAU_S`: a count decayed with it is the total), a
-``density`` or ``decayed`` table the decayed one. These counts are of the requests the
-cache saw (hits and stored misses; a miss not stored, e.g. a lazy offer not yet
-promoted, is not counted) and start again for a key forgotten past ``max_keys``; the
-learner's shadow caches count every logged search.
+``density`` or ``decayed`` table the decayed one. A ``rate`` table with a ``horizon_s``
+(the hit density over it, :func:`~streams.policy.eviction.rate_hit_density`) needs no more
+state: the same :meth:`EvictionTable.priority` ranks it from the same counts and times.
+These counts are of the requests the cache saw (hits and stored misses; a miss not stored,
+e.g. a lazy offer not yet promoted, is not counted) and start again for a key forgotten
+past ``max_keys``; the learner's shadow caches count every logged search.
 
 Which tables apply: a ``rate`` table always; a ``density`` or ``decayed`` table only when
 its ``tau_s`` is the cache's (the count it is keyed by is the one the cache keeps).

@@ -4,7 +4,7 @@ The hot-path form is :class:`EvictionTable`, a pure value (``to_json``/``from_js
 :meth:`EvictionTable.priority` ranks a cached entry with a table lookup or one ``exp``; the
 cache evicts the lowest priority among ``samples`` entries drawn at random (sampled
 eviction, as in Redis, LHD and LRB) and bypasses a miss whose own priority is below that
-victim's (admission by the same rank). Two kinds of table:
+victim's (admission by the same rank). Three kinds of table:
 
 - ``density`` (LHD, Beckmann et al. NSDI'18, with cost): ``density[f][x][l][a]`` is the
   expected hits per second of an entry whose key count (decayed with ``tau_s``, as of its
@@ -23,6 +23,11 @@ victim's (admission by the same rank). Two kinds of table:
   decayed count keeps a dead hot key cached for several time constants; with the hazard it
   goes after a few of its own mean gaps. The prior is fitted by empirical Bayes from the key
   counts (:func:`fit_rate_prior`), so a new key is ranked by what new keys usually do.
+  With a ``horizon_s`` T > 0 the rate is replaced by the hit density over T under the
+  posterior (:func:`rate_hit_density`, LHD's expected hits per unit of occupied time
+  applied to the Gamma posterior): a barely-seen key occupies space for T with no hit in
+  most draws of its rate, which the posterior mean hides. The selector sets T to
+  ``rate_horizon_factor`` x the median idle age at eviction of that shadow's own cache.
 
 :class:`DensityLearner` builds the density table from the log alone: every request of a key
 is a sample, and its label is the gap to the key's next request, read off the log once it
@@ -37,7 +42,8 @@ not from the cache's decisions, so the table is learned off-policy and needs no 
 
 :class:`ExpertSelector` is the loop: it replays the same log through one shadow cache per
 candidate table (the learned density table, decayed counts at each ``tau`` of
-:class:`EvictionConfig`, and a rate table per hazard, its prior refitted every period),
+:class:`EvictionConfig`, and a rate table per hazard, its prior refitted and its hit-density
+horizon reset from its own evictions every period),
 scores each by the proxy cost it saved (an exponentially weighted
 sum over periods), and every ``update_every`` requests hands the best one to the real cache.
 Before the first selection the real cache runs on the rule (decayed counts, ``start_tau_s``).
@@ -80,7 +86,8 @@ __all__ = [
 ]
 
 AGE_EDGES_S: tuple[float, ...] = tuple(round(0.1 * 1.8**i, 4) for i in range(15))
-LIFE_EDGES_S: tuple[float, ...] = (1.0, 4.0, 16.0, 64.0, 256.0)
+# powers of 2 (were 1, 4, .., 256: ``latest``, whose keys cool with age, gained 0.1-0.4 point)
+LIFE_EDGES_S: tuple[float, ...] = tuple(2.0**i for i in range(10))
 COUNT_EDGES: tuple[float, ...] = (2.0, 3.0, 5.0, 9.0, 17.0, 33.0)
 FILTER_KINDS = {"none": 0, "tag": 1, "range": 2, "user": 3}  # anything else: 4
 _AGE_LO = np.array((0.0, *AGE_EDGES_S))
@@ -108,6 +115,39 @@ def rate_alive(
     q = lam + hazard_per_s
     x = math.exp(-q * max(idle_s, 0.0))
     return lam * x / (x + hazard_per_s / q * (1.0 - x))
+
+
+def rate_hit_density(
+    count: float,
+    idle_s: float,
+    life_s: float,
+    a: float,
+    b: float,
+    hazard_per_s: float,
+    horizon_s: float,
+) -> float:
+    """Hit density over ``horizon_s`` (T) of a key with the Gamma(alpha, beta) rate
+    posterior of :func:`rate_alive` (alpha = count - 1 + a, beta = life + b): expected hits
+    within T over expected occupied time (until the hit, at most T),
+    ``E[1 - exp(-lam T)] / E[(1 - exp(-lam T)) / lam]``, in closed form
+    ``(1 - (beta / (beta + T))**alpha) / (beta / (1 - alpha) x (((beta + T) / beta)**(1 -
+    alpha) - 1))`` (``beta x ln(1 + T / beta)`` at alpha = 1). A key dead (the chance from
+    ``hazard_per_s``, as in :func:`rate_alive`) is a hit never and occupies all of T.
+    As T -> 0 it tends to the posterior mean alpha / beta; for a key seen often it is
+    near its rate at any T.
+    """
+    al = max(count - 1.0, 0.0) + a
+    be = max(life_s, 0.0) + b
+    log_ratio = math.log1p(horizon_s / be)
+    hits = -math.expm1(-al * log_ratio)
+    d = 1.0 - al
+    occupied = be * (math.expm1(d * log_ratio) / d if abs(d) > 1e-9 else log_ratio)
+    if hazard_per_s <= 0.0:
+        return hits / occupied
+    q = al / be + hazard_per_s
+    x = math.exp(-q * max(idle_s, 0.0))
+    alive = x / (x + hazard_per_s / q * (1.0 - x))
+    return alive * hits / (alive * occupied + (1.0 - alive) * horizon_s)
 
 
 def fit_rate_prior(counts: np.ndarray, exposures_s: np.ndarray) -> tuple[float, float]:
@@ -153,14 +193,17 @@ class EvictionTable:
     prior_a: float = 0.0  # ``rate``: Gamma(a, b) prior of a key's request rate (1/s)
     prior_b: float = 0.0
     hazard_per_s: float = 0.0  # ``rate``: the chance per second that a live key dies
+    horizon_s: float = 0.0  # ``rate``: T of :func:`rate_hit_density` (0: :func:`rate_alive`)
 
     @classmethod
     def decayed(cls, tau_s: float, version: int = 0) -> EvictionTable:
         return cls(version, "decayed", tau_s)
 
     @classmethod
-    def rate(cls, a: float, b: float, hazard_per_s: float, version: int = 0) -> EvictionTable:
-        return cls(version, "rate", RATE_TAU_S, (), a, b, hazard_per_s)
+    def rate(
+        cls, a: float, b: float, hazard_per_s: float, version: int = 0, horizon_s: float = 0.0
+    ) -> EvictionTable:
+        return cls(version, "rate", RATE_TAU_S, (), a, b, hazard_per_s, horizon_s)
 
     @property
     def name(self) -> str:
@@ -178,11 +221,10 @@ class EvictionTable:
         if self.kind == "decayed":
             return count * math.exp(-idle_s / self.tau_s) * cost / size
         if self.kind == "rate":
-            return (
-                rate_alive(count, idle_s, life_s, self.prior_a, self.prior_b, self.hazard_per_s)
-                * cost
-                / size
-            )
+            a, b, h, horizon = self.prior_a, self.prior_b, self.hazard_per_s, self.horizon_s
+            if horizon > 0.0:
+                return rate_hit_density(count, idle_s, life_s, a, b, h, horizon) * cost / size
+            return rate_alive(count, idle_s, life_s, a, b, h) * cost / size
         f = bisect.bisect_right(COUNT_EDGES, count + 1e-9)
         ln = bisect.bisect_right(LIFE_EDGES_S, life_s)
         a = bisect.bisect_right(AGE_EDGES_S, idle_s)
@@ -202,6 +244,7 @@ class EvictionTable:
                     "prior_a": self.prior_a,
                     "prior_b": self.prior_b,
                     "hazard_per_s": self.hazard_per_s,
+                    "horizon_s": self.horizon_s,
                 }
                 if self.kind == "rate"
                 else {}
@@ -220,11 +263,18 @@ class EvictionTable:
             raise ValueError("kind must be density, decayed or rate, tau_s > 0")
         if kind == "rate":
             a, b, h = (obj.get(f) for f in ("prior_a", "prior_b", "hazard_per_s"))
-            nums = [v for v in (a, b, h) if isinstance(v, int | float) and math.isfinite(v)]
-            if len(nums) != 3 or not (nums[0] > 0 and nums[1] > 0 and nums[2] >= 0):
-                raise ValueError("a rate table needs prior_a > 0, prior_b > 0, hazard_per_s >= 0")
+            t = obj.get("horizon_s", 0.0)  # absent in tables published before it
+            nums = [v for v in (a, b, h, t) if isinstance(v, int | float) and math.isfinite(v)]
+            if len(nums) != 4 or not (nums[0] > 0 and nums[1] > 0 and min(nums[2:]) >= 0):
+                raise ValueError(
+                    "a rate table needs prior_a > 0, prior_b > 0, hazard_per_s >= 0, horizon_s >= 0"
+                )
             return cls.rate(
-                float(nums[0]), float(nums[1]), float(nums[2]), int(obj.get("version", 0))
+                float(nums[0]),
+                float(nums[1]),
+                float(nums[2]),
+                int(obj.get("version", 0)),
+                float(nums[3]),
             )
         dens = obj.get("density", [])
         if kind != "decayed":
@@ -250,7 +300,9 @@ class EvictionConfig:
     taus_s: tuple[float, ...] = (300.0,)  # the decayed-count candidates (a node keeps 300 s)
     density_taus_s: tuple[float, ...] = (300.0,)  # one density table per count tau
     start_tau_s: float = 300.0  # the table before the first selection (the rule)
-    table_decay: float = 0.5  # weight left to older samples at each new table
+    # weight left to older samples at each new table (0.5 until session 5: 0.9 keeps about
+    # 10 periods, and ``latest``'s density table gained 0.2-0.4 point of the bound)
+    table_decay: float = 0.9
     score_decay: float = 0.5  # weight left to older periods in the expert scores
     prior_weight: float = 2.0  # seconds of pseudo-lifetime at the cell's marginal density
     warmup: int = 2_500  # requests before the density shadows' first table (no pick)
@@ -259,6 +311,9 @@ class EvictionConfig:
     # the rate candidates: one per hazard (per second), prior fitted from the key counts
     rate_hazards_per_s: tuple[float, ...] = (1e-4, 1e-3, 4e-3)
     rate_fit_keys: int = 20_000  # keys sampled for the prior's fit
+    # T of the rate tables' hit density = this x the median idle age at eviction of the
+    # shadow's own last 2,000 evictions (0: the posterior mean, :func:`rate_alive`)
+    rate_horizon_factor: float = 1.5
     # per-key state kept (KeyCounts, the density learner's counts); past it the least
     # recently requested half is forgotten (a long-running learner stays bounded)
     max_keys: int = 200_000
@@ -401,20 +456,34 @@ class EvictingCache(CacheSimulator):
         table = self._table
         decayed, rate = table.kind == "decayed", table.kind == "rate"
         tau = table.tau_s
-        a, b, h = table.prior_a, table.prior_b, table.hazard_per_s
+        a, b, h, horizon = table.prior_a, table.prior_b, table.hazard_per_s, table.horizon_s
         for _ in range(min(self.samples, n)):
             key = keys[int(rnd() * n)]
             e = entries[key]
             s = e.stats
             if decayed:  # the decayed form inlined: this loop is the simulator's hot spot
                 p = s.counts[ci] * math.exp((s.last - now) / tau) * e.cost / e.size
-            elif rate:  # rate_alive inlined (same arithmetic)
+            elif rate and horizon <= 0.0:  # rate_alive inlined (same arithmetic)
                 lam = (max(s.counts[ci] - 1.0, 0.0) + a) / (max(now - s.first, 0.0) + b)
                 if h > 0.0:
                     q = lam + h
                     x = math.exp(-q * max(now - s.last, 0.0))
                     lam = lam * x / (x + h / q * (1.0 - x))
                 p = lam * e.cost / e.size
+            elif rate:  # rate_hit_density inlined (same arithmetic)
+                al = max(s.counts[ci] - 1.0, 0.0) + a
+                be = max(now - s.first, 0.0) + b
+                lr = math.log1p(horizon / be)
+                hits = -math.expm1(-al * lr)
+                d = 1.0 - al
+                occ = be * (math.expm1(d * lr) / d if abs(d) > 1e-9 else lr)
+                if h <= 0.0:
+                    p = hits / occ * e.cost / e.size
+                else:
+                    q = al / be + h
+                    x = math.exp(-q * max(now - s.last, 0.0))
+                    alive = x / (x + h / q * (1.0 - x))
+                    p = alive * hits / (alive * occ + (1.0 - alive) * horizon) * e.cost / e.size
             else:
                 p = table.priority(
                     e.size, e.cost, s.counts[ci], s.context, now - s.last, now - s.first
@@ -609,6 +678,7 @@ class ExpertSelector:
             for i, h in enumerate(config.rate_hazards_per_s)
         ]
         self.shadows += self.rate_shadows
+        self._rate_idle: list[list[float]] = [[] for _ in self.rate_shadows]
         self.scores = [0.0] * len(self.shadows)
         self._period = [0.0] * len(self.shadows)
         self.picks: list[str] = []
@@ -630,12 +700,17 @@ class ExpertSelector:
             first = bisect.bisect_left(evictions, start, key=lambda e: e[0])
             learner.observe(requests, evictions[first:], start, stop)
             shadow.table = learner.export(requests[stop - 1].time)
+        for idle, shadow in zip(self._rate_idle, self.rate_shadows, strict=True):
+            idle.extend(e[2] for e in shadow.log.evictions)
+            del idle[:-2000]
         for shadow in self.shadows:  # read once: a caller may restart its request numbering
             shadow.log.evictions.clear()
         if self.rate_shadows:
             self.prior = a, b = self.fit_prior(requests[stop - 1].time)
-            for shadow, h in zip(self.rate_shadows, self.config.rate_hazards_per_s, strict=True):
-                shadow.table = EvictionTable.rate(a, b, h, shadow.table.version + 1)
+            hazards = self.config.rate_hazards_per_s
+            for shadow, h, idle in zip(self.rate_shadows, hazards, self._rate_idle, strict=True):
+                horizon = self.config.rate_horizon_factor * float(np.median(idle)) if idle else 0.0
+                shadow.table = EvictionTable.rate(a, b, h, shadow.table.version + 1, horizon)
         if not select:  # the density shadows ran the start rule: their scores mean nothing
             self._period = [0.0] * len(self.shadows)
             return None
