@@ -138,6 +138,7 @@ class CapacityManager:
         self.max_pending = max_pending
         self.full_scan_interval_s = full_scan_interval_s
         self.catch_up_timeout_s = catch_up_timeout_s  # tick: how long to wait for the node
+        self.ticks_skipped = 0  # ticks that found the node behind (VEC.INFO capacity)
         # _lock guards the ledgers (short sections, never around a write to the log);
         # _tick_lock runs one tick at a time
         self._lock = threading.RLock()
@@ -337,7 +338,10 @@ class CapacityManager:
         be older than records no bookkeeping of this process knows of (a previous run's
         writes), so the next tick decides instead."""
         if not self._catch_up(self.catch_up_timeout_s):
-            log.warning("capacity tick skipped: the node is behind the vectors topic")
+            self.ticks_skipped += 1
+            if self.ticks_skipped & (self.ticks_skipped - 1) == 0:  # 1st, 2nd, 4th, 8th...
+                log.warning("capacity tick skipped (%d so far): the node is behind the "
+                            "vectors topic", self.ticks_skipped)
             return []
         done: list[CapacityAction] = []
         for config in list(self.service.indexer.configs.values()):
@@ -669,6 +673,7 @@ class CapacityManager:
                     "archive_target": self.thresholds.archive_target,
                 },
                 "refused": ledger.refused,
+                "ticks_skipped": self.ticks_skipped,  # node-wide: the node was behind
                 "actions": dict(ledger.actions),
                 "recent": list(ledger.recent),
             }
