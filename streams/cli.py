@@ -376,6 +376,9 @@ def policy_learn(
     canary: Annotated[
         float, typer.Option("--canary", min=0.0, max=1.0, help="canary share of tenants")
     ] = 1.0,
+    eviction_tables: Annotated[bool, typer.Option(
+        help="learn the eviction table too (for nodes with cache_eviction learned; most of "
+        "the learner's CPU)")] = True,
 ) -> None:
     """Train the cache policy from query-log and publish PolicyUpdates to policy (the
     learner `streamvec up` runs on a thread; with the embedded log, stop the node first)."""
@@ -389,7 +392,8 @@ def policy_learn(
             learner = OnlineLearner(node.log, node.topics, node.codec,
                                     budget_bytes=settings.cache_budget_bytes,
                                     update_every=update_every,
-                                    guardrails={"canary_share": canary})
+                                    guardrails={"canary_share": canary},
+                                    eviction_tables=eviction_tables)
             try:
                 published = learner.run_to_end()
                 while follow:

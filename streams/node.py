@@ -97,6 +97,9 @@ class Node:
         self.learner = OnlineLearner(
             self.log, self.topics, self.codec, budget_bytes=self.settings.cache_budget_bytes,
             update_every=self.settings.policy_update_every,
+            # the eviction tables' shadow caches cost most of the learner's CPU: only for a
+            # node that evicts by them
+            eviction_tables=self.settings.cache_eviction == "learned",
         ).start(cpu_share=self.settings.policy_learner_cpu_share)
         return self.learner
 

@@ -454,6 +454,15 @@ def test_the_learner_publishes_a_table_the_node_applies_and_a_restart_reloads(
     again.close()
     assert newer and newer[-1]["eviction_table"] == published[-1]["eviction_table"]
 
+    # a learner for nodes that do not evict by the table runs no shadow caches, and
+    # carries the newest table forward unchanged
+    plain = OnlineLearner(rig.log, rig.topics, rig.codec, budget_bytes=64 << 20,
+                          eviction_min_requests=1, eviction_tables=False, group="plain")
+    carried = plain.run_to_end()
+    plain.close()
+    assert carried and all(st.selector is None for st in plain._indexes.values())
+    assert carried[-1]["eviction_table"] == published[-1]["eviction_table"]
+
 
 def test_a_node_evicts_by_the_published_table_and_rollback_restores_the_old_one(
     rig: LearnedRig,

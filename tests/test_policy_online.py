@@ -659,6 +659,13 @@ def test_the_node_of_streamvec_up_closes_the_loop_in_one_process(tmp_path: Path)
         current = holder.current(KEY)
         assert current is not None and current.version >= 1, learner.stats()
         assert learner.error is None and learner.stats()["published"] >= 1
+        # the node evicts by GDSF (the default): its learner learns no eviction table
+        assert learner.eviction_tables is False
+
+    learned = settings.model_copy(update={"cache_eviction": "learned"})
+    with open_node(learned) as node:
+        node.start_query_node()
+        assert node.start_policy_learner().eviction_tables is True
 
 
 def test_http_shows_the_policy_and_rolls_it_back_on_a_running_node(rig: LoopRig) -> None:

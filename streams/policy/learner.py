@@ -502,7 +502,10 @@ class OnlineLearner:
     budget (the rent, and the shadow caches' budget); ``guardrails``: those published
     with every version; ``eviction_config``: the expert selection's (default
     :data:`NODE_EVICTION`; ``ValueError`` when a candidate is keyed by a count tau other
-    than the node's, a table the node would refuse)."""
+    than the node's, a table the node would refuse); ``eviction_tables`` False: no expert
+    selection at all (its shadow caches are most of the learner's time), each version
+    carrying the eviction table of the one before, for nodes that do not evict by it
+    (``cache_eviction`` other than ``learned``)."""
 
     def __init__(
         self,
@@ -521,6 +524,7 @@ class OnlineLearner:
         max_served: int = 100_000,
         eviction_config: EvictionConfig | None = None,
         eviction_min_requests: int = 1_000,
+        eviction_tables: bool = True,
     ) -> None:
         self.log, self.topics, self.codec = log, topics, codec
         cfg = eviction_config or NODE_EVICTION
@@ -533,6 +537,7 @@ class OnlineLearner:
             )
         self.eviction_config = cfg
         self.eviction_min_requests = eviction_min_requests
+        self.eviction_tables = eviction_tables
         self.budget_bytes = budget_bytes
         self.feedback_grace_s = feedback_grace_s
         self.wrong_penalty = wrong_penalty
@@ -575,7 +580,7 @@ class OnlineLearner:
             learner.version = version
             st = self._indexes[key] = _IndexState(learner, version)
             cfg = self.eviction_config
-            st.selector = ExpertSelector(self.budget_bytes, cfg)
+            st.selector = ExpertSelector(self.budget_bytes, cfg) if self.eviction_tables else None
             st.eviction_next = cfg.warmup if cfg.warmup < cfg.update_every else cfg.update_every
             st.eviction_table = newest.get("eviction_table") if newest else None
         return st
