@@ -52,9 +52,13 @@ def _settings_error(exc: ValidationError | SettingsError) -> str:
     """One line per bad setting, named as its environment variable."""
     if isinstance(exc, SettingsError):  # the value is not even parseable (bad JSON)
         return f"{exc} (a list or object setting takes JSON, e.g. STREAMVEC_KAFKA_CONFIG)"
-    return "; ".join(
-        f"{'STREAMVEC_' + '_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
-        for e in exc.errors())
+    out: dict[str, str] = {}  # one message per setting (a union reports each member)
+    for e in exc.errors():
+        loc = e["loc"]
+        name = f"STREAMVEC_{str(loc[0]).upper()}" if loc else "settings"
+        where = f" ({loc[1]!r})" if len(loc) > 1 and isinstance(loc[1], str) else ""
+        out.setdefault(name, f"{name}{where}: {e['msg']}")
+    return "; ".join(out.values())
 
 
 def _fail(exc: StreamvecError) -> None:

@@ -13,12 +13,15 @@ from streams.exceptions import ConfigError
 
 __all__ = ["RESERVED_KAFKA_PROPERTIES", "Settings"]
 
+_KAFKA_CALLBACKS = frozenset({"logger", "on_delivery", "on_commit"})  # and every *_cb
+
 # librdkafka properties a user's kafka_config may not set: the adapter's own (durable,
 # ordered appends; readers' groups and commits) and the two that have their own setting
 RESERVED_KAFKA_PROPERTIES = frozenset({
     "bootstrap.servers", "metadata.broker.list", "sasl.password", "acks",
     "request.required.acks", "enable.idempotence", "group.id", "enable.auto.commit",
     "enable.auto.offset.store", "auto.offset.reset", "client.id", "partitioner",
+    "linger.ms", "queue.buffering.max.ms", "enable.partition.eof", "fetch.wait.max.ms",
 })
 
 
@@ -125,6 +128,10 @@ class Settings(BaseSettings):
     def check(self) -> Settings:
         if self.transport == "kafka" and not self.kafka_bootstrap:
             raise ConfigError("transport=kafka needs kafka_bootstrap (STREAMVEC_KAFKA_BOOTSTRAP)")
+        callbacks = sorted(
+            k for k in self.kafka_config if k.endswith("_cb") or k in _KAFKA_CALLBACKS)
+        if callbacks:  # error_cb, stats_cb, logger...: Python callables, not settings
+            raise ConfigError(f"kafka_config: not a librdkafka property: {', '.join(callbacks)}")
         reserved = sorted(set(self.kafka_config) & RESERVED_KAFKA_PROPERTIES)
         if reserved:
             raise ConfigError(

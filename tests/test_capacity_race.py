@@ -11,6 +11,7 @@ chunks start again at version 1) is not mistaken for the copy scanned."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -197,6 +198,38 @@ def test_the_services_own_writes_are_forgotten_once_applied(rig: Rig) -> None:
     assert set(service._pending_versions) <= {("t/plain", "last")}
     assert service.upsert(  # what it remembered still decides IF_VERSION
         VectorUpsert("t", "plain", "last", rng.standard_normal(4).astype("f4")), if_version=1)
+
+
+def test_forgetting_applied_versions_never_waits_for_another_writers_stripe(rig: Rig) -> None:
+    """The sweep before a write skips an entry whose stripe another writer holds (a
+    durable append in progress) instead of waiting for it: a write of an id on another
+    stripe goes through while that stripe is held."""
+    service = rig.node.service
+    service.create_index(IndexConfig("t", "plain", 4, recipe="Flat"))
+    v = np.ones(4, dtype="f4")
+    service.upsert(VectorUpsert("t", "plain", "a", v))
+    assert rig.node.catch_up(20)  # "a" is applied: the next write's sweep visits it
+    held = service._stripe("t/plain", "a")
+    other = next(f"b{i}" for i in range(1000)
+                 if service._stripe("t/plain", f"b{i}") is not held)
+    taken, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with held:
+            taken.set()
+            done.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert taken.wait(5)
+        service.upsert(VectorUpsert("t", "plain", other, v))
+        assert held.locked(), "the write waited for another id's stripe"
+    finally:
+        done.set()
+        holder.join()
+    service.upsert(VectorUpsert("t", "plain", "c", v))  # now the sweep gets it
+    assert ("t/plain", "a") not in service._pending_versions
 
 
 def test_a_tick_while_the_node_is_behind_the_log_does_nothing(rig: Rig, tmp_path: Path) -> None:

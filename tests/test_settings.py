@@ -68,7 +68,9 @@ def test_the_sasl_password_becomes_a_client_property_and_is_never_printed() -> N
 
 
 @pytest.mark.parametrize(
-    "prop", ["acks", "enable.idempotence", "bootstrap.servers", "sasl.password", "group.id"]
+    "prop",
+    ["acks", "enable.idempotence", "bootstrap.servers", "sasl.password", "group.id",
+     "linger.ms", "error_cb"],
 )
 def test_kafka_config_may_not_weaken_what_the_adapter_relies_on(prop: str) -> None:
     with pytest.raises(ConfigError, match=prop.replace(".", r"\.")):
@@ -78,6 +80,13 @@ def test_kafka_config_may_not_weaken_what_the_adapter_relies_on(prop: str) -> No
 def test_an_unknown_client_property_is_a_config_error_naming_it() -> None:
     settings = _kafka("127.0.0.1:1", kafka_config={"no.such.property": "1"})
     with pytest.raises(ConfigError, match=r"no\.such\.property"):
+        open_log(settings)
+
+
+def test_a_bad_consumer_only_property_is_refused_at_start_not_at_the_first_read() -> None:
+    # Admin and producer accept it; librdkafka checks it only when a consumer is built
+    settings = _kafka("127.0.0.1:1", kafka_config={"fetch.max.bytes": 1000})
+    with pytest.raises(ConfigError, match=r"fetch\.max\.bytes"):
         open_log(settings)
 
 
@@ -93,6 +102,8 @@ def test_replication_factor_zero_is_refused() -> None:
         ({"STREAMVEC_KAFKA_CONFIG": "not json"}, "STREAMVEC_KAFKA_CONFIG"),
         ({"STREAMVEC_KAFKA_CONFIG": '{"acks": "0"}'}, "may not set acks"),
         ({"STREAMVEC_KAFKA_CONFIG": '{"no.such.property": 1}'}, "no.such.property"),
+        ({"STREAMVEC_KAFKA_CONFIG": '{"error_cb": "x"}'}, "error_cb"),
+        ({"STREAMVEC_KAFKA_CONFIG": '{"a.b": [1]}'}, "STREAMVEC_KAFKA_CONFIG ('a.b')"),
     ],
 )
 def test_the_cli_answers_bad_settings_with_a_code_not_a_traceback(

@@ -51,11 +51,18 @@ def open_log(settings: object) -> Log:
         from streams.log.kafka import KafkaLog
 
         assert settings.kafka_bootstrap is not None
+        bad = (KafkaException, TypeError, ValueError)  # librdkafka refuses a property
         try:
-            return KafkaLog(settings.kafka_bootstrap, config=settings.kafka_client_config(),
-                            replication_factor=settings.kafka_replication_factor)
-        except KafkaException as e:  # librdkafka refuses a property (unknown, bad value)
-            raise ConfigError(f"kafka_config: {e.args[0].str()}") from None
+            log = KafkaLog(settings.kafka_bootstrap, config=settings.kafka_client_config(),
+                           replication_factor=settings.kafka_replication_factor)
+        except bad as e:
+            raise ConfigError(f"kafka_config: {_client_error(e)}") from None
+        try:
+            log.check_client_config()  # the consumer-only checks, before a reader fails
+        except bad as e:
+            log.close()
+            raise ConfigError(f"kafka_config: {_client_error(e)}") from None
+        return log
     from streams.log.embedded import EmbeddedLog
 
     return EmbeddedLog(
@@ -64,3 +71,12 @@ def open_log(settings: object) -> Log:
         group_commit_ms=settings.group_commit_ms,
         cleaner_interval_s=settings.cleaner_interval_s,
     )
+
+
+def _client_error(exc: BaseException) -> str:
+    """librdkafka's message for a refused client property."""
+    from confluent_kafka import KafkaException
+
+    if isinstance(exc, KafkaException) and exc.args:
+        return str(exc.args[0].str())
+    return str(exc)

@@ -187,6 +187,11 @@ class KafkaLog(Log):
             }
         )
 
+    def check_client_config(self) -> None:
+        """Build (and close) a reader: librdkafka checks some consumer properties only
+        there (``KafkaException``, ``TypeError`` or ``ValueError`` on a bad one)."""
+        self._consumer(None).close()
+
     def _poll_loop(self) -> None:
         while not self._closed:
             self._producer.poll(0.05)
@@ -210,6 +215,11 @@ class KafkaLog(Log):
                        replication_factor=self._rf, config=cfg)
         try:
             self._admin.create_topics([new])[spec.name].result(timeout=30)
+        except TimeoutError:
+            raise TransportError(
+                f"create topic {spec.name}: no answer from {self._base['bootstrap.servers']} "
+                "in 30 s (is kafka_bootstrap right, and kafka_config's security settings?)"
+            ) from None
         except KafkaException as exc:
             err = exc.args[0]
             if err.code() != KafkaError.TOPIC_ALREADY_EXISTS:

@@ -354,13 +354,15 @@ class VectorService(DataPlane):
         config = self._config(tenant, index)
         check_id(id)
         key = config.key
+        # the record at a position never changes: read it before taking the id's lock (a
+        # read may wait on the broker; the lock holds up every write of the stripe)
+        at = LogPosition.parse(position)
+        found = self.log.read(at.topic, at.partition, at.offset, 1)
+        if not found or found[0].offset != at.offset or found[0].value is None:
+            return None  # compacted away: a newer record of the id exists
         with self._stripe(key, id):
             if self._newest_copy(key, id) != position:
                 return None
-            at = LogPosition.parse(position)
-            found = self.log.read(at.topic, at.partition, at.offset, 1)
-            if not found or found[0].offset != at.offset or found[0].value is None:
-                return None  # compacted away: a newer record of the id exists
             _, value = self.codec.decode(found[0].value, self._vschema)
             value["meta"] = meta
             if value.get("source_id") is None:
@@ -413,20 +415,36 @@ class VectorService(DataPlane):
         """Drop the entries of :attr:`_pending_versions` the indexer has applied, oldest
         first (``_current_version`` drops an entry only when its id is written again: the
         map would otherwise hold every id ever written). Called before a write takes its
-        stripe locks; amortised O(1) per write."""
-        if not self._tracked:
+        stripe locks; amortised O(1) per write. Never waits: when another writer sweeps,
+        or holds the stripe of the oldest entry (a durable append in progress), the entry
+        stays for a later write (an applied leftover is harmless: ``_current_version``
+        and ``_newest_copy`` see through it)."""
+        try:
+            pos, _ = self._tracked[0]
+        except IndexError:
             return
-        with self._tracked_lock:
+        if not self.applied.reached({(pos.topic, pos.partition): pos.offset + 1}):
+            return  # the oldest is not applied yet (nor, mostly, what follows)
+        if not self._tracked_lock.acquire(blocking=False):
+            return  # another writer is sweeping
+        try:
             applied = self.applied.snapshot()
             while self._tracked:
                 pos, k = self._tracked[0]
                 if applied.get((pos.topic, pos.partition), 0) <= pos.offset:
-                    return  # not applied yet (nor, mostly, what follows)
-                self._tracked.popleft()
-                with self._stripe(*k):
+                    return
+                stripe = self._stripe(*k)
+                if not stripe.acquire(blocking=False):
+                    return  # its writer is appending: a later write sweeps it
+                try:
+                    self._tracked.popleft()
                     pending = self._pending_versions.get(k)
                     if pending is not None and pending[1] == pos:
                         del self._pending_versions[k]
+                finally:
+                    stripe.release()
+        finally:
+            self._tracked_lock.release()
 
     def _encode_upsert(self, record: VectorUpsert, version: int) -> bytes:
         """The VectorRecord of a validated upsert (``_write`` and ``upsert_many``)."""
