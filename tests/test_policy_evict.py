@@ -200,8 +200,9 @@ def test_rate_tables_round_trip_through_json_and_bad_ones_are_refused() -> None:
         EvictionTable.from_json({**t.to_json(), "prior_b": float("inf")})
     with_t = EvictionTable.rate(0.25, 40.0, 1e-3, version=5, horizon_s=25.0)
     assert EvictionTable.from_json(json.loads(json.dumps(with_t.to_json()))) == with_t
-    with pytest.raises(ValueError, match="rate table"):
-        EvictionTable.from_json({**with_t.to_json(), "horizon_s": -1.0})
+    for value in (-1.0, 1e-320, True):  # a subnormal T would divide by 0; true is no number
+        with pytest.raises(ValueError, match="rate table"):
+            EvictionTable.from_json({**with_t.to_json(), "horizon_s": value})
     old = {k: v for k, v in with_t.to_json().items() if k != "horizon_s"}  # published before
     assert EvictionTable.from_json(old).horizon_s == 0.0
 

@@ -264,10 +264,16 @@ class EvictionTable:
         if kind == "rate":
             a, b, h = (obj.get(f) for f in ("prior_a", "prior_b", "hazard_per_s"))
             t = obj.get("horizon_s", 0.0)  # absent in tables published before it
-            nums = [v for v in (a, b, h, t) if isinstance(v, int | float) and math.isfinite(v)]
-            if len(nums) != 4 or not (nums[0] > 0 and nums[1] > 0 and min(nums[2:]) >= 0):
+            nums = [  # a JSON true is not a number here
+                float(v) for v in (a, b, h, t)
+                if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            ]
+            if len(nums) != 4 or not (
+                nums[0] > 0 and nums[1] > 0 and nums[2] >= 0 and (nums[3] == 0 or nums[3] >= 1e-6)
+            ):
                 raise ValueError(
-                    "a rate table needs prior_a > 0, prior_b > 0, hazard_per_s >= 0, horizon_s >= 0"
+                    "a rate table needs prior_a > 0, prior_b > 0, hazard_per_s >= 0, "
+                    "horizon_s 0 or >= 1e-6"
                 )
             return cls.rate(
                 float(nums[0]),
