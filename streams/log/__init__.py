@@ -51,16 +51,14 @@ def open_log(settings: object) -> Log:
         from streams.log.kafka import KafkaLog
 
         assert settings.kafka_bootstrap is not None
-        bad = (KafkaException, TypeError, ValueError)  # librdkafka refuses a property
+        log: KafkaLog | None = None
         try:
             log = KafkaLog(settings.kafka_bootstrap, config=settings.kafka_client_config(),
                            replication_factor=settings.kafka_replication_factor)
-        except bad as e:
-            raise ConfigError(f"kafka_config: {_client_error(e)}") from None
-        try:
             log.check_client_config()  # the consumer-only checks, before a reader fails
-        except bad as e:
-            log.close()
+        except (KafkaException, TypeError, ValueError) as e:  # librdkafka refuses a property
+            if log is not None:
+                log.close()
             raise ConfigError(f"kafka_config: {_client_error(e)}") from None
         return log
     from streams.log.embedded import EmbeddedLog

@@ -165,29 +165,24 @@ class VectorService(DataPlane):
     def _stripe(self, key: str, id: str) -> threading.Lock:
         return self._stripes[zlib.crc32(f"{key}/{id}".encode()) % _STRIPES]
 
-    def _current_version(self, key: str, id: str) -> int:
-        """The version of the newest write of ``id``: ours if not yet applied (caller
-        holds the id's stripe lock)."""
+    def _newest(self, key: str, id: str) -> tuple[int, str | None]:
+        """The version and position token of the newest write of ``id``: ours if not yet
+        applied, else the applied copy; (0, None) when deleted or absent (caller holds the
+        id's stripe lock)."""
         pending = self._pending_versions.get((key, id))
         if pending is not None:
             version, pos = pending
             if not self.applied.reached({(pos.topic, pos.partition): pos.offset + 1}):
-                return version
+                return (version, pos.token) if version else (0, None)
             del self._pending_versions[(key, id)]  # the indexer caught up
         entry = self.state.entry(key, id)
-        return entry.version if entry is not None else 0
+        return (entry.version, entry.position) if entry is not None else (0, None)
+
+    def _current_version(self, key: str, id: str) -> int:
+        return self._newest(key, id)[0]
 
     def _newest_copy(self, key: str, id: str) -> str | None:
-        """The position token of the newest write of ``id`` (as :meth:`_current_version`
-        finds it), None if it is deleted or absent (caller holds the id's stripe lock)."""
-        pending = self._pending_versions.get((key, id))
-        if pending is not None:
-            version, pos = pending
-            if not self.applied.reached({(pos.topic, pos.partition): pos.offset + 1}):
-                return pos.token if version else None
-            del self._pending_versions[(key, id)]  # the indexer caught up
-        entry = self.state.entry(key, id)
-        return entry.position if entry is not None else None
+        return self._newest(key, id)[1]
 
     # -- writes ----------------------------------------------------------------------------
     def create_index(self, config: IndexConfig) -> LogPosition:
