@@ -19,6 +19,25 @@ says why and when, with its hits and bytes, under the entry's own admission (key
 bucket, version). The listener runs under the cache's lock, so it only queues the slot;
 the event is built on the logging thread. An expired hit is removed from the cache at
 once (:meth:`SearchObserver.expired`), so its bytes are freed and its event says so.
+
+Text queries (``VEC.QUERY`` on the text cache, :mod:`streams.text.search`). A hit of the text
+cache (L2 on the query text) is one search event (:meth:`SearchObserver.text_hit`): layer
+``L2``, the served entry's key as ``query_key`` and its ``compute_ms`` as proxy cost, so the
+learner's join credits the admission that stored it. On a miss the inner dense search logs
+as any search, and :class:`TextQueryLog` logs the admission decision of the text cache's
+offer once, keyed by the text entry's key, in an event timestamped after its put:
+
+- dense, inner search a miss of the same key (the text entry replaces the entry the inner
+  search had just stored under it): one event, the inner search's, carrying the text
+  offer's decision; the inner search's own admission is superseded (its entry lived for
+  the rest of the request, never hit) and is not logged, nor is that entry's ``replaced``
+  removal (it would end the text admission in the join).
+- otherwise (hybrid: the dense part is its own key, at the fusion's candidate depth; dense
+  whose inner search was a cache hit): the inner event as is, then a second event for the
+  text entry's key with its decision: the request took two cache decisions, and each
+  entry's hits and removal join its own admission.
+
+The node's own counters (:meth:`PolicyHolder.record_search`) see one search per request.
 """
 
 from __future__ import annotations
@@ -31,7 +50,8 @@ import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import fastavro
@@ -53,7 +73,7 @@ if TYPE_CHECKING:
     from streams.cache.result_cache import ResultCache
     from streams.service.api import SearchRequest, SearchResponse
 
-__all__ = ["QueryLogEmitter", "SearchObserver", "register_metrics"]
+__all__ = ["QueryLogEmitter", "SearchObserver", "TextQueryLog", "register_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -223,13 +243,20 @@ def _search_event(item: _Search) -> dict[str, Any]:
     hit = cached is not None
     latency_ms = float(debug.get("latency_ms", 0.0))
     tenant, _, index = index_key.partition("/")
-    breakdown: Mapping[str, float] = debug.get("latency_breakdown_ms", {})
+    breakdown: Mapping[str, float] = (
+        debug.get("latency_breakdown_ms") or debug.get("text_latency_breakdown_ms") or {}
+    )
     decision = debug.get("decision")
     if cached is not None:
         cost = cached.compute_ms
         features: Mapping[str, float] = {"size": float(cached.nbytes)}
     else:
-        cost = float(breakdown.get("index", 0.0)) + float(breakdown.get("payload", 0.0))
+        logged = debug.get("proxy_cost")  # a text miss: what a hit of its entry will save
+        cost = (
+            float(breakdown.get("index", 0.0)) + float(breakdown.get("payload", 0.0))
+            if logged is None
+            else float(logged)
+        )
         features = {}
     layer = debug.get("layer")
     event: dict[str, Any] = {
@@ -410,8 +437,14 @@ class SearchObserver:
 
     def removed(self, slot: Slot, reason: str) -> None:
         """The cache's removal listener: queue the entry's removal event (runs under the
-        cache's lock: an append to the emitter's deque, nothing else)."""
+        cache's lock: an append to the emitter's deque, nothing else). The entry a text
+        query's inner search stored and its own text offer replaced is not logged
+        (:class:`TextQueryLog`)."""
         if self.emitter is not None:
+            if reason == "replaced":
+                text = getattr(_text, "log", None)
+                if text is not None and text.supersedes(slot):
+                    return
             self.removals += 1
             self.emitter.emit(_Removal(slot, reason, time.time()))
 
@@ -441,8 +474,35 @@ class SearchObserver:
         if self.prefetcher is not None:  # every search delays idle-time prefetch
             self.prefetcher.observe(request, str(query_key))
         if self.emitter is not None:
+            item = (request, index_key, query_key, tuple(response.hits), debug, cached, time.time())
+            text = getattr(_text, "log", None)
+            if text is not None and text.inner is None:  # a text query's inner search
+                text.inner = item
+                return
+            self.emitter.emit(item)
+
+    def text_hit(
+        self,
+        request: SearchRequest,
+        index_key: str,
+        response: SearchResponse,
+        entry: CachedResult,
+    ) -> None:
+        """A hit of the text cache (``VEC.QUERY``, L2 on the query text; module docstring):
+        logged as a hit of the served entry's key (layer ``L2`` from the debug, proxy cost
+        its ``compute_ms``); the policy counts the hit (which renews the entry's idle TTL)
+        and the search. The prefetcher only learns that the node is busy: it replays
+        vector searches, and a text answer is not one."""
+        debug = response.debug
+        if self.holder is not None:
+            self.holder.on_hit(entry)
+            latency_ms = float(debug.get("latency_ms", 0.0))
+            self.holder.record_search(index_key.partition("/")[0], index_key, True, latency_ms)
+        if self.prefetcher is not None:
+            self.prefetcher.observe(replace(request, session_id=None), "")
+        if self.emitter is not None:
             self.emitter.emit(
-                (request, index_key, query_key, tuple(response.hits), debug, cached, time.time())
+                (request, index_key, entry.key, tuple(response.hits), debug, entry, time.time())
             )
 
     def stats(self) -> dict[str, Any]:
@@ -451,3 +511,107 @@ class SearchObserver:
             "policy": self.holder.status() if self.holder else None,
             "prefetch": self.prefetcher.stats() if self.prefetcher else None,
         }
+
+
+# -- text queries -------------------------------------------------------------------------
+
+_text = threading.local()  # .log: the TextQueryLog whose search runs on this thread
+
+
+class TextQueryLog:
+    """The query log's part of one ``VEC.QUERY`` that missed the text cache (module
+    docstring, "Text queries"). :meth:`hold` and :meth:`held` go around the inner dense
+    search (its event is held back on this thread); :meth:`offering` and :meth:`offered`
+    around the text cache's offer (:meth:`CacheController.offer_text`). Made only where the
+    node logs (an emitter): a node without one pays nothing."""
+
+    __slots__ = ("emitter", "index_key", "inner", "key", "request")
+
+    def __init__(self, emitter: QueryLogEmitter, request: SearchRequest, index_key: str) -> None:
+        self.emitter = emitter
+        self.request = request  # the text query (its k, consistency, session)
+        self.index_key = index_key
+        self.inner: _Search | None = None
+        self.key: QueryKey | None = None  # set: the held inner miss carries the decision
+
+    def hold(self) -> None:
+        """Hold back the event of the next search on this thread (the inner search)."""
+        _text.log = self
+
+    def held(self, key: QueryKey | None) -> None:
+        """After the inner search (also when it raised). ``key``: the text entry's key when
+        the inner event may carry the text offer's decision (dense), else None. A miss of
+        that key stays held for :meth:`offered`; any other event is queued now, before the
+        offer's put (whose removal of an entry it hit must come after the hit)."""
+        _text.log = None
+        inner = self.inner
+        if inner is None:
+            return
+        if key is not None and inner[5] is None and inner[2] == key:
+            self.key = key
+            return
+        self.inner = None
+        self.emitter.emit(inner)
+
+    def offering(self) -> None:
+        """The text offer's put is next: the held inner miss's entry that it replaces is
+        not logged as removed (:meth:`supersedes`)."""
+        if self.key is not None:
+            _text.log = self
+
+    def supersedes(self, slot: Slot) -> bool:
+        """Whether ``slot`` (being replaced) is the entry the held inner miss stored: its
+        key, never hit, admitted by the held decision."""
+        inner = self.inner
+        entry = slot.entry
+        if inner is None or self.key is None or slot.hits or entry.key != self.key:
+            return False
+        d = inner[4].get("decision")
+        a = entry.admission
+        return (
+            isinstance(d, dict)
+            and a is not None
+            and d.get("arm") == a.arm
+            and d.get("bucket") == a.bucket
+            and d.get("probability") == a.probability
+        )
+
+    def offered(
+        self,
+        decision: Any,
+        key: QueryKey | None,
+        hits: Sequence[Any],
+        compute_ms: float,
+        latency_ms: float,
+        applied: Sequence[str],
+    ) -> None:
+        """After the text offer (also when it raised, or nothing was offered: ``decision``
+        not a policy decision). Queues the held inner event, carrying ``decision`` (proxy
+        cost: ``compute_ms``, the text entry's) when it is one; else, when ``decision`` is
+        one, an event of its own for the text entry's ``key``. Timestamped now: after the
+        put, as the join matches the entry's removal with its decision."""
+        _text.log = None
+        inner, self.inner = self.inner, None
+        decided = isinstance(decision, dict) and "arm" in decision
+        if inner is not None:
+            if decided:
+                request, index_key, query_key, inner_hits, debug, _, _ = inner
+                debug = {
+                    **debug,
+                    "decision": decision,
+                    "proxy_cost": compute_ms,
+                    "latency_ms": latency_ms,  # the text query's, as its hits log
+                }
+                inner = (request, index_key, query_key, inner_hits, debug, None, time.time())
+            self.emitter.emit(inner)
+        elif decided and key is not None:
+            debug = {
+                "layer": "none",
+                "decision": decision,
+                "proxy_cost": compute_ms,
+                "latency_ms": latency_ms,
+                "applied": tuple(applied),
+            }
+            self.emitter.emit(
+                (self.request, self.index_key, key, tuple(hits), debug, None, time.time())
+            )

@@ -31,6 +31,12 @@ whose cache layers hold ``L2``:
   Only a result computed fresh (or from the exact L0) is offered, never one built on a
   tolerant (L1/L2) vector hit.
 - ``keyword``: not cached (its BM25 statistics change with every write to the index).
+
+The query log (where the node runs the policy loop; :mod:`streams.cache.querylog`, "Text
+queries"): a text-cache hit is one search event of the served entry's key (layer ``L2``,
+proxy cost its ``compute_ms``); on a miss the text offer's admission decision is logged
+once, keyed by the text entry's key, in the inner dense search's event (dense, when that
+was a miss of the same key) or in an event of its own (hybrid; dense after an inner hit).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from streams.cache.canonical import CanonicalKeyMap
 from streams.cache.controller import CacheController, CacheLookup
 from streams.cache.entry import CachedResult
 from streams.cache.keys import QueryKey, query_key
+from streams.cache.querylog import SearchObserver, TextQueryLog
 from streams.embed import DEFAULT_EMBEDDER, Embedder, open_embedder
 from streams.index.exceptions import InvalidRequest, NotFound
 from streams.index.filters import Filter, parse_filter
@@ -170,25 +177,52 @@ class TextSearch:
                     self._wait(consistency, tokens, bound_ms, timeout_ms)
                 hit = text_cache.lookup(consistency, bound_ms, text)
                 timings["text_cache"] = (time.perf_counter() - t1) * 1000
+                observer = text_cache.observer
+                logged = None  # this query as the query log and the policy see it
+                if observer is not None:
+                    logged = SearchRequest(
+                        tenant,
+                        index,
+                        vector,
+                        k,
+                        filter,
+                        consistency,
+                        tokens,
+                        bound_ms,
+                        timeout_ms,
+                        session_id,
+                    )
                 if hit is not None:
-                    return self._cached(hit, k, mode, alpha, t0, timings)
+                    resp = self._cached(hit, k, mode, alpha, t0, timings)
+                    if observer is not None and logged is not None:  # a hit of the entry's key
+                        observer.text_hit(logged, config.key, resp, hit[1])
+                    return resp
                 if applied is not None:  # what the fresh result will have seen at least
                     seen_applied = tuple(applied.tokens())
+                if observer is not None and logged is not None and observer.emitter is not None:
+                    text_cache.log = TextQueryLog(observer.emitter, logged, config.key)
+            tlog = None if text_cache is None else text_cache.log
             t1 = time.perf_counter()
-            resp = self.service.search(
-                SearchRequest(
-                    tenant,
-                    index,
-                    vector,
-                    k=depth,
-                    filter=filter,
-                    consistency=consistency,
-                    tokens=tokens,
-                    bound_ms=bound_ms,
-                    timeout_ms=timeout_ms,
-                    session_id=session_id,
+            if tlog is not None:
+                tlog.hold()  # the inner search's event, until the offer's decision is known
+            try:
+                resp = self.service.search(
+                    SearchRequest(
+                        tenant,
+                        index,
+                        vector,
+                        k=depth,
+                        filter=filter,
+                        consistency=consistency,
+                        tokens=tokens,
+                        bound_ms=bound_ms,
+                        timeout_ms=timeout_ms,
+                        session_id=session_id,
+                    )
                 )
-            )
+            finally:
+                if tlog is not None:  # dense: the inner search's key is the entry's
+                    tlog.held(text_cache.key() if text_cache and mode == "dense" else None)
             dense, dense_debug = resp.hits, resp.debug
             timings["dense"] = (time.perf_counter() - t1) * 1000
         else:
@@ -234,7 +268,7 @@ class TextSearch:
             )
             t1 = time.perf_counter()
             debug["text_cache"] = text_cache.offer(
-                hits, seen_applied, (t1 - t0) * 1000, text, exact
+                hits, seen_applied, (t1 - t0) * 1000, text, exact, t0
             )
             timings["text_cache_offer"] = (time.perf_counter() - t1) * 1000
         debug.update(
@@ -278,7 +312,7 @@ class TextSearch:
         mode: str,
         alpha: float | None,
     ) -> _TextCache:
-        observer = getattr(self.service, "search_observer", None)
+        observer: SearchObserver | None = getattr(self.service, "search_observer", None)
         # a fused result also read the keyword index: it holds while that is unchanged
         generation = 0 if mode == "dense" else self.keyword.generation(config.key)
         return _TextCache(ctl, observer, config, text_vec, vector, k, flt, mode, alpha, generation)
@@ -346,7 +380,7 @@ class _TextCache:
     def __init__(
         self,
         ctl: CacheController,
-        observer: Any,
+        observer: SearchObserver | None,
         config: IndexConfig,
         text_vec: Vector,
         vector: Vector,
@@ -369,6 +403,8 @@ class _TextCache:
         # results of another mode or fusion never serve each other
         self.variant = mode if mode == "dense" else f"{mode}:{'rrf' if alpha is None else alpha}"
         self.look: CacheLookup | None = None
+        self.log: TextQueryLog | None = None  # a miss, where the node logs searches
+        self._key: QueryKey | None = None
 
     def lookup(
         self, consistency: Consistency, bound_ms: int | None, text: str
@@ -394,13 +430,17 @@ class _TextCache:
     def key(self) -> QueryKey:
         """The entry's key: the search vector's :class:`QueryKey`; for fused results one
         derived from it and the fusion (they are other answers to the same vector)."""
+        if self._key is not None:
+            return self._key
         c = self.config
         base = query_key(c.key, c.metric, self.vector, self.k, self.flt)
         if self.mode == "dense":
+            self._key = base
             return base
         h = hashlib.blake2b(base.digest, digest_size=len(base.digest))
         h.update(self.variant.encode())
-        return QueryKey(h.digest())
+        self._key = QueryKey(h.digest())
+        return self._key
 
     def offer(
         self,
@@ -409,8 +449,30 @@ class _TextCache:
         compute_ms: float,
         text: str,
         exact: bool,
+        t0: float = 0.0,
     ) -> dict[str, Any]:
-        """Offer the fresh result after a miss; what became of it, for the debug info."""
+        """Offer the fresh result after a miss; what became of it, for the debug info.
+        ``t0``: when the search began (``perf_counter``; the logged latency)."""
+        log = self.log
+        if log is None:
+            return self._offer(hits, applied, compute_ms, text, exact)
+        out: dict[str, Any] = {"decision": "none"}
+        log.offering()
+        try:
+            out = self._offer(hits, applied, compute_ms, text, exact)
+        finally:
+            latency_ms = (time.perf_counter() - t0) * 1000
+            log.offered(out.get("decision"), self.key(), hits, compute_ms, latency_ms, applied)
+        return out
+
+    def _offer(
+        self,
+        hits: list[Hit],
+        applied: tuple[str, ...],
+        compute_ms: float,
+        text: str,
+        exact: bool,
+    ) -> dict[str, Any]:
         look = self.look
         if look is None or look.entry is not None:
             return {"layer": "none", "decision": "none"}
