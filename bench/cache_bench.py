@@ -34,9 +34,15 @@ L2) and ``l0`` (L0 only, the node's default). Measured, in this order:
    collections (count, p99 and longest pause per generation). Then
    ``redis-benchmark`` (C), one connection, ``PING`` and a hit of one cached vector.
 
+The node runs as ``streamvec up`` runs it: with the policy loop (the policy holder decides
+admissions and every search is logged to ``query-log``); ``--no-policy-loop`` measures a node
+without it (what sessions 2 to 5 reported). ``l0_lazy`` is the node's default miss (its
+decision taken by the query log's thread); ``l0_lazy_sync`` the same with the decision taken
+on the search path (``CacheController.defer_decisions`` off), for comparison in one run.
+
 Run: ``nice -n 10 .venv/bin/python -m bench.cache_bench [--n 20000] [--dim 128]
-[--queries 2000] [--json out.json]`` (about 1 min for 1,000 queries on 2 cores). Prints a
-Markdown report for docs/benchmarks.md with ``uptime``.
+[--queries 2000] [--json out.json] [--no-policy-loop]`` (about 1 min for 1,000 queries on 2
+cores). Prints a Markdown report for docs/benchmarks.md with ``uptime``.
 """
 
 from __future__ import annotations
@@ -105,7 +111,9 @@ def unit_rows(rng: np.random.Generator, n: int, dim: int) -> Matrix:
 INDEXES = {"off": ("NONE",), "off2": ("NONE",), "on": ("L0", "L1", "L2"), "l0": ("L0",)}
 
 
-def build(root: Path, n: int, dim: int, seed: int) -> tuple[EmbeddedLog, QueryNode, Matrix]:
+def build(
+    root: Path, n: int, dim: int, seed: int, policy_loop: bool = False
+) -> tuple[EmbeddedLog, QueryNode, Matrix]:
     topics = Topics()
     log = EmbeddedLog(root / "log", durability="none")
     log.ensure_topics(topics.specs())
@@ -113,7 +121,13 @@ def build(root: Path, n: int, dim: int, seed: int) -> tuple[EmbeddedLog, QueryNo
     # Every row stays in the exact Head, so both indexes have the same structure (with
     # HNSW segments their shapes would depend on when background seals and merges ran).
     node = QueryNode(
-        log, topics, codec, root / "node", head_capacity=n + 1, faiss_threads=1
+        log,
+        topics,
+        codec,
+        root / "node",
+        head_capacity=n + 1,
+        faiss_threads=1,
+        policy_loop=policy_loop,
     ).start()
     svc = node.service
     for name, layers in INDEXES.items():
@@ -296,10 +310,17 @@ def _debug_layer(debug: Any) -> str:
     return "?"
 
 
-def run(n: int, dim: int, queries: int, seed: int, uncached_only: bool = False) -> dict[str, Any]:
+def run(
+    n: int,
+    dim: int,
+    queries: int,
+    seed: int,
+    uncached_only: bool = False,
+    policy_loop: bool = False,
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="cache_bench_") as tmp:
         root = Path(tmp)
-        log, node, data = build(root, n, dim, seed)
+        log, node, data = build(root, n, dim, seed, policy_loop)
         try:
             return measure(node, root, data, queries, seed, uncached_only)
         finally:
@@ -321,6 +342,7 @@ UNCACHED_SIDES = (
     "on_dk",
     "on_dk2",
     "l0_lazy",
+    "l0_lazy_sync",
 )
 # The doorkeeper's sides (cache_admit_after 2, streams.cache.doorkeeper; the node's
 # controller gets one for these searches only): ``*_dk`` a query's first miss (held:
@@ -341,6 +363,7 @@ SIDE_INDEX = {
     "on_dk": "on",
     "on_dk2": "on",
     "l0_lazy": "l0",
+    "l0_lazy_sync": "l0",
 }
 # A search that sets ``ef`` skips the result cache (SearchRequest.ef: no lookup, no offer):
 # on these indexes, whose rows all sit in the exact Head, it changes nothing else, so it is
@@ -393,6 +416,12 @@ COMPARISONS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
         ("l0_lazy", "off_bypass"),
         ("l0_bypass", "off"),
     ),
+    (
+        "L0 only, lazy offers decided on the search path, a miss vs cache off, index speed "
+        "divided out",
+        ("l0_lazy_sync", "off_bypass"),
+        ("l0_bypass", "off"),
+    ),
     ("L0+L1+L2 missing vs `off`", ("on",), ("off",)),
     ("L0 only missing vs `off`", ("on_l0",), ("off",)),
     ("L0+L1+L2 missing vs `on` bypassed", ("on",), ("on_bypass",)),
@@ -427,7 +456,10 @@ def measure_uncached(
             side = UNCACHED_SIDES[int(j)]
             ctl.background_offers = side == "on_deferred"
             ctl.doorkeeper = doorkeeper if side in DOORKEEPER_SIDES else None
-            ctl.lazy_offers = side == "l0_lazy"  # its misses park their entries
+            ctl.lazy_offers = side.startswith("l0_lazy")  # its misses park their entries
+            # with the query log on (--policy-loop), `l0_lazy` leaves its decision to the
+            # log's thread (the node's default), `l0_lazy_sync` takes it on the search path
+            ctl.defer_decisions = side != "l0_lazy_sync"
             vec = deferred_qs[i] if side == "on_deferred" else dk_qs.get(side, qs)[i]
             ef = BYPASS_EF if side.endswith("_bypass") else None
             request = SearchRequest(TENANT, SIDE_INDEX[side], vec, K, ef=ef)
@@ -443,6 +475,7 @@ def measure_uncached(
     ctl.background_offers = False
     ctl.doorkeeper = node_doorkeeper
     ctl.lazy_offers = node_lazy
+    ctl.defer_decisions = True
     boot = np.random.default_rng(seed + 12)
     idx = boot.integers(0, len(qs), (BOOTSTRAP, len(qs)))  # the same resamples for all
     out: dict[str, Any] = {
@@ -461,6 +494,7 @@ def measure_uncached(
 
 
 BOOTSTRAP = 2000
+LAZY_REPEATS = 500
 
 
 def paired_ratio(
@@ -516,13 +550,17 @@ def measure(
     # sides' queries are those of the bench before it had these)
     dk_qs = {side: unit_rows(rng, queries, dim) for side in sorted(DOORKEEPER_SIDES)}
     dk_qs["l0_lazy"] = unit_rows(rng, queries, dim)
+    dk_qs["l0_lazy_sync"] = unit_rows(rng, queries, dim)
     uncached = measure_uncached(svc, qs, deferred_qs, seed, dk_qs)
-    # no hit lost with lazy offers: each `l0_lazy` query's repeat must be an L0 hit
+    # no hit lost with lazy offers: each lazy query's repeat must be an L0 hit (the last
+    # LAZY_REPEATS of each lazy side: both sides' together fit the node's parked bound)
     node_lazy, ctl.lazy_offers = ctl.lazy_offers, True
-    repeats: dict[str, int] = {}
-    for v in dk_qs["l0_lazy"]:
-        layer = str(svc.search(SearchRequest(TENANT, "l0", v, K)).debug["layer"])
-        repeats[layer] = repeats.get(layer, 0) + 1
+    repeats: dict[str, dict[str, int]] = {}
+    for side in ("l0_lazy", "l0_lazy_sync"):
+        repeats[side] = {}
+        for v in dk_qs[side][-LAZY_REPEATS:]:
+            layer = str(svc.search(SearchRequest(TENANT, "l0", v, K)).debug["layer"])
+            repeats[side][layer] = repeats[side].get(layer, 0) + 1
     ctl.lazy_offers = node_lazy
     uncached["lazy_repeats_served_by"] = repeats
     if uncached_only:  # step 1 alone (helper I: A/B runs of two trees, alternated)
@@ -893,6 +931,7 @@ def render(r: dict[str, Any]) -> str:
         "on_dk": "`on`, doorkeeper, first miss (held)",
         "on_dk2": "`on`, doorkeeper, seen-before miss (offered)",
         "l0_lazy": "`l0`, lazy offers, a miss (entry parked)",
+        "l0_lazy_sync": "`l0`, lazy offers decided on the search path, a miss",
     }
 
     def ratio_cells(x: dict[str, Any]) -> str:
@@ -934,7 +973,8 @@ def render(r: dict[str, Any]) -> str:
     off = client[f"{ACCEPTANCE_CLIENT}/off"]
     lines = [
         f"{r['n_per_index']} vectors per index, dim {r['dim']}, k {r['k']}, "
-        f"{r['queries']} queries; {r['uptime']}",
+        f"{r['queries']} queries; policy loop (query log, policy holder) "
+        f"{'on' if r.get('policy_loop', True) else 'off'}; {r['uptime']}",
         "",
         "| acceptance (issue 4) | measured | goal | |",
         "| --- | --- | --- | --- |",
@@ -1014,8 +1054,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--uncached-only", action="store_true", help="step 1 only: the misses' ratios")
+    ap.add_argument(
+        "--policy-loop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the node as `streamvec up` runs it (policy_enabled, the default): the policy "
+        "holder decides and every search is logged to query-log; --no-policy-loop: a node "
+        "without them (AdmitAll, no query log: what sessions 2 to 5 measured)",
+    )
     args = ap.parse_args(argv)
-    report = run(args.n, args.dim, args.queries, args.seed, args.uncached_only)
+    report = run(args.n, args.dim, args.queries, args.seed, args.uncached_only, args.policy_loop)
+    report["policy_loop"] = args.policy_loop
     if args.uncached_only:
         for name, r in report["uncached"]["ratios"].items():
             w, c = r["wall"], r["cpu"]

@@ -458,7 +458,8 @@ def test_node_lazy_offers_log_every_decision_and_the_learner_joins_every_removal
         fill(small)
         pool = queries(24)
         first = search(small, pool[0])
-        assert first["decision"]["outcome"] == "parked"
+        # the query log runs: the decision is taken off the search path (by its thread)
+        assert first["decision"] == {"outcome": "parked", "action": "pending"}
         assert search(small, pool[0])["cache_hit"]  # the first repeat is served
         rng = np.random.default_rng(4)
         for i in rng.zipf(1.3, 300) % len(pool):
@@ -482,7 +483,9 @@ def test_node_lazy_offers_log_every_decision_and_the_learner_joins_every_removal
         assert s["decisions"] >= parked["parked"]  # every parked decision was logged
         logged = read_topic(small.log, small.codec, small.topics.query_log)
         flagged = [e for e in logged if (e.get("features") or {}).get("parked")]
-        assert len(flagged) == parked["parked"]
+        # every result parked (undecided: the query log's thread decided), less those its
+        # decision then rejected (they left the parked map, their event says "bypass")
+        assert len(flagged) == parked["parked"] - parked["rejected"]
         assert all(not e["cache_hit"] and e["action"].startswith("ttl") for e in flagged)
     finally:
         small.close()
@@ -613,3 +616,126 @@ def test_the_settings_default_to_lazy_offers_and_reach_the_node(
         assert ctl is not None and ctl.doorkeeper is not None and not ctl.lazy_offers
     finally:
         r.close()
+
+
+# -- decisions off the search path (a lazy miss where the query log runs) ------------------
+
+
+def _undecided(policy: Any = None, **kw: Any) -> tuple[CacheController, IndexConfig, Any]:
+    from streams.cache.policy import PolicyHolder
+
+    clock = iter(np.arange(1_000.0, 2_000.0))
+    holder = policy or PolicyHolder(1 << 14, clock=lambda: float(next(clock)))
+    ctl = CacheController(ResultCache(1 << 20, policy=holder), lazy_offers=True, **kw)
+    return ctl, _config(), holder
+
+
+def _park_undecided(ctl: CacheController, c: IndexConfig, q: np.ndarray) -> Any:
+    look = ctl.lookup(c, q, 5, None)
+    hits = _hits(("a", "b"))
+    return look, ctl.park_undecided(look, c.key, c.metric, q, 5, None, (0, 1), hits, ("t",), 1.0)
+
+
+def test_an_undecided_park_is_decided_once_by_whoever_settles_it_first() -> None:
+    """The search path parks without deciding; the query log's thread (``settle`` through
+    the debug's PendingDecision) decides once; the repeat is stored with that decision."""
+    from streams.cache.controller import PendingDecision, settled_decision
+
+    ctl, c, holder = _undecided()
+    q = _unit(np.random.default_rng(31))
+    _, raw = _park_undecided(ctl, c, q)
+    assert raw is not None and holder.counts["decisions"] == 0  # nothing decided yet
+    pending = PendingDecision.of(ctl, raw)
+    assert pending == {"outcome": "parked", "action": "pending"}  # what a client sees
+    logged = settled_decision(pending)
+    assert logged["outcome"] == "parked" and logged["arm"].startswith("ttl")
+    assert logged["probability"] == 1.0 and holder.counts["decisions"] == 1
+    assert settled_decision(pending) == logged and holder.counts["decisions"] == 1  # once
+    again = ctl.lookup(c, q, 5, None)
+    assert again.layer == "L0" and again.entry is not None
+    assert again.entry.admission == raw.decision and holder.counts["decisions"] == 1
+
+
+def test_a_repeat_before_the_log_decides_it_and_the_log_then_records_that_decision() -> None:
+    from streams.cache.controller import PendingDecision
+
+    ctl, c, holder = _undecided()
+    q = _unit(np.random.default_rng(32))
+    _, raw = _park_undecided(ctl, c, q)
+    again = ctl.lookup(c, q, 5, None)  # the repeat settles (decides) and stores it
+    assert again.layer == "L0" and holder.counts["decisions"] == 1
+    logged = PendingDecision.of(ctl, raw).settle()
+    assert logged["arm"] == raw.decision.arm and holder.counts["decisions"] == 1
+    assert ctl.stats()["parked"]["promoted"] == 1
+
+
+def test_an_undecided_park_its_decision_rejects_leaves_and_its_repeat_misses() -> None:
+    from streams.cache.controller import PendingDecision
+    from streams.cache.policy import PolicyHolder, RulesPolicy
+
+    holder = PolicyHolder(1 << 14, rules=RulesPolicy(stale_per_s=1e12))  # rejects all
+    ctl, c, _ = _undecided(holder)
+    q = _unit(np.random.default_rng(33))
+    _, raw = _park_undecided(ctl, c, q)
+    assert ctl.stats()["parked"]["entries"] == 1
+    logged = PendingDecision.of(ctl, raw).settle()
+    assert logged["action"] == "reject" and logged["outcome"] == "rejected"
+    parked = ctl.stats()["parked"]
+    assert parked["entries"] == 0 and parked["bytes"] == 0 and parked["rejected"] == 1
+    assert ctl.lookup(c, q, 5, None).layer == "none" and ctl.cache.stats().puts == 0
+    # rejected at the repeat, before the log: not stored either, counted once
+    _, raw2 = _park_undecided(ctl, c, _unit(np.random.default_rng(34)))
+    assert ctl.lookup(c, raw2.vector, 5, None).layer == "none"
+    assert ctl.stats()["parked"]["rejected"] == 2 and ctl.cache.stats().puts == 0
+
+
+def test_undecided_parks_leave_their_drops_to_settle_within_twice_the_bound() -> None:
+    from streams.cache.controller import PendingDecision
+
+    ctl, c, _ = _undecided(parked_entries=4)
+    rng = np.random.default_rng(35)
+    raws = [_park_undecided(ctl, c, _unit(rng))[1] for _ in range(8)]
+    assert ctl.stats()["parked"]["entries"] == 8  # over the bound, up to twice it
+    PendingDecision.of(ctl, raws[-1]).settle()  # the log's thread trims
+    parked = ctl.stats()["parked"]
+    assert parked["entries"] == 4 and parked["dropped"] == 4
+    later = [_park_undecided(ctl, c, _unit(rng))[1] for _ in range(5)]
+    # nobody settled these: the search path dropped the oldest once over twice the bound
+    assert ctl.stats()["parked"]["entries"] == 4
+    assert ctl.lookup(c, raws[-1].vector, 5, None).layer == "none"  # the oldest went
+    assert ctl.lookup(c, later[-1].vector, 5, None).layer == "L0"  # the newest stayed
+
+
+def test_concurrent_settles_and_repeats_decide_each_parked_result_once() -> None:
+    import sys
+    import threading
+
+    from streams.cache.controller import PendingDecision
+
+    ctl, c, holder = _undecided()
+    rng = np.random.default_rng(36)
+    qs = [_unit(rng) for _ in range(200)]
+    raws = [_park_undecided(ctl, c, q)[1] for q in qs]
+    logged: list[list[str]] = [[], []]
+
+    def log_thread(i: int) -> None:  # what the query log's thread does for each miss
+        for raw in raws:
+            logged[i].append(PendingDecision.of(ctl, raw).settle()["arm"])
+
+    def repeats() -> None:
+        for q in qs:
+            assert ctl.lookup(c, q, 5, None).layer == "L0"
+
+    threads = [threading.Thread(target=log_thread, args=(i,)) for i in (0, 1)]
+    threads.append(threading.Thread(target=repeats))
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert holder.counts["decisions"] == len(qs)  # one each, whoever came first
+    assert logged[0] == logged[1] == [r.decision.arm for r in raws]

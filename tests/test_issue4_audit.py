@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from streams.cache import AdmissionDecision, CachedResult
+from streams.cache.controller import settled_decision
 from streams.cache.policy import GuardConfig, PolicyHolder
 from streams.cache.prefetch import Prefetcher
 from streams.cache.querylog import SearchObserver
@@ -184,9 +185,9 @@ def test_a_version_that_breaks_its_hit_rate_floor_on_the_node_falls_back_to_the_
         publish_policy(rig.log, rig.topics, rig.codec, policy_update(1, min_hit_rate=0.9))
         assert wait_for(lambda: (v := loop.holder.current(KEY)) is not None and v.version == 1)
         # distinct queries: every search misses, so the version's hit rate is 0 < 0.9
-        decisions = [
-            search(rig, rng.standard_normal(DIM), token).debug["decision"] for _ in range(25)
-        ]
+        searched = [search(rig, rng.standard_normal(DIM), token) for _ in range(25)]
+        # lazy misses: the query log's thread decides, by the policy in force at the search
+        decisions = [settled_decision(r.debug["decision"]) for r in searched]
         assert decisions[0]["version"] == 1  # in force until the window of 20 is judged
         policy = rig.node.service.info("acme", "docs")["policy"]["policy"]
         state = policy["indexes"][KEY]
@@ -469,7 +470,7 @@ def test_the_guardrail_settings_reach_the_node_and_a_stale_version_falls_back(
                 timeout_ms=10_000,
             )
         )
-        decision = out.debug["decision"]
+        decision = settled_decision(out.debug["decision"])
         assert decision["version"] is None and decision["reason"] == "admit-all"  # lru
         assert "stale" in holder.status()["indexes"][KEY]["fallback_reason"]
     monkeypatch.setenv("STREAMVEC_POLICY_FALLBACK", "nope")

@@ -16,6 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from streams.cache import CachedResult, query_key
+from streams.cache.controller import settled_decision
 from streams.cache.policy import (
     ARMS,
     GuardConfig,
@@ -174,7 +175,9 @@ def test_learner_publishes_node_applies_live_and_restart_loads_newest(rig: LoopR
     # decisions now come from version 1 (its table, or the rules for unseen buckets)
     fresh = queries(40, seed=9)
     decisions = [
-        rig.node.service.search(SearchRequest("acme", "docs", q, 5)).debug["decision"]
+        settled_decision(
+            rig.node.service.search(SearchRequest("acme", "docs", q, 5)).debug["decision"]
+        )
         for q in fresh
     ]
     assert {d["version"] for d in decisions} == {1}
@@ -758,8 +761,9 @@ def test_the_learner_thread_keeps_to_its_cpu_share(rig: LoopRig) -> None:
     fill(rig)
     run_searches(rig, queries(30), 1500)
     flush(rig)
-    learner = OnlineLearner(rig.log, rig.topics, rig.codec, budget_bytes=64 << 20,
-                            update_every=10**9)
+    learner = OnlineLearner(
+        rig.log, rig.topics, rig.codec, budget_bytes=64 << 20, update_every=10**9
+    )
     with pytest.raises(ValueError, match="cpu_share"):
         learner.start(cpu_share=0.0)
     t0 = time.monotonic()

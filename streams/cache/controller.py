@@ -65,6 +65,22 @@ entries are node-wide state bounded by their own byte limit, not charged to tena
 index budgets until they are stored (then the put applies every budget). L1/L2 indexes
 offer eagerly: a near query must find its cluster's entry after a single search.
 
+Decisions off the search path (``defer_decisions``, on; where the node logs searches: the
+policy loop's query log). A lazy miss parks its result *undecided*
+(:meth:`CacheController.park_undecided`) and its debug ``decision`` is a
+:class:`PendingDecision` (``{"outcome": "parked", "action": "pending"}`` to the client); the
+admission decision is taken once (:meth:`CacheController.settle`), by the query log's thread
+as it builds the miss's event (which carries it as before), or by the query's repeat if that
+comes first, and by the policy in force when the search ran (``PolicyHolder.route``, taken
+at the search). A rejected result then leaves the parked map; the parked map's drops (and
+freeing what they hold) happen there too, so between two settles it may hold up to twice
+its bounds. Why: with the CPU caches cold after the index scan, the decision (context,
+rules, the decision's dict) cost about 50 µs of a 0.7 ms search on the search thread
+(docs/benchmarks.md, "Session 6"). What it costs: the decision's CPU is spent on the log's
+thread; the policy's context counts the request when the decision is taken (milliseconds
+later); a miss whose event is dropped (full queue) or never logged (a prefetch) is decided
+only if its query repeats.
+
 Doorkeeper (``admit_after=2``, :mod:`streams.cache.doorkeeper`): a first miss of a key
 offers nothing (not even its entry is built); the key's next miss within the window
 offers as usual. It trades the repeat's first hit for a cheaper first miss.
@@ -162,13 +178,17 @@ def l2_rep_bytes(dim: int, text: str | None = None) -> int:
     return _L2_FIXED_BYTES + 8 * dim + extra
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CacheLookup:
     """What the layers answered for one search. ``layer`` is ``L0``/``L1``/``L2`` on a
     hit, ``none`` on a miss; ``entry`` the cached result (serve its first ``k`` hits);
     ``distance`` the distance the tolerant layer used; ``skipped`` the enabled layers not
     consulted because of the consistency level. ``qkey``/``seen_seq`` are for the offer
-    after a miss (``seen_seq`` taken before the search reads the index)."""
+    after a miss (``seen_seq`` taken before the search reads the index).
+
+    Read-only by convention, not ``frozen``: a frozen dataclass's ``__init__`` sets each of
+    its 13 fields through ``object.__setattr__`` (2.1 µs a lookup against 0.5 µs; every
+    search makes one)."""
 
     layer: str
     entry: CachedResult | None
@@ -317,6 +337,10 @@ class CacheController:
         # repeats (module docstring, "Lazy offers")
         self.lazy_offers = lazy_offers
         self._parked = _Parked(parked_entries, parked_bytes)
+        self._settle_lock = threading.Lock()  # a parked result's decision is taken once
+        # where the query log runs, a lazy miss's decision is taken off the search path
+        # (park_undecided); False: on it (park_fresh), as without a query log
+        self.defer_decisions = True
         # per entry, the bytes its L1/L2 links were charged; per tenant, their sums (l1, l2)
         self._links: dict[QueryKey, _Links] = {}
         self._tenant_links: dict[str, list[int]] = {}
@@ -413,7 +437,8 @@ class CacheController:
         qkey = query_key(key, config.metric, query, k, flt)
         if not st.results:  # no layer, or L3 only
             return CacheLookup("none", None, None, qkey, 0, st.layers)
-        if self._parked.n and st.l0:  # a parked result of this query: store it first
+        # a parked result of this query: store it first (a lock-free look, then the pop)
+        if st.l0 and qkey in self._parked.items:
             self._promote(qkey)
         # the sequence number is taken before the search reads the index
         seen_seq, enabled, found = self.cache.probe(key, qkey if st.l0 else None)
@@ -588,6 +613,66 @@ class CacheController:
             return PutOutcome(decision, "parked")
         return self._store(lookup, entry or raw.build(), decision)  # as an eager offer
 
+    def park_undecided(
+        self,
+        lookup: CacheLookup,
+        index_key: str,
+        metric: Metric,
+        query: Vector,
+        k: int,
+        flt: Filter | None,
+        labels: tuple[int, ...],
+        hits: Sequence[FreshHit],
+        applied: tuple[str, ...],
+        compute_ms: float,
+        depends: tuple[tuple[str, Probe], ...] = (),
+        chars: int | None = None,
+    ) -> _Raw | None:
+        """A lazy miss whose admission decision is taken off the search path (module
+        docstring, "Lazy offers"): park the fresh result *undecided* and return it; the
+        caller hands it to whoever settles it (:meth:`settle`: the query log's thread,
+        or the query's repeat, whichever comes first). None (nothing parked): the policy
+        decides on built entries, or the result alone is over the parked byte limit; then
+        call :meth:`park_fresh`. ``chars``: the characters of the hits' ids and metas, if
+        the caller counted them (the search's payload join does)."""
+        policy = self.cache.policy
+        if policy.__class__ not in _DRAFT_POLICIES:
+            return None
+        if chars is None:
+            chars = 0
+            for h in hits:
+                chars += len(h.id) if h.meta is None else len(h.id) + len(h.meta)
+        query = np.array(query, dtype=np.float32)
+        raw = _Raw(
+            lookup.qkey, index_key, metric, query, k, flt, labels, tuple(hits), applied,
+            compute_ms, time.monotonic(), depends,
+            estimate_nbytes(query.shape[0], len(hits), chars),
+        )  # fmt: skip
+        if policy.__class__ is PolicyHolder:
+            raw.route = policy.route(index_key)
+        # the drops of the oldest, and freeing what they hold, are left to settle()
+        return raw if self._parked.park(lookup, raw, None, slack=2) else None
+
+    def settle(self, raw: _Raw) -> AdmissionDecision:
+        """The admission decision of a result parked undecided, taken once (the policy
+        counts the request then): by the query log's thread as it logs the miss, or by
+        the query's repeat if that comes first. A rejected result leaves the parked map."""
+        with self._settle_lock:
+            decision = raw.decision
+            if decision is not None:
+                return decision
+            policy = self.cache.policy
+            entry = cast("CachedResult", raw)
+            decision = raw.decision = (
+                policy.decide_routed(entry, raw.route)
+                if policy.__class__ is PolicyHolder
+                else policy.decide(entry)
+            )
+        if decision.action != "admit":
+            self._parked.reject(raw)
+        self._parked.trim()  # what park_undecided left over the bounds
+        return decision
+
     def _store(
         self,
         lookup: CacheLookup,
@@ -635,6 +720,11 @@ class CacheController:
         if parked is None:
             return
         lookup, held, decision, parked_s = parked
+        if decision is None:  # parked undecided, not settled by the query log yet
+            assert isinstance(held, _Raw)
+            decision = self.settle(held)
+            if decision.action != "admit":  # counted as rejected by settle
+                return
         try:
             entry = held.build() if isinstance(held, _Raw) else held
             outcome = self._store(lookup, entry, decision, parked_s)
@@ -896,6 +986,45 @@ class CacheController:
 _LINKS = "links"  # CachedResult.derived: the (L1, L2) bytes charged to the entry
 
 
+class PendingDecision(dict[str, Any]):
+    """The search's debug ``decision`` of a result parked undecided
+    (:meth:`CacheController.park_undecided`): ``{"outcome": "parked", "action":
+    "pending"}`` to the client, and :meth:`settle` for the query log's thread, which logs
+    the decision it takes (or the one the query's repeat took first)."""
+
+    __slots__ = ("_ctl", "_raw")
+    _ctl: CacheController
+    _raw: _Raw
+
+    @classmethod
+    def of(cls, ctl: CacheController, raw: _Raw) -> PendingDecision:
+        """The pending decision of ``raw`` (built without an ``__init__``: a search pays
+        for this on every lazy miss, and a dict subclass's keyword init costs twice as
+        much with the CPU caches cold after the index scan)."""
+        d = cls(_PENDING_ITEMS)
+        d._ctl = ctl
+        d._raw = raw
+        return d
+
+    def settle(self) -> dict[str, Any]:
+        """The decision's debug form, as :meth:`CacheController.park_fresh` gives it: an
+        admitted result stays ``parked``, a rejected one leaves (``rejected``)."""
+        decision = self._ctl.settle(self._raw)
+        out = decision.as_dict()
+        out["outcome"] = "parked" if decision.action == "admit" else "rejected"
+        return out
+
+
+_PENDING_ITEMS = (("outcome", "parked"), ("action", "pending"))
+
+
+def settled_decision(decision: Any) -> Any:
+    """A search's debug ``decision`` with a pending one (:class:`PendingDecision`) taken
+    now (the same decision the query log records: it is taken once); others as they are.
+    For in-process callers that read decisions from responses."""
+    return decision.settle() if isinstance(decision, PendingDecision) else decision
+
+
 class FreshHit(Protocol):
     """A hit of a fresh search as the search path holds it (``streams.index.model.Hit``)."""
 
@@ -915,8 +1044,8 @@ class _Raw:
     repeats (most never do: then nothing is built)."""
 
     __slots__ = (
-        "applied", "compute_ms", "created_s", "depends", "filter", "hits", "index_key",
-        "k", "key", "labels", "metric", "nbytes", "vector",
+        "applied", "compute_ms", "created_s", "decision", "depends", "filter", "hits",
+        "index_key", "k", "key", "labels", "metric", "nbytes", "route", "vector",
     )  # fmt: skip
 
     def __init__(
@@ -948,6 +1077,11 @@ class _Raw:
         self.created_s = created_s
         self.depends = depends
         self.nbytes = nbytes
+        # its admission decision; None until settled (CacheController.settle), for a
+        # result parked undecided (CacheController.park_undecided); ``route``: the
+        # policy in force at its search (PolicyHolder.route), which decides it then
+        self.decision: AdmissionDecision | None = None
+        self.route: Any = None
 
     def build(self) -> CachedResult:
         """The entry, as an eager offer would have built it at the first search (its
@@ -967,7 +1101,7 @@ class _Raw:
 _DRAFT_POLICIES: frozenset[type] = frozenset({AdmitAll, PolicyHolder})
 
 # a parked offer: its lookup, entry (or raw result), decision and time.time() when parked
-_ParkedItem = tuple[CacheLookup, "CachedResult | _Raw", AdmissionDecision, float]
+_ParkedItem = tuple[CacheLookup, "CachedResult | _Raw", "AdmissionDecision | None", float]
 
 
 class _Parked:
@@ -976,29 +1110,41 @@ class _Parked:
     (a dropped one only means its query's next search is a miss). Its own lock: the
     search threads park and promote; nothing else is held while it is."""
 
-    __slots__ = ("_items", "_lock", "bytes", "counts", "max_bytes", "max_entries", "n")
+    __slots__ = ("_lock", "bytes", "counts", "items", "max_bytes", "max_entries", "n")
 
     def __init__(self, entries: int, max_bytes: int) -> None:
         if entries < 1 or max_bytes < 0:
             raise ValueError("parked_entries >= 1 and parked_bytes >= 0")
         self.max_entries = entries
         self.max_bytes = max_bytes
-        self._items: OrderedDict[QueryKey, _ParkedItem] = OrderedDict()
+        # written under the lock; the lookup's fast check reads membership without it (a
+        # dict lookup is atomic under the GIL; the pop that follows takes the lock)
+        self.items: OrderedDict[QueryKey, _ParkedItem] = OrderedDict()
         self._lock = threading.Lock()
-        self.n = 0  # len(_items), read without the lock by the lookup's fast check
+        self.n = 0  # len(items)
         self.bytes = 0
         # promoted: stored when the query repeated; not_stored: its put refused it then
         # (stale, unverifiable, disabled, evicted); dropped: pushed out unrequested
-        self.counts = {"parked": 0, "promoted": 0, "not_stored": 0, "dropped": 0}
+        # rejected: parked undecided, then rejected by its decision (taken later)
+        self.counts = {"parked": 0, "promoted": 0, "not_stored": 0, "dropped": 0, "rejected": 0}
 
     def park(
-        self, lookup: CacheLookup, entry: CachedResult | _Raw, decision: AdmissionDecision
+        self,
+        lookup: CacheLookup,
+        entry: CachedResult | _Raw,
+        decision: AdmissionDecision | None,
+        *,
+        slack: int = 1,
     ) -> bool:
-        """Park ``entry``; False (not parked) when it alone is over ``max_bytes``."""
+        """Park ``entry``; False (not parked) when it alone is over ``max_bytes``. The
+        oldest are dropped once the map is over ``slack`` times its bounds: a caller
+        passing 2 leaves the drops (and freeing what they held, cold in the CPU caches
+        after an index scan) to a later :meth:`trim` off the search path."""
         nbytes = entry.nbytes
         if nbytes > self.max_bytes:
             return False
-        items = self._items
+        items = self.items
+        dropped: list[_ParkedItem] = []
         with self._lock:
             old = items.pop(entry.key, None)
             if old is not None:
@@ -1006,20 +1152,47 @@ class _Parked:
             items[entry.key] = (lookup, entry, decision, time.time())
             self.bytes += nbytes
             self.counts["parked"] += 1
-            while len(items) > self.max_entries or self.bytes > self.max_bytes:
-                _, (_, dropped, _, _) = items.popitem(last=False)
-                self.bytes -= dropped.nbytes
-                self.counts["dropped"] += 1
+            if len(items) > self.max_entries * slack or self.bytes > self.max_bytes * slack:
+                self._drop(dropped)
             self.n = len(items)
         return True
 
+    def trim(self) -> None:
+        """Drop the oldest until the map is within its bounds (what :meth:`park` with
+        ``slack`` left); what they held is freed after the lock is released."""
+        if self.n <= self.max_entries and self.bytes <= self.max_bytes:
+            return
+        dropped: list[_ParkedItem] = []
+        with self._lock:
+            self._drop(dropped)
+            self.n = len(self.items)
+
+    def _drop(self, into: list[_ParkedItem]) -> None:
+        items = self.items
+        while len(items) > self.max_entries or self.bytes > self.max_bytes:
+            _, item = items.popitem(last=False)
+            self.bytes -= item[1].nbytes
+            self.counts["dropped"] += 1
+            into.append(item)
+
     def pop(self, key: QueryKey) -> _ParkedItem | None:
         with self._lock:
-            item = self._items.pop(key, None)
+            item = self.items.pop(key, None)
             if item is not None:
                 self.bytes -= item[1].nbytes
-                self.n = len(self._items)
+                self.n = len(self.items)
             return item
+
+    def reject(self, entry: _Raw) -> None:
+        """Count ``entry`` rejected by its decision (taken after it was parked); drop it
+        if it is still what is parked for its key."""
+        with self._lock:
+            self.counts["rejected"] += 1
+            item = self.items.get(entry.key)
+            if item is not None and item[1] is entry:
+                del self.items[entry.key]
+                self.bytes -= entry.nbytes
+                self.n = len(self.items)
 
     def settled(self, stored: bool) -> None:
         with self._lock:

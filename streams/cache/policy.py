@@ -540,9 +540,22 @@ class PolicyHolder:
         return a
 
     def decide(self, entry: CachedResult) -> AdmissionDecision:
+        return self.decide_routed(entry, self.route(entry.index_key))
+
+    def route(self, index_key: str) -> _Active | None:
+        """What decides for ``index_key`` now: a version in force (None: the rules, or LRU).
+        A decision taken later (a lazy miss parked undecided, streams.cache.controller)
+        captures it at its search and passes it to :meth:`decide_routed`."""
+        active = self._active
+        if not active:  # no version at all (the rules decide): the common case, cheaply
+            return None
+        return self._route(index_key.split("/", 1)[0], index_key)
+
+    def decide_routed(self, entry: CachedResult, a: _Active | None) -> AdmissionDecision:
+        """:meth:`decide` by ``a`` (from :meth:`route`), even if it has fallen back since:
+        the policy in force when the search ran decides its result."""
         req, ctx, state = self.context.observe(entry, hit=False)
         self.counts["decisions"] += 1
-        a = self._route(entry.index_key.split("/", 1)[0], entry.index_key)
         if a is None:
             if self.guard.fallback == "lru":
                 return _ADMIT_ALL

@@ -168,7 +168,12 @@ class QueryLogEmitter:
             return
         header = _WIRE_HEADER.pack(0, schema_id)
         records = []
-        for item in events:
+        for i, item in enumerate(events):
+            if i % _YIELD_EVERY == _YIELD_EVERY - 1:
+                # let a search that waits for the GIL have it: this thread would otherwise
+                # hold it for the whole batch (up to the 5 ms switch interval at a time),
+                # which showed as the searches' p99 (docs/benchmarks.md, "Query-log thread")
+                time.sleep(0)
             buf = io.BytesIO()
             buf.write(header)
             e: Any = item
@@ -224,6 +229,9 @@ class QueryLogEmitter:
         }
 
 
+# events encoded between two yields of the GIL by the logging thread (QueryLogEmitter._append)
+_YIELD_EVERY = 4
+
 # what SearchObserver.searched queues: request, index key, query key, hits, debug,
 # the cached entry on a hit (None on a miss), wall-clock seconds
 _Search = tuple[
@@ -247,6 +255,9 @@ def _search_event(item: _Search) -> dict[str, Any]:
         debug.get("latency_breakdown_ms") or debug.get("text_latency_breakdown_ms") or {}
     )
     decision = debug.get("decision")
+    settle = getattr(decision, "settle", None)
+    if settle is not None:  # a lazy miss parked undecided: its decision is taken here
+        decision = settle()
     if cached is not None:
         cost = cached.compute_ms
         features: Mapping[str, float] = {"size": float(cached.nbytes)}

@@ -32,7 +32,7 @@ from functools import lru_cache
 from typing import Any, Protocol
 
 from streams.cache import CachedResult, ResultCache
-from streams.cache.controller import CacheController, CacheLookup
+from streams.cache.controller import CacheController, CacheLookup, PendingDecision
 from streams.cache.doorkeeper import FIRST_SEEN
 from streams.cache.entry import trusted_result
 from streams.cache.payload import PayloadCache
@@ -84,6 +84,7 @@ class _Fresh:
     payload_cached: int = 0  # hits whose payload came from L3
     # (segment, Probe) the answer depended on, when recorded (SearchOutcome.depends)
     depends: tuple[tuple[str, Probe], ...] | None = None
+    chars: int = 0  # recorded searches: the characters of the hits' ids and metas
 
 
 class WriteAdmission(Protocol):
@@ -548,9 +549,18 @@ class VectorService(DataPlane):
             decision = FIRST_SEEN  # the doorkeeper held the key's first miss: no entry
         elif caching and fresh.complete and layers is not None and lookup is not None \
                 and lookup.lazy:  # parked as returned: the entry is built if it repeats
-            decision = layers.park_fresh(
-                lookup, config.key, config.metric, query, search_k, flt, fresh.labels,
-                fresh.hits, applied, (t4 - t3) * 1000, fresh.depends or ()).as_dict()
+            # where the query log runs, the admission decision is taken off the search
+            # path: by its thread as it logs this miss, or by the repeat if that is first
+            raw = None if observer is None or observer.emitter is None \
+                or not layers.defer_decisions else layers.park_undecided(
+                    lookup, config.key, config.metric, query, search_k, flt, fresh.labels,
+                    fresh.hits, applied, (t4 - t3) * 1000, fresh.depends or (), fresh.chars)
+            if raw is not None:
+                decision = PendingDecision.of(layers, raw)  # {"outcome": "parked", ...}
+            else:
+                decision = layers.park_fresh(
+                    lookup, config.key, config.metric, query, search_k, flt, fresh.labels,
+                    fresh.hits, applied, (t4 - t3) * 1000, fresh.depends or ()).as_dict()
         elif caching and fresh.complete and layers is not None and lookup is not None:
             ids, scores, metas = _columns(fresh.hits)
             entry = trusted_result(
@@ -617,7 +627,7 @@ class VectorService(DataPlane):
         t1 = time.perf_counter()
         hits: list[Hit] = []
         labels: list[int] = []
-        cached = 0
+        cached = chars = 0
         for label, score in zip(out.labels.tolist(), out.scores.tolist(), strict=True):
             if payloads is None:
                 found = self.state.hit(config.key, label)
@@ -627,10 +637,12 @@ class VectorService(DataPlane):
             if found is not None:
                 hits.append(Hit(found[0], score, found[1]))
                 labels.append(label)
+                if record:  # the entry's size estimate (CacheController.park_undecided)
+                    chars += len(found[0]) if found[1] is None else len(found[0]) + len(found[1])
         t2 = time.perf_counter()
         return _Fresh(hits, tuple(labels), out.widened, out.exhausted,
                       len(hits) == out.labels.size, (t1 - t0) * 1000, (t2 - t1) * 1000, cached,
-                      out.depends)
+                      out.depends, chars)
 
     def _cached_response(
         self, entry: CachedResult, t0: float, t1: float, t2: float, lookup: CacheLookup, k: int
