@@ -739,3 +739,63 @@ def test_concurrent_settles_and_repeats_decide_each_parked_result_once() -> None
         sys.setswitchinterval(interval)
     assert holder.counts["decisions"] == len(qs)  # one each, whoever came first
     assert logged[0] == logged[1] == [r.decision.arm for r in raws]
+
+
+def test_a_tolerant_hit_is_logged_under_the_served_entrys_key_and_credits_its_admission(
+    tmp_path: Path,
+) -> None:
+    """An L1 hit (the same SimHash, another L0 key) is a query-log event of the entry that
+    served it, so the learner's join credits the hit to that entry's admission decision."""
+    from streams.cache.keys import query_key
+    from streams.policy.learner import OnlineLearner
+    from tests.test_policy_online import LoopRig, read_topic
+
+    rig = LoopRig(tmp_path)
+    try:
+        svc = rig.node.service
+        svc.create_index(
+            IndexConfig(
+                "acme", "docs", DIM, metric=Metric.COSINE, recipe="Flat",
+                cache=CacheSettings(("L0", "L1")),
+            )
+        )  # fmt: skip
+        rng = np.random.default_rng(41)
+        token = ""
+        for i in range(60):
+            token = svc.upsert(VectorUpsert("acme", "docs", f"v{i}", _unit(rng))).token
+        q = _unit(rng)
+        # a miss (stored eagerly), then an L1 hit (tolerant layers serve at eventual)
+        svc.search(SearchRequest("acme", "docs", q, 5, None, Consistency.SESSION, (token,)))
+        svc.search(SearchRequest("acme", "docs", q * np.float32(2.5), 5))
+        loop = rig.node.policy_loop
+        assert loop is not None and loop.emitter.flush(10)
+        events = [
+            e
+            for e in read_topic(rig.log, rig.codec, rig.topics.query_log)
+            if e.get("removal") is None and e["index"] == "docs"
+        ]
+        miss, hit = events[-2:]
+        entry_key = str(query_key("acme/docs", Metric.COSINE, q, 5, None))
+        assert not miss["cache_hit"] and miss["query_key"] == entry_key
+        assert hit["cache_hit"] and hit["cache_layer"] == "L1"
+        assert hit["query_key"] == entry_key  # the entry's, not the scaled query's own key
+        learner = OnlineLearner(rig.log, rig.topics, rig.codec, budget_bytes=1 << 26)
+        credited: list[Any] = []
+        state = learner._state("acme/docs").learner
+        learn = state.learn
+
+        def spy(joined: Any) -> None:
+            joined = list(joined)
+            credited.extend(joined)
+            learn(joined)
+
+        state.learn = spy  # type: ignore[method-assign]
+        try:
+            learner.run_to_end()
+            learner.step()
+        finally:
+            learner.close()
+        mine = [j for j in credited if j.bucket == miss["bucket"]]
+        assert mine and max(o.saved for o in mine[-1].outcomes) > 0  # the L1 hit saved
+    finally:
+        rig.close()

@@ -526,8 +526,9 @@ class VectorService(DataPlane):
                 response = self._cached_response(cached, t0, t1, t2, lookup, request.k)
                 if self.hit_observers:
                     self._observe(config.key, response.hits)
-                if observer is not None:
-                    observer.searched(request, config.key, lookup.qkey, response, cached)
+                if observer is not None:  # logged under the served entry's key (an L1/L2
+                    # hit's is its cached sibling's): the learner's join credits its admission
+                    observer.searched(request, config.key, cached.key, response, cached)
                 return response
         t3 = time.perf_counter()
         applied = self._applied_tokens()
