@@ -168,11 +168,12 @@ class QueryLogEmitter:
             return
         header = _WIRE_HEADER.pack(0, schema_id)
         records = []
-        for i, item in enumerate(events):
-            if i % _YIELD_EVERY == _YIELD_EVERY - 1:
-                # let a search that waits for the GIL have it: this thread would otherwise
-                # hold it for the whole batch (up to the 5 ms switch interval at a time),
-                # which showed as the searches' p99 (docs/benchmarks.md, "Query-log thread")
+        for item in events:
+            # let a thread that waits for the GIL (a search, the RESP server) have it
+            # between two events: encoding a batch is pure Python, and holding the GIL
+            # through it showed as the searches' and RESP hits' p99 (docs/benchmarks.md,
+            # "Session 6")
+            if YIELD_GIL:
                 time.sleep(0)
             buf = io.BytesIO()
             buf.write(header)
@@ -229,8 +230,9 @@ class QueryLogEmitter:
         }
 
 
-# events encoded between two yields of the GIL by the logging thread (QueryLogEmitter._append)
-_YIELD_EVERY = 4
+# QueryLogEmitter._append lets waiting threads have the GIL between two events (a switch
+# for bench/querylog_tail.py's side-by-side runs)
+YIELD_GIL = True
 
 # what SearchObserver.searched queues: request, index key, query key, hits, debug,
 # the cached entry on a hit (None on a miss), wall-clock seconds

@@ -1,0 +1,71 @@
+"""What the query log's thread does to RESP hit latency, side by side in one run.
+
+One query node as ``streamvec up`` runs it (the policy loop: policy holder and query log;
+the indexes of ``bench/cache_bench.py``), ``--queries`` unique queries cached on ``on``;
+then the RESP step of the cache bench (a client process per client kind: ``PING`` and a
+``VEC.SEARCH`` hit, redis-py with hiredis) repeated in phases, alternated:
+
+- ``yield``: the query log's thread lets a waiting thread have the GIL between two events
+  it encodes (``streams.cache.querylog.YIELD_GIL``, the default);
+- ``no yield``: it encodes a whole batch holding the GIL (up to the 5 ms switch interval);
+- last, ``no query log``: the emitter stopped (events dropped at once): the floor.
+
+Prints p50/p99 at the client per phase, with ``uptime``.
+
+Run: ``OPENBLAS_NUM_THREADS=1 nice -n 10 .venv/bin/python -m bench.querylog_tail``
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+import streams.cache.querylog as querylog
+from bench.cache_bench import TENANT, K, build, run_resp, unit_rows
+from streams.service.api import SearchRequest
+
+CLIENT = "redis-py+hiredis"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--rounds", type=int, default=2, help="yield / no-yield pairs")
+    a = ap.parse_args()
+    print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        log, node, _ = build(root, 20_000, 128, 7, policy_loop=True)
+        try:
+            svc = node.service
+            qs = unit_rows(np.random.default_rng(5), a.queries, 128)
+            for v in qs:
+                svc.search(SearchRequest(TENANT, "on", v, K))
+            loop = node.policy_loop
+            assert loop is not None
+            phases = [("yield", True), ("no yield", False)] * a.rounds
+            print("| phase | PING p50 / p99 ms | hit p50 / p99 ms |")
+            print("| --- | --- | --- |")
+            for i, (name, flag) in enumerate([*phases, ("no query log", True)]):
+                querylog.YIELD_GIL = flag
+                if name == "no query log":
+                    loop.emitter.close()
+                    loop.emitter.capacity = 0  # every event dropped at emit
+                c = run_resp(node, root, qs, 7 + i)["client"]
+                ping, hit = c[f"{CLIENT}/ping"], c[f"{CLIENT}/hit"]
+                print(
+                    f"| {name} | {ping['p50_ms']} / {ping['p99_ms']} | "
+                    f"{hit['p50_ms']} / {hit['p99_ms']} |"
+                )
+        finally:
+            querylog.YIELD_GIL = True
+            node.close()
+            log.close()
+
+
+if __name__ == "__main__":
+    main()
