@@ -7,6 +7,12 @@ index (as the search runs it, CPU caches flushed), over the cache bench's node
 (eager, and lazy for the L0-only index: the built entry parked, and helper I's
 ``park_fresh``, which parks the fresh result and builds nothing). p50/p90 in microseconds.
 
+The node runs the policy loop (as ``streamvec up``; ``--no-policy-loop``: without it), so
+the policy holder decides: the L0-only index's lazy misses are timed three ways, rotating
+(``park_fresh``: decided on the search path; ``park_undecided`` and the debug's
+``PendingDecision``: session 6's default, the decision left to the query log's thread,
+whose ``settle`` is timed too, on this thread after a scan: what the log's thread pays).
+
 Run: ``OPENBLAS_NUM_THREADS=1 nice -n 10 .venv/bin/python -m bench.miss_steps [--queries 1000]``
 """
 
@@ -20,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.cache_bench import TENANT, build, unit_rows
+from streams.cache.controller import PendingDecision
 from streams.cache.entry import trusted_result
 from streams.cache.keys import query_key
 from streams.cache.semantic import SemanticIndex
@@ -34,9 +41,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--reps", type=int, default=2000, help="L2 representatives to grow first")
+    ap.add_argument("--policy-loop", action=argparse.BooleanOptionalAction, default=True)
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        log, node, _ = build(Path(tmp), 20_000, 128, 7)
+        log, node, _ = build(Path(tmp), 20_000, 128, 7, a.policy_loop)
         try:
             svc = node.service
             ctl = svc.cache_layers
@@ -73,7 +81,8 @@ def main() -> None:
                     query_key(cfg.key, cfg.metric, v, K, None)
                     step(f"{index}: L0 key", t0)
                     vi.search(v, K, None)
-                    mode = i % 3 if index == "l0" else 0  # l0: eager, lazy, lazy raw
+                    # l0: eager, lazy, lazy raw (decided here), lazy undecided
+                    mode = i % 4 if index == "l0" else 0
                     ctl.lazy_offers = mode > 0
                     t0 = pc()
                     look = ctl.lookup(cfg, v, K, None)
@@ -81,13 +90,30 @@ def main() -> None:
                     fresh = svc._fresh(cfg, v, K, None)
                     applied = svc._applied_tokens()
                     vi.search(v, K, None)
+                    if mode == 3:  # session 6: park undecided, the log's thread decides
+                        t0 = pc()
+                        raw = ctl.park_undecided(
+                            look, cfg.key, cfg.metric, v, K, None, fresh.labels,
+                            fresh.hits, applied, 1.0,
+                        )  # fmt: skip
+                        step(f"{index}: park_undecided", t0)
+                        assert raw is not None
+                        vi.search(v, K, None)
+                        t0 = pc()
+                        PendingDecision.of(ctl, raw)
+                        step(f"{index}: PendingDecision.of (the debug's decision)", t0)
+                        vi.search(v, K, None)
+                        t0 = pc()
+                        ctl.settle(raw)
+                        step(f"{index}: settle (on the query log's thread)", t0)
+                        continue
                     if mode == 2:  # helper I: park the fresh result, build nothing
                         t0 = pc()
                         ctl.park_fresh(
                             look, cfg.key, cfg.metric, v, K, None, fresh.labels,
                             fresh.hits, applied, 1.0,
                         )  # fmt: skip
-                        step(f"{index}: park_fresh (no entry built)", t0)
+                        step(f"{index}: park_fresh (no entry built; decided here)", t0)
                         continue
                     t0 = pc()
                     ids, scores, metas = _columns(fresh.hits)
