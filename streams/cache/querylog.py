@@ -168,12 +168,14 @@ class QueryLogEmitter:
             return
         header = _WIRE_HEADER.pack(0, schema_id)
         records = []
-        for item in events:
-            # let a thread that waits for the GIL (a search, the RESP server) have it
-            # between two events: encoding a batch is pure Python, and holding the GIL
-            # through it showed as the searches' and RESP hits' p99 (docs/benchmarks.md,
-            # "Session 6")
-            if YIELD_GIL:
+        # let a thread that waits for the GIL (a search, the RESP server) have it between
+        # two events: encoding a batch is pure Python, and holding the GIL through it showed
+        # as the searches' and RESP hits' p99 (docs/benchmarks.md, "Session 6"). sleep(0)
+        # sleeps the timer slack (~50-70 us on Linux), which caps this thread near 14,000
+        # events/s: with a backlog it yields every _YIELD_STRIDE events instead.
+        stride = 1 if len(self._queue) < _BACKLOG else _YIELD_STRIDE
+        for i, item in enumerate(events):
+            if YIELD_GIL and i % stride == 0:
                 time.sleep(0)
             buf = io.BytesIO()
             buf.write(header)
@@ -233,6 +235,8 @@ class QueryLogEmitter:
 # QueryLogEmitter._append lets waiting threads have the GIL between two events (a switch
 # for bench/querylog_tail.py's side-by-side runs)
 YIELD_GIL = True
+_BACKLOG = 1_000  # queued events past which the thread yields less often
+_YIELD_STRIDE = 16
 
 # what SearchObserver.searched queues: request, index key, query key, hits, debug,
 # the cached entry on a hit (None on a miss), wall-clock seconds
