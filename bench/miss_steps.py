@@ -87,14 +87,14 @@ def main() -> None:
                     t0 = pc()
                     look = ctl.lookup(cfg, v, K, None)
                     step(f"{index}: lookup (miss)", t0)
-                    fresh = svc._fresh(cfg, v, K, None)
+                    fresh = svc._fresh(cfg, v, K, None, record=True)
                     applied = svc._applied_tokens()
                     vi.search(v, K, None)
                     if mode == 3:  # session 6: park undecided, the log's thread decides
                         t0 = pc()
                         raw = ctl.park_undecided(
                             look, cfg.key, cfg.metric, v, K, None, fresh.labels,
-                            fresh.hits, applied, 1.0,
+                            fresh.hits, applied, 1.0, (), fresh.chars,
                         )  # fmt: skip
                         step(f"{index}: park_undecided", t0)
                         assert raw is not None

@@ -700,10 +700,15 @@ def test_undecided_parks_leave_their_drops_to_settle_within_twice_the_bound() ->
     parked = ctl.stats()["parked"]
     assert parked["entries"] == 4 and parked["dropped"] == 4
     later = [_park_undecided(ctl, c, _unit(rng))[1] for _ in range(5)]
-    # nobody settled these: the search path dropped the oldest once over twice the bound
-    assert ctl.stats()["parked"]["entries"] == 4
-    assert ctl.lookup(c, raws[-1].vector, 5, None).layer == "none"  # the oldest went
+    # nobody settled these: past twice the bound the search path drops the oldest, one a
+    # park (never a sweep back to the bound: that took 3 ms on a search, the review found)
+    parked = ctl.stats()["parked"]
+    assert parked["entries"] == 8 and parked["dropped"] == 5
+    assert ctl.lookup(c, raws[4].vector, 5, None).layer == "none"  # the oldest went
     assert ctl.lookup(c, later[-1].vector, 5, None).layer == "L0"  # the newest stayed
+    assert ctl.stats()["parked"]["entries"] == 7
+    ctl._parked.trim(most=2)  # the log's thread trims a bounded number at a time
+    assert ctl.stats()["parked"]["entries"] == 5
 
 
 def test_concurrent_settles_and_repeats_decide_each_parked_result_once() -> None:
@@ -797,5 +802,102 @@ def test_a_tolerant_hit_is_logged_under_the_served_entrys_key_and_credits_its_ad
             learner.close()
         mine = [j for j in credited if j.bucket == miss["bucket"]]
         assert mine and max(o.saved for o in mine[-1].outcomes) > 0  # the L1 hit saved
+    finally:
+        rig.close()
+
+
+def test_each_parked_result_ends_in_exactly_one_count() -> None:
+    """parked = promoted + not_stored + dropped + rejected + entries, whatever the order of
+    parks (some replacing their own key), settles by the log, repeats and drops, with a
+    policy that rejects a third of the keys; the result cache counts every rejection."""
+    from streams.cache.controller import PendingDecision
+    from streams.cache.policy import AdmissionDecision
+
+    ctl, c, holder = _undecided(parked_entries=6)
+    real = holder.decide_routed
+
+    def decide(entry: Any, a: Any) -> Any:
+        d = real(entry, a)
+        if entry.key.digest[0] % 3 == 0:
+            return AdmissionDecision("reject", 1.0, "test", arm="bypass", bucket=d.bucket)
+        return d
+
+    holder.decide_routed = decide  # type: ignore[method-assign]
+    rng = np.random.default_rng(37)
+    pool = [_unit(rng) for _ in range(12)]
+    pending: list[Any] = []
+    rejected = 0
+    for _ in range(400):
+        op = rng.integers(0, 3)
+        q = pool[int(rng.integers(0, len(pool)))]
+        if op == 0:  # a miss parks (or the query's entry is cached: a hit)
+            look = ctl.lookup(c, q, 5, None)
+            if look.entry is None:
+                hits = _hits(("a", "b"))
+                raw = ctl.park_undecided(look, c.key, c.metric, q, 5, None, (0, 1), hits, (), 1.0)
+                assert raw is not None
+                pending.append(raw)
+        elif op == 1 and pending:  # the log's thread settles the oldest pending miss
+            raw = pending.pop(0)
+            rejected += PendingDecision.of(ctl, raw).settle()["action"] == "reject"
+        else:  # a repeat (promotes a parked result of its key, if any)
+            ctl.lookup(c, q, 5, None)
+        n = ctl.stats()["parked"]
+        ends = n["promoted"] + n["not_stored"] + n["dropped"] + n["rejected"] + n["entries"]
+        assert n["parked"] == ends, n
+    decided = [r for r in ctl._parked.items.values()]
+    assert ctl.stats()["parked"]["rejected"] > 0 and ctl.stats()["parked"]["promoted"] > 0
+    assert ctl.cache.stats().rejected >= rejected > 0
+    assert all(item[1].decision is None or item[1].decision.action == "admit" for item in decided)
+
+
+def test_the_query_log_thread_survives_a_policy_that_raises(tmp_path: Path) -> None:
+    from tests.test_policy_online import LoopRig, fill, queries
+
+    rig = LoopRig(tmp_path)
+    try:
+        fill(rig)
+        loop = rig.node.policy_loop
+        assert loop is not None
+        holder = loop.holder
+        calls = [0]
+        real = holder.decide_routed
+
+        def flaky(entry: Any, a: Any) -> Any:
+            calls[0] += 1
+            if calls[0] == 3:
+                raise RuntimeError("a broken policy")
+            return real(entry, a)
+
+        holder.decide_routed = flaky  # type: ignore[method-assign]
+        before = loop.emitter.appended
+        for q in queries(10, seed=8):
+            rig.node.service.search(SearchRequest("acme", "docs", q, 5))
+        assert loop.emitter.flush(10) and loop.emitter.running
+        assert loop.emitter.appended - before == 10 and calls[0] == 10
+        for q in queries(3, seed=9):  # and it goes on logging
+            rig.node.service.search(SearchRequest("acme", "docs", q, 5))
+        assert loop.emitter.flush(10) and loop.emitter.appended - before == 13
+    finally:
+        rig.close()
+
+
+def test_a_node_whose_query_log_stopped_decides_on_the_search_path(tmp_path: Path) -> None:
+    from tests.test_policy_online import LoopRig, fill, queries
+
+    rig = LoopRig(tmp_path)
+    try:
+        fill(rig)
+        loop = rig.node.policy_loop
+        assert loop is not None
+        q = queries(1, seed=10)[0]
+        assert (
+            rig.node.service.search(SearchRequest("acme", "docs", q, 5)).debug["decision"]["action"]
+            == "pending"
+        )
+        loop.emitter.close()  # nobody would settle a pending decision now
+        q = queries(1, seed=11)[0]
+        decision = rig.node.service.search(SearchRequest("acme", "docs", q, 5)).debug["decision"]
+        assert decision["outcome"] == "parked" and decision["arm"].startswith("ttl")
     finally:
         rig.close()

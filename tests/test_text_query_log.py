@@ -218,3 +218,51 @@ def test_a_dense_text_miss_after_an_inner_hit_logs_the_hit_then_the_new_decision
     # (replaced by the next request, maybe within the same millisecond: held_s may be 0)
     assert credited(seen, events[0], held=False) == pytest.approx(events[1]["proxy_cost"])
     assert stats["removals_joined"] == {"matched": 1, "late": 0, "unmatched": 0}
+
+
+def test_a_rejected_text_offer_leaves_the_inner_entrys_decision_in_its_event(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dense: the policy rejects the text entry, so the inner search's entry (same key)
+    stays cached; the held inner event keeps its own decision, which the repeat's hit
+    credits (before the review's fix it carried the rejected text decision)."""
+    import threading
+
+    from streams.cache import AdmissionDecision
+    from streams.cache.controller import CacheController
+
+    offering = threading.local()
+    real_offer = CacheController.offer_text
+
+    def offer_text(self: Any, *a: Any, **kw: Any) -> Any:
+        offering.on = True
+        try:
+            return real_offer(self, *a, **kw)
+        finally:
+            offering.on = False
+
+    monkeypatch.setattr(CacheController, "offer_text", offer_text)
+    loop = rig.node.policy_loop
+    assert loop is not None
+    holder = loop.holder
+    real_decide = type(holder).decide
+
+    def decide(self: Any, entry: Any) -> Any:
+        d = real_decide(self, entry)
+        if getattr(offering, "on", False):  # the text entry only
+            return AdmissionDecision("reject", 1.0, "test", arm="bypass", bucket=d.bucket)
+        return d
+
+    monkeypatch.setattr(type(holder), "decide", decide)
+    miss = rig.query(CACHED)
+    assert miss["text_cache"]["decision"]["outcome"] == "rejected"
+    inner = miss["decision"]
+    assert inner["outcome"] == "stored" and inner["arm"].startswith("ttl")
+    again = rig.query(CACHED, Consistency.SESSION)  # the inner entry serves it (L0)
+    assert again["cache_hit"] and again["layer"] == "L0"
+    first = searches(rig.events())[0]
+    assert not first["cache_hit"] and first["action"] == inner["arm"]
+    assert first["bucket"] == inner["bucket"]
+    _, seen = rig.learn()
+    mine = [j for j in seen if j.bucket == inner["bucket"]]
+    assert mine and max(o.saved for o in mine[0].outcomes) > 0  # the L0 hit credited it

@@ -653,10 +653,12 @@ class CacheController:
         # the drops of the oldest, and freeing what they hold, are left to settle()
         return raw if self._parked.park(lookup, raw, None, slack=2) else None
 
-    def settle(self, raw: _Raw) -> AdmissionDecision:
+    def settle(self, raw: _Raw, *, promoting: bool = False) -> AdmissionDecision:
         """The admission decision of a result parked undecided, taken once (the policy
         counts the request then): by the query log's thread as it logs the miss, or by
-        the query's repeat if that comes first. A rejected result leaves the parked map."""
+        the query's repeat if that comes first (``promoting``: the repeat's lookup, which
+        popped it already). A rejected result leaves the parked map. Off the search path,
+        also trims what :meth:`park_undecided` left over the parked bounds."""
         with self._settle_lock:
             decision = raw.decision
             if decision is not None:
@@ -669,8 +671,11 @@ class CacheController:
                 else policy.decide(entry)
             )
         if decision.action != "admit":
-            self._parked.reject(raw)
-        self._parked.trim()  # what park_undecided left over the bounds
+            self.cache.count_rejected()
+            if not promoting:  # the repeat popped it and counts it (_promote)
+                self._parked.reject(raw)
+        if not promoting:
+            self._parked.trim()  # what park_undecided left over the bounds, some at a time
         return decision
 
     def _store(
@@ -722,8 +727,9 @@ class CacheController:
         lookup, held, decision, parked_s = parked
         if decision is None:  # parked undecided, not settled by the query log yet
             assert isinstance(held, _Raw)
-            decision = self.settle(held)
-            if decision.action != "admit":  # counted as rejected by settle
+            decision = self.settle(held, promoting=True)
+            if decision.action != "admit":  # popped here: counted here, whoever decided
+                self._parked.reject(held, popped=True)
                 return
         try:
             entry = held.build() if isinstance(held, _Raw) else held
@@ -1124,8 +1130,10 @@ class _Parked:
         self.n = 0  # len(items)
         self.bytes = 0
         # promoted: stored when the query repeated; not_stored: its put refused it then
-        # (stale, unverifiable, disabled, evicted); dropped: pushed out unrequested
-        # rejected: parked undecided, then rejected by its decision (taken later)
+        # (stale, unverifiable, disabled, evicted); dropped: pushed out unrequested (or
+        # replaced by its query's next result); rejected: parked undecided, then rejected
+        # by its decision (taken later). parked = promoted + not_stored + dropped +
+        # rejected + entries
         self.counts = {"parked": 0, "promoted": 0, "not_stored": 0, "dropped": 0, "rejected": 0}
 
     def park(
@@ -1147,33 +1155,38 @@ class _Parked:
         dropped: list[_ParkedItem] = []
         with self._lock:
             old = items.pop(entry.key, None)
-            if old is not None:
+            if old is not None:  # its query parked again (its repeat was not stored)
                 self.bytes -= old[1].nbytes
+                self.counts["dropped"] += 1
+                dropped.append(old)
             items[entry.key] = (lookup, entry, decision, time.time())
             self.bytes += nbytes
             self.counts["parked"] += 1
-            if len(items) > self.max_entries * slack or self.bytes > self.max_bytes * slack:
-                self._drop(dropped)
+            # back under ``slack`` times the bounds: one or two drops a park, never a sweep
+            self._drop(dropped, slack, len(items))
             self.n = len(items)
         return True
 
-    def trim(self) -> None:
-        """Drop the oldest until the map is within its bounds (what :meth:`park` with
-        ``slack`` left); what they held is freed after the lock is released."""
+    def trim(self, most: int = 256) -> None:
+        """Drop the oldest, at most ``most`` of them, towards the map's bounds (what
+        :meth:`park` with ``slack`` left); what they held is freed after the lock is
+        released."""
         if self.n <= self.max_entries and self.bytes <= self.max_bytes:
             return
         dropped: list[_ParkedItem] = []
         with self._lock:
-            self._drop(dropped)
+            self._drop(dropped, 1, most)
             self.n = len(self.items)
 
-    def _drop(self, into: list[_ParkedItem]) -> None:
+    def _drop(self, into: list[_ParkedItem], slack: int, most: int) -> None:
         items = self.items
-        while len(items) > self.max_entries or self.bytes > self.max_bytes:
+        cap_entries, cap_bytes = self.max_entries * slack, self.max_bytes * slack
+        while most > 0 and (len(items) > cap_entries or self.bytes > cap_bytes):
             _, item = items.popitem(last=False)
             self.bytes -= item[1].nbytes
             self.counts["dropped"] += 1
             into.append(item)
+            most -= 1
 
     def pop(self, key: QueryKey) -> _ParkedItem | None:
         with self._lock:
@@ -1183,16 +1196,21 @@ class _Parked:
                 self.n = len(self.items)
             return item
 
-    def reject(self, entry: _Raw) -> None:
-        """Count ``entry`` rejected by its decision (taken after it was parked); drop it
-        if it is still what is parked for its key."""
+    def reject(self, entry: _Raw, *, popped: bool = False) -> None:
+        """``entry``'s decision (taken after it was parked) rejected it: remove it if it is
+        still what is parked for its key, and count it ``rejected`` then, or when the
+        repeat had ``popped`` it; one dropped before its decision stays counted
+        ``dropped`` only (each parked result ends in exactly one count)."""
         with self._lock:
-            self.counts["rejected"] += 1
+            if popped:
+                self.counts["rejected"] += 1
+                return
             item = self.items.get(entry.key)
             if item is not None and item[1] is entry:
                 del self.items[entry.key]
                 self.bytes -= entry.nbytes
                 self.n = len(self.items)
+                self.counts["rejected"] += 1
 
     def settled(self, stored: bool) -> None:
         with self._lock:

@@ -130,6 +130,11 @@ class QueryLogEmitter:
             self._wake.set()
         return True
 
+    @property
+    def running(self) -> bool:
+        """Whether its thread takes events (started, not closed)."""
+        return self._thread is not None and not self._stop.is_set()
+
     def start(self) -> QueryLogEmitter:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="query-log", daemon=True)
@@ -150,7 +155,11 @@ class QueryLogEmitter:
                     while self._queue and len(batch) < self.batch_size:
                         batch.append(self._queue.popleft())
                     self._busy = len(batch)
-                self._append(batch)
+                try:
+                    self._append(batch)
+                except Exception:  # telemetry: count and log the loss, never stop logging
+                    self.failed += len(batch)
+                    log.exception("query-log: a batch of %d events failed", len(batch))
                 with self._idle:
                     self._busy = 0
                     self._idle.notify_all()
@@ -168,15 +177,18 @@ class QueryLogEmitter:
             return
         header = _WIRE_HEADER.pack(0, schema_id)
         records = []
-        # let a thread that waits for the GIL (a search, the RESP server) have it between
-        # two events: encoding a batch is pure Python, and holding the GIL through it showed
-        # as the searches' and RESP hits' p99 (docs/benchmarks.md, "Session 6"). sleep(0)
-        # sleeps the timer slack (~50-70 us on Linux), which caps this thread near 14,000
-        # events/s: with a backlog it yields every _YIELD_STRIDE events instead.
-        stride = 1 if len(self._queue) < _BACKLOG else _YIELD_STRIDE
-        for i, item in enumerate(events):
-            if YIELD_GIL and i % stride == 0:
+        # let a thread that waits for the GIL (a search, the RESP server) have it after
+        # each _YIELD_AFTER_S of encoding: a batch is pure Python, and holding the GIL
+        # through it showed as the RESP hits' p99 (docs/benchmarks.md, "Session 6"). Not
+        # after every event: sleep(0) sleeps the timer slack (~70 us), and beside a busy
+        # thread getting the GIL back takes up to the 5 ms switch interval, which starved
+        # this thread (270 events/s against 6,000: the session's review).
+        pc = time.perf_counter
+        since = pc()
+        for item in events:
+            if YIELD_GIL and pc() - since > _YIELD_AFTER_S:
                 time.sleep(0)
+                since = pc()
             buf = io.BytesIO()
             buf.write(header)
             e: Any = item
@@ -235,8 +247,7 @@ class QueryLogEmitter:
 # QueryLogEmitter._append lets waiting threads have the GIL between two events (a switch
 # for bench/querylog_tail.py's side-by-side runs)
 YIELD_GIL = True
-_BACKLOG = 1_000  # queued events past which the thread yields less often
-_YIELD_STRIDE = 16
+_YIELD_AFTER_S = 0.001
 
 # what SearchObserver.searched queues: request, index key, query key, hits, debug,
 # the cached entry on a hit (None on a miss), wall-clock seconds
@@ -263,7 +274,11 @@ def _search_event(item: _Search) -> dict[str, Any]:
     decision = debug.get("decision")
     settle = getattr(decision, "settle", None)
     if settle is not None:  # a lazy miss parked undecided: its decision is taken here
-        decision = settle()
+        try:
+            decision = settle()
+        except Exception:  # the policy must not raise; if it does, log the miss undecided
+            log.exception("query-log: a parked miss's decision failed")
+            decision = "none"
     if cached is not None:
         cost = cached.compute_ms
         features: Mapping[str, float] = {"size": float(cached.nbytes)}
@@ -604,14 +619,18 @@ class TextQueryLog:
     ) -> None:
         """After the text offer (also when it raised, or nothing was offered: ``decision``
         not a policy decision). Queues the held inner event, carrying ``decision`` (proxy
-        cost: ``compute_ms``, the text entry's) when it is one; else, when ``decision`` is
-        one, an event of its own for the text entry's ``key``. Timestamped now: after the
+        cost: ``compute_ms``, the text entry's) when the text put stored its entry over the
+        inner one, else as it was; with no held event, when ``decision`` is one, an event
+        of its own for the text entry's ``key``. Timestamped now: after the
         put, as the join matches the entry's removal with its decision."""
         _text.log = None
         inner, self.inner = self.inner, None
         decided = isinstance(decision, dict) and "arm" in decision
         if inner is not None:
-            if decided:
+            # only a put that replaced the inner search's entry takes over its event: any
+            # other outcome (rejected, stale, too large...) left that entry, and its own
+            # admission, in the cache (found by the session's review)
+            if decided and decision.get("outcome") in ("stored", "evicted"):
                 request, index_key, query_key, inner_hits, debug, _, _ = inner
                 debug = {
                     **debug,

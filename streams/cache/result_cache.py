@@ -333,6 +333,12 @@ class ResultCache:
         found = self.hit(key, l0=False)
         return None if found is None else replace(found[0], hit_count=found[1])
 
+    def count_rejected(self) -> None:
+        """Count a result the policy rejected without a put (a lazy miss decided after it
+        was parked: streams.cache.controller.CacheController.settle)."""
+        with self._lock:
+            self._n["rejected"] += 1
+
     def probe(
         self, index_key: str, key: QueryKey | None
     ) -> tuple[int, bool, tuple[CachedResult, int] | None]:

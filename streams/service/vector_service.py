@@ -553,7 +553,8 @@ class VectorService(DataPlane):
             # where the query log runs, the admission decision is taken off the search
             # path: by its thread as it logs this miss, or by the repeat if that is first
             raw = None if observer is None or observer.emitter is None \
-                or not layers.defer_decisions else layers.park_undecided(
+                or not observer.emitter.running or not layers.defer_decisions \
+                else layers.park_undecided(
                     lookup, config.key, config.metric, query, search_k, flt, fresh.labels,
                     fresh.hits, applied, (t4 - t3) * 1000, fresh.depends or (), fresh.chars)
             if raw is not None:
