@@ -5,9 +5,10 @@ the indexes of ``bench/cache_bench.py``), ``--queries`` unique queries cached on
 then the RESP step of the cache bench (a client process per client kind: ``PING`` and a
 ``VEC.SEARCH`` hit, redis-py with hiredis) repeated in phases, alternated:
 
-- ``yield``: the query log's thread lets a waiting thread have the GIL between two events
-  it encodes (``streams.cache.querylog.YIELD_GIL``, the default);
-- ``no yield``: it encodes a whole batch holding the GIL (up to the 5 ms switch interval);
+- ``yield``: the query log's thread lets a waiting thread have the GIL after each
+  millisecond of encoding (``streams.cache.querylog.YIELD_GIL``, off by default);
+- ``no yield``: it encodes a whole batch holding the GIL (up to the 5 ms switch interval),
+  the default;
 - last, ``no query log``: the emitter stopped (events dropped at once): the floor.
 
 Prints p50/p99 at the client per phase, with ``uptime``.
@@ -62,7 +63,7 @@ def main() -> None:
                     f"{hit['p50_ms']} / {hit['p99_ms']} |"
                 )
         finally:
-            querylog.YIELD_GIL = True
+            querylog.YIELD_GIL = False
             node.close()
             log.close()
 

@@ -72,14 +72,15 @@ policy loop's query log). A lazy miss parks its result *undecided*
 admission decision is taken once (:meth:`CacheController.settle`), by the query log's thread
 as it builds the miss's event (which carries it as before), or by the query's repeat if that
 comes first, and by the policy in force when the search ran (``PolicyHolder.route``, taken
-at the search). A rejected result then leaves the parked map; the parked map's drops (and
-freeing what they hold) happen there too, so between two settles it may hold up to twice
-its bounds. Why: with the CPU caches cold after the index scan, the decision (context,
-rules, the decision's dict) cost about 50 µs of a 0.7 ms search on the search thread
-(docs/benchmarks.md, "Session 6"). What it costs: the decision's CPU is spent on the log's
-thread; the policy's context counts the request when the decision is taken (milliseconds
-later); a miss whose event is dropped (full queue) or never logged (a prefetch) is decided
-only if its query repeats.
+at the search). A rejected result then leaves the parked map; the parked map's trims (and
+freeing what they hold) happen there too, at most 256 drops a settle, while a park drops
+one only past twice the bounds: the map may hold up to twice them. Only while the
+emitter's thread runs. Why: with the CPU caches cold after the index scan, the decision
+(context, rules, the decision's dict) cost about 55 µs of a 0.7 ms search on the search
+thread (docs/benchmarks.md, "Session 6"). What it costs: the decision's CPU is spent on
+the log's thread; the policy's context counts the request when the decision is taken
+(milliseconds later); a miss whose event is dropped (full queue) or never logged (a
+prefetch) is decided only if its query repeats.
 
 Doorkeeper (``admit_after=2``, :mod:`streams.cache.doorkeeper`): a first miss of a key
 offers nothing (not even its entry is built); the key's next miss within the window

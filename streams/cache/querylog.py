@@ -177,12 +177,9 @@ class QueryLogEmitter:
             return
         header = _WIRE_HEADER.pack(0, schema_id)
         records = []
-        # let a thread that waits for the GIL (a search, the RESP server) have it after
-        # each _YIELD_AFTER_S of encoding: a batch is pure Python, and holding the GIL
-        # through it showed as the RESP hits' p99 (docs/benchmarks.md, "Session 6"). Not
-        # after every event: sleep(0) sleeps the timer slack (~70 us), and beside a busy
-        # thread getting the GIL back takes up to the 5 ms switch interval, which starved
-        # this thread (270 events/s against 6,000: the session's review).
+        # YIELD_GIL (off): sleep(0) between events, to let a waiting search or RESP thread
+        # have the GIL; measured both ways in docs/benchmarks.md ("Session 6"): no steady
+        # gain, and beside a busy thread it starved this one
         pc = time.perf_counter
         since = pc()
         for item in events:
@@ -244,9 +241,9 @@ class QueryLogEmitter:
         }
 
 
-# QueryLogEmitter._append lets waiting threads have the GIL between two events (a switch
-# for bench/querylog_tail.py's side-by-side runs)
-YIELD_GIL = True
+# QueryLogEmitter._append: yield the GIL after each _YIELD_AFTER_S of encoding (off: see
+# _append; bench/querylog_tail.py runs both side by side)
+YIELD_GIL = False
 _YIELD_AFTER_S = 0.001
 
 # what SearchObserver.searched queues: request, index key, query key, hits, debug,
