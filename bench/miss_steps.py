@@ -92,12 +92,12 @@ def main() -> None:
                     vi.search(v, K, None)
                     if mode == 3:  # session 6: park undecided, the log's thread decides
                         t0 = pc()
-                        raw = ctl.park_undecided(
+                        raw = ctl.fresh_raw(
                             look, cfg.key, cfg.metric, v, K, None, fresh.labels,
                             fresh.hits, applied, 1.0, (), fresh.chars,
                         )  # fmt: skip
-                        step(f"{index}: park_undecided", t0)
-                        assert raw is not None
+                        assert ctl.park_undecided(look, raw)
+                        step(f"{index}: fresh_raw + park_undecided", t0)
                         vi.search(v, K, None)
                         t0 = pc()
                         PendingDecision.of(ctl, raw)
@@ -110,10 +110,13 @@ def main() -> None:
                     if mode == 2:  # helper I: park the fresh result, build nothing
                         t0 = pc()
                         ctl.park_fresh(
-                            look, cfg.key, cfg.metric, v, K, None, fresh.labels,
-                            fresh.hits, applied, 1.0,
+                            look,
+                            ctl.fresh_raw(
+                                look, cfg.key, cfg.metric, v, K, None, fresh.labels,
+                                fresh.hits, applied, 1.0, (), fresh.chars,
+                            ),
                         )  # fmt: skip
-                        step(f"{index}: park_fresh (no entry built; decided here)", t0)
+                        step(f"{index}: fresh_raw + park_fresh (no entry built; decided here)", t0)
                         continue
                     t0 = pc()
                     ids, scores, metas = _columns(fresh.hits)

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from streams.log.embedded import EmbeddedLog
 from streams.schemas.codec import AvroCodec
 from streams.schemas.log_registry import LogRegistry
 from streams.service.query_node import QueryNode
 from streams.topics import Topics
+
+if TYPE_CHECKING:
+    from streams.policy.join import JoinedDecision
+    from streams.policy.learner import OnlineLearner
 
 __all__ = ["Rig"]
 
@@ -40,3 +45,24 @@ class Rig:
     def close(self) -> None:
         self.node.close()
         self.log.close()
+
+
+def spied_learner(
+    log: EmbeddedLog, topics: Topics, codec: AvroCodec, index_key: str, **kw: Any
+) -> tuple[OnlineLearner, list[JoinedDecision]]:
+    """A real learner over the node's topics whose trained decisions (for ``index_key``)
+    are also recorded: a spy on its VW learner's ``learn``. Close the learner."""
+    from streams.policy.learner import OnlineLearner
+
+    ol = OnlineLearner(log, topics, codec, **kw)
+    seen: list[JoinedDecision] = []
+    learner = ol._state(index_key).learner
+    learn = learner.learn
+
+    def spy(joined: Any) -> None:
+        joined = list(joined)
+        seen.extend(joined)
+        learn(joined)
+
+    learner.learn = spy  # type: ignore[method-assign]
+    return ol, seen

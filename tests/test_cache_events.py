@@ -29,6 +29,7 @@ from streams.schemas.codec import AvroCodec
 from streams.schemas.log_registry import LogRegistry
 from streams.service.api import SearchRequest
 from streams.topics import Topics
+from tests.rigs import spied_learner
 from tests.test_policy_online import (
     KEY,
     LoopRig,
@@ -228,18 +229,7 @@ class EventLog:
 
     def learner(self, **kw: Any) -> tuple[OnlineLearner, list[JoinedDecision]]:
         """A real learner whose trained decisions are also recorded (a spy on learn)."""
-        ol = OnlineLearner(self.log, self.topics, self.codec, budget_bytes=1 << 20, **kw)
-        seen: list[JoinedDecision] = []
-        learner = ol._state(KEY).learner
-        learn = learner.learn
-
-        def spy(joined: Any) -> None:
-            joined = list(joined)
-            seen.extend(joined)
-            learn(joined)
-
-        learner.learn = spy  # type: ignore[method-assign]
-        return ol, seen
+        return spied_learner(self.log, self.topics, self.codec, KEY, budget_bytes=1 << 20, **kw)
 
     def close(self) -> None:
         self.log.close()

@@ -219,7 +219,8 @@ def _hits(ids: tuple[str, ...], metas: tuple[str | None, ...] | None = None) -> 
 def _park(ctl: CacheController, look: CacheLookup, c: IndexConfig, q: np.ndarray,
           hits: list[Hit]) -> Any:  # fmt: skip
     labels = tuple(range(len(hits)))
-    return ctl.park_fresh(look, c.key, c.metric, q, 5, None, labels, hits, ("tok",), 1.0)
+    raw = ctl.fresh_raw(look, c.key, c.metric, q, 5, None, labels, hits, ("tok",), 1.0)
+    return ctl.park_fresh(look, raw)
 
 
 def test_park_fresh_builds_no_entry_until_the_repeat_which_gets_the_eager_entry(
@@ -633,7 +634,8 @@ def _undecided(policy: Any = None, **kw: Any) -> tuple[CacheController, IndexCon
 def _park_undecided(ctl: CacheController, c: IndexConfig, q: np.ndarray) -> Any:
     look = ctl.lookup(c, q, 5, None)
     hits = _hits(("a", "b"))
-    return look, ctl.park_undecided(look, c.key, c.metric, q, 5, None, (0, 1), hits, ("t",), 1.0)
+    raw = ctl.fresh_raw(look, c.key, c.metric, q, 5, None, (0, 1), hits, ("t",), 1.0)
+    return look, raw if ctl.park_undecided(look, raw) else None
 
 
 def test_an_undecided_park_is_decided_once_by_whoever_settles_it_first() -> None:
@@ -752,7 +754,7 @@ def test_a_tolerant_hit_is_logged_under_the_served_entrys_key_and_credits_its_ad
     """An L1 hit (the same SimHash, another L0 key) is a query-log event of the entry that
     served it, so the learner's join credits the hit to that entry's admission decision."""
     from streams.cache.keys import query_key
-    from streams.policy.learner import OnlineLearner
+    from tests.rigs import spied_learner
     from tests.test_policy_online import LoopRig, read_topic
 
     rig = LoopRig(tmp_path)
@@ -784,17 +786,9 @@ def test_a_tolerant_hit_is_logged_under_the_served_entrys_key_and_credits_its_ad
         assert not miss["cache_hit"] and miss["query_key"] == entry_key
         assert hit["cache_hit"] and hit["cache_layer"] == "L1"
         assert hit["query_key"] == entry_key  # the entry's, not the scaled query's own key
-        learner = OnlineLearner(rig.log, rig.topics, rig.codec, budget_bytes=1 << 26)
-        credited: list[Any] = []
-        state = learner._state("acme/docs").learner
-        learn = state.learn
-
-        def spy(joined: Any) -> None:
-            joined = list(joined)
-            credited.extend(joined)
-            learn(joined)
-
-        state.learn = spy  # type: ignore[method-assign]
+        learner, credited = spied_learner(
+            rig.log, rig.topics, rig.codec, "acme/docs", budget_bytes=1 << 26
+        )
         try:
             learner.run_to_end()
             learner.step()
@@ -834,8 +828,8 @@ def test_each_parked_result_ends_in_exactly_one_count() -> None:
             look = ctl.lookup(c, q, 5, None)
             if look.entry is None:
                 hits = _hits(("a", "b"))
-                raw = ctl.park_undecided(look, c.key, c.metric, q, 5, None, (0, 1), hits, (), 1.0)
-                assert raw is not None
+                raw = ctl.fresh_raw(look, c.key, c.metric, q, 5, None, (0, 1), hits, (), 1.0)
+                assert ctl.park_undecided(look, raw)
                 pending.append(raw)
         elif op == 1 and pending:  # the log's thread settles the oldest pending miss
             raw = pending.pop(0)

@@ -19,7 +19,7 @@ import tests.test_text_cache as text_cache_tests
 from streams.cache.keys import QueryKey
 from streams.index.model import Consistency
 from streams.policy.join import JoinedDecision
-from streams.policy.learner import OnlineLearner
+from tests.rigs import spied_learner
 from tests.test_ingest import KB
 from tests.test_policy_online import LoopRig, read_topic
 from tests.test_text_cache import CACHED, PARAPHRASE, TextKB
@@ -77,17 +77,7 @@ class Rig:
         """Run the production learner over the topic; its stats and every decision it
         trained (a spy on ``learn``)."""
         rig = self.tkb.kb.rig
-        ol = OnlineLearner(rig.log, rig.topics, rig.codec, budget_bytes=1 << 26)
-        seen: list[JoinedDecision] = []
-        learner = ol._state(KEY).learner
-        learn = learner.learn
-
-        def spy(joined: Any) -> None:
-            joined = list(joined)
-            seen.extend(joined)
-            learn(joined)
-
-        learner.learn = spy  # type: ignore[method-assign]
+        ol, seen = spied_learner(rig.log, rig.topics, rig.codec, KEY, budget_bytes=1 << 26)
         try:
             while not ol.caught_up():  # one event a step, as a live learner may see them
                 ol.step(max_events=1)

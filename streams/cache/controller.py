@@ -572,49 +572,7 @@ class CacheController:
             return self.cache.put(entry, lookup.seen_seq, decision=decision)  # counted
         return self._store(lookup, entry, None)
 
-    def park_fresh(
-        self,
-        lookup: CacheLookup,
-        index_key: str,
-        metric: Metric,
-        query: Vector,
-        k: int,
-        flt: Filter | None,
-        labels: tuple[int, ...],
-        hits: Sequence[FreshHit],
-        applied: tuple[str, ...],
-        compute_ms: float,
-        depends: tuple[tuple[str, Probe], ...] = (),
-    ) -> PutOutcome:
-        """The lazy miss (``lookup.lazy``; module docstring, "Lazy offers"): take the
-        admission decision on what the policy reads (key, size, cost, filter) and park the
-        fresh result *as the search returned it* (its ``hits`` objects with ``id``,
-        ``score``, ``meta``); the :class:`CachedResult` is built, and put, only when the
-        query repeats. A rejected or unparkable result is built and put at once, as
-        :meth:`offer` would. Returns the outcome to log (``parked`` when parked)."""
-        n = len(hits)
-        chars = 0
-        for h in hits:
-            chars += len(h.id) if h.meta is None else len(h.id) + len(h.meta)
-        created_s = time.monotonic()
-        raw = _Raw(
-            lookup.qkey, index_key, metric, np.array(query, dtype=np.float32), k, flt,
-            labels, tuple(hits), applied, compute_ms, created_s, depends,
-            estimate_nbytes(int(np.size(query)), n, chars),
-        )  # fmt: skip
-        policy = self.cache.policy
-        # the known policies read only the draft's fields; any other decides on the entry
-        entry: CachedResult | None = None
-        if policy.__class__ in _DRAFT_POLICIES:
-            decision = policy.decide(cast("CachedResult", raw))
-        else:
-            entry = raw.build()
-            decision = policy.decide(entry)
-        if decision.action == "admit" and self._parked.park(lookup, raw, decision):
-            return PutOutcome(decision, "parked")
-        return self._store(lookup, entry or raw.build(), decision)  # as an eager offer
-
-    def park_undecided(
+    def fresh_raw(
         self,
         lookup: CacheLookup,
         index_key: str,
@@ -628,31 +586,56 @@ class CacheController:
         compute_ms: float,
         depends: tuple[tuple[str, Probe], ...] = (),
         chars: int | None = None,
-    ) -> _Raw | None:
-        """A lazy miss whose admission decision is taken off the search path (module
-        docstring, "Lazy offers"): park the fresh result *undecided* and return it; the
-        caller hands it to whoever settles it (:meth:`settle`: the query log's thread,
-        or the query's repeat, whichever comes first). None (nothing parked): the policy
-        decides on built entries, or the result alone is over the parked byte limit; then
-        call :meth:`park_fresh`. ``chars``: the characters of the hits' ids and metas, if
-        the caller counted them (the search's payload join does)."""
-        policy = self.cache.policy
-        if policy.__class__ not in _DRAFT_POLICIES:
-            return None
+    ) -> _Raw:
+        """A lazy miss's fresh result *as the search returned it* (its ``hits`` objects
+        with ``id``, ``score``, ``meta``), for :meth:`park_fresh` or
+        :meth:`park_undecided`: what the policy reads of an entry (key, size estimate,
+        cost, filter) and a copy of the query; nothing is built. ``chars``: the
+        characters of the hits' ids and metas, if the caller counted them (the search's
+        payload join does)."""
         if chars is None:
             chars = 0
             for h in hits:
                 chars += len(h.id) if h.meta is None else len(h.id) + len(h.meta)
         query = np.array(query, dtype=np.float32)
-        raw = _Raw(
+        return _Raw(
             lookup.qkey, index_key, metric, query, k, flt, labels, tuple(hits), applied,
             compute_ms, time.monotonic(), depends,
             estimate_nbytes(query.shape[0], len(hits), chars),
         )  # fmt: skip
+
+    def park_fresh(self, lookup: CacheLookup, raw: _Raw) -> PutOutcome:
+        """The lazy miss (``lookup.lazy``; module docstring, "Lazy offers"): take the
+        admission decision on ``raw`` (:meth:`fresh_raw`) and park it; the
+        :class:`CachedResult` is built, and put, only when the query repeats. A rejected
+        or unparkable result is built and put at once, as :meth:`offer` would. Returns
+        the outcome to log (``parked`` when parked)."""
+        policy = self.cache.policy
+        # the known policies read only the draft's fields; any other decides on the entry
+        entry: CachedResult | None = None
+        if policy.__class__ in _DRAFT_POLICIES:
+            decision = policy.decide(cast("CachedResult", raw))
+        else:
+            entry = raw.build()
+            decision = policy.decide(entry)
+        if decision.action == "admit" and self._parked.park(lookup, raw, decision):
+            return PutOutcome(decision, "parked")
+        return self._store(lookup, entry or raw.build(), decision)  # as an eager offer
+
+    def park_undecided(self, lookup: CacheLookup, raw: _Raw) -> bool:
+        """A lazy miss whose admission decision is taken off the search path (module
+        docstring, "Decisions off the search path"): park ``raw`` (:meth:`fresh_raw`)
+        *undecided*; the caller hands it to whoever settles it (:meth:`settle`: the query
+        log's thread, or the query's repeat, whichever comes first). False (nothing
+        parked): the policy decides on built entries, or the result alone is over the
+        parked byte limit; then call :meth:`park_fresh`."""
+        policy = self.cache.policy
+        if policy.__class__ not in _DRAFT_POLICIES:
+            return False
         if policy.__class__ is PolicyHolder:
-            raw.route = policy.route(index_key)
+            raw.route = policy.route(raw.index_key)
         # the drops of the oldest, and freeing what they hold, are left to settle()
-        return raw if self._parked.park(lookup, raw, None, slack=2) else None
+        return self._parked.park(lookup, raw, None, slack=2)
 
     def settle(self, raw: _Raw, *, promoting: bool = False) -> AdmissionDecision:
         """The admission decision of a result parked undecided, taken once (the policy

@@ -552,17 +552,15 @@ class VectorService(DataPlane):
                 and lookup.lazy:  # parked as returned: the entry is built if it repeats
             # where the query log runs, the admission decision is taken off the search
             # path: by its thread as it logs this miss, or by the repeat if that is first
-            raw = None if observer is None or observer.emitter is None \
-                or not observer.emitter.running or not layers.defer_decisions \
-                else layers.park_undecided(
-                    lookup, config.key, config.metric, query, search_k, flt, fresh.labels,
-                    fresh.hits, applied, (t4 - t3) * 1000, fresh.depends or (), fresh.chars)
-            if raw is not None:
+            raw = layers.fresh_raw(
+                lookup, config.key, config.metric, query, search_k, flt, fresh.labels,
+                fresh.hits, applied, (t4 - t3) * 1000, fresh.depends or (), fresh.chars)
+            if observer is not None and observer.emitter is not None \
+                    and observer.emitter.running and layers.defer_decisions \
+                    and layers.park_undecided(lookup, raw):
                 decision = PendingDecision.of(layers, raw)  # {"outcome": "parked", ...}
             else:
-                decision = layers.park_fresh(
-                    lookup, config.key, config.metric, query, search_k, flt, fresh.labels,
-                    fresh.hits, applied, (t4 - t3) * 1000, fresh.depends or ()).as_dict()
+                decision = layers.park_fresh(lookup, raw).as_dict()
         elif caching and fresh.complete and layers is not None and lookup is not None:
             ids, scores, metas = _columns(fresh.hits)
             entry = trusted_result(
