@@ -895,3 +895,29 @@ def test_a_node_whose_query_log_stopped_decides_on_the_search_path(tmp_path: Pat
         assert decision["outcome"] == "parked" and decision["arm"].startswith("ttl")
     finally:
         rig.close()
+
+
+def test_a_batch_that_cannot_be_written_still_decides_its_parked_misses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_policy_online import LoopRig, fill, queries
+
+    rig = LoopRig(tmp_path)
+    try:
+        fill(rig)
+        loop = rig.node.policy_loop
+        assert loop is not None
+
+        def unreachable(*_: Any) -> Any:
+            raise ConnectionError("the schema registry is down")
+
+        monkeypatch.setattr(loop.emitter.codec, "writer", unreachable)
+        before = loop.holder.counts["decisions"]
+        q = queries(1, seed=12)[0]
+        out = rig.node.service.search(SearchRequest("acme", "docs", q, 5))
+        assert out.debug["decision"]["action"] == "pending"
+        assert loop.emitter.flush(10) and loop.emitter.failed >= 1  # the event is lost
+        assert loop.holder.counts["decisions"] == before + 1  # its decision is not
+        assert out.debug["decision"]._raw.decision is not None
+    finally:
+        rig.close()

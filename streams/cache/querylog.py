@@ -174,6 +174,7 @@ class QueryLogEmitter:
         except Exception:  # the registry is unreachable: count the loss, keep searching
             self.failed += len(events)
             log.warning("query-log: no schema id; %d events lost", len(events), exc_info=True)
+            _settle_all(events)  # the events are lost, their parked misses' decisions not
             return
         header = _WIRE_HEADER.pack(0, schema_id)
         records = []
@@ -257,6 +258,19 @@ _Search = tuple[
     "CachedResult | None",
     float,
 ]
+
+
+def _settle_all(events: list[dict[str, Any] | _Search | _Removal]) -> None:
+    """Take the pending decisions of lazy misses among ``events`` (a batch that will not
+    be written), so their parked results are still admitted or rejected."""
+    for item in events:
+        if isinstance(item, tuple):
+            settle = getattr(item[4].get("decision"), "settle", None)
+            if settle is not None:
+                try:
+                    settle()
+                except Exception:  # the policy must not raise; the event is lost anyway
+                    log.exception("query-log: a parked miss's decision failed")
 
 
 def _search_event(item: _Search) -> dict[str, Any]:
