@@ -9,9 +9,12 @@ then the RESP step of the cache bench (a client process per client kind: ``PING`
   millisecond of encoding (``streams.cache.querylog.YIELD_GIL``, off by default);
 - ``no yield``: it encodes a whole batch holding the GIL (up to the 5 ms switch interval),
   the default;
+- ``linger 10 ms``: no yield, the thread gathering a batch for 10 ms instead of the
+  emitter's 50 ms (smaller batches: shorter GIL holds, more of them);
 - last, ``no query log``: the emitter stopped (events dropped at once): the floor.
 
-Prints p50/p99 at the client per phase, with ``uptime``.
+Prints p50/p99 at the client per phase (``PING``, a hit, and an uncached search of the
+cache-off index), with ``uptime``.
 
 Run: ``OPENBLAS_NUM_THREADS=1 nice -n 10 .venv/bin/python -m bench.querylog_tail``
 """
@@ -48,19 +51,22 @@ def main() -> None:
                 svc.search(SearchRequest(TENANT, "on", v, K))
             loop = node.policy_loop
             assert loop is not None
-            phases = [("yield", True), ("no yield", False)] * a.rounds
-            print("| phase | PING p50 / p99 ms | hit p50 / p99 ms |")
-            print("| --- | --- | --- |")
-            for i, (name, flag) in enumerate([*phases, ("no query log", True)]):
+            linger = loop.emitter.linger_s
+            phases = [("yield", True, linger), ("no yield", False, linger)] * a.rounds
+            phases += [("linger 10 ms", False, 0.01)] * a.rounds
+            print("| phase | PING p50 / p99 ms | hit p50 / p99 ms | uncached p50 / p99 ms |")
+            print("| --- | --- | --- | --- |")
+            for i, (name, flag, wait_s) in enumerate([*phases, ("no query log", False, linger)]):
                 querylog.YIELD_GIL = flag
+                loop.emitter.linger_s = wait_s
                 if name == "no query log":
                     loop.emitter.close()
                     loop.emitter.capacity = 0  # every event dropped at emit
                 c = run_resp(node, root, qs, 7 + i)["client"]
-                ping, hit = c[f"{CLIENT}/ping"], c[f"{CLIENT}/hit"]
+                ping, hit, off = c[f"{CLIENT}/ping"], c[f"{CLIENT}/hit"], c[f"{CLIENT}/off"]
                 print(
                     f"| {name} | {ping['p50_ms']} / {ping['p99_ms']} | "
-                    f"{hit['p50_ms']} / {hit['p99_ms']} |"
+                    f"{hit['p50_ms']} / {hit['p99_ms']} | {off['p50_ms']} / {off['p99_ms']} |"
                 )
         finally:
             querylog.YIELD_GIL = False
