@@ -921,3 +921,19 @@ def test_a_batch_that_cannot_be_written_still_decides_its_parked_misses(
         assert out.debug["decision"]._raw.decision is not None
     finally:
         rig.close()
+
+
+def test_query_log_events_carry_their_own_positions_and_unique_ids() -> None:
+    """``_complete`` parses the applied tokens once for consecutive events that share them
+    (the logging thread's memo), and never hands an event another's positions."""
+    from streams.cache.querylog import _complete
+
+    a = ("streamvec.indexes:0:0", "streamvec.vectors:0:999")
+    b = ("streamvec.indexes:0:0", "streamvec.vectors:1:5")
+    events = [_complete({"applied": tokens}) for tokens in (a, a, b, a, ())]
+    offsets = [[p["offset"] for p in e["index_positions"]] for e in events]
+    assert offsets == [[0, 999], [0, 999], [0, 5], [0, 999], []]
+    assert [p["partition"] for p in events[2]["index_positions"]] == [0, 1]
+    ids = [e["event_id"] for e in events]
+    assert len(set(ids)) == len(ids) and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert _complete({"applied": a, "event_id": "mine"})["event_id"] == "mine"

@@ -44,10 +44,10 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import struct
 import threading
 import time
-import uuid
 import weakref
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -400,15 +400,30 @@ def _removal_event(item: _Removal) -> dict[str, Any]:
 
 
 def _complete(e: dict[str, Any]) -> dict[str, Any]:
-    """The SearchEvent record of a queued event (work kept off the search thread)."""
-    e.setdefault("event_id", uuid.uuid4().hex)
-    e.setdefault("timestamp", int(time.time() * 1000))
-    tokens = e.pop("applied", ())
-    e["index_positions"] = [
-        {"topic": p.topic, "partition": p.partition, "offset": p.offset}
-        for p in map(LogPosition.parse, tokens)
-    ]
+    """The SearchEvent record of a queued event (work kept off the search thread). The
+    event id is 128 random bits in hex (a uuid4's worth; ``os.urandom`` is 4x cheaper);
+    consecutive events mostly carry the same applied positions, parsed once (the logging
+    thread is the only caller; the list is only read by the encoder)."""
+    if "event_id" not in e:
+        e["event_id"] = os.urandom(16).hex()
+    if "timestamp" not in e:
+        e["timestamp"] = int(time.time() * 1000)
+    tokens = tuple(e.pop("applied", ()))
+    last = _POSITIONS
+    if last[0] != tokens:
+        last[:] = [
+            tokens,
+            [
+                {"topic": p.topic, "partition": p.partition, "offset": p.offset}
+                for p in map(LogPosition.parse, tokens)
+            ],
+        ]
+    e["index_positions"] = last[1]
     return e
+
+
+# the applied tokens _complete parsed last, and their parsed positions
+_POSITIONS: list[Any] = [None, []]
 
 
 # -- Prometheus ---------------------------------------------------------------------------
