@@ -845,82 +845,74 @@ def test_each_parked_result_ends_in_exactly_one_count() -> None:
     assert all(item[1].decision is None or item[1].decision.action == "admit" for item in decided)
 
 
-def test_the_query_log_thread_survives_a_policy_that_raises(tmp_path: Path) -> None:
-    from tests.test_policy_online import LoopRig, fill, queries
+@pytest.fixture
+def logging_node(tmp_path: Path) -> Iterator[Any]:
+    """A filled node that runs the policy loop (its query log's thread settles decisions)."""
+    from tests.test_policy_online import LoopRig, fill
 
     rig = LoopRig(tmp_path)
-    try:
-        fill(rig)
-        loop = rig.node.policy_loop
-        assert loop is not None
-        holder = loop.holder
-        calls = [0]
-        real = holder.decide_routed
-
-        def flaky(entry: Any, a: Any) -> Any:
-            calls[0] += 1
-            if calls[0] == 3:
-                raise RuntimeError("a broken policy")
-            return real(entry, a)
-
-        holder.decide_routed = flaky  # type: ignore[method-assign]
-        before = loop.emitter.appended
-        for q in queries(10, seed=8):
-            rig.node.service.search(SearchRequest("acme", "docs", q, 5))
-        assert loop.emitter.flush(10) and loop.emitter.running
-        assert loop.emitter.appended - before == 10 and calls[0] == 10
-        for q in queries(3, seed=9):  # and it goes on logging
-            rig.node.service.search(SearchRequest("acme", "docs", q, 5))
-        assert loop.emitter.flush(10) and loop.emitter.appended - before == 13
-    finally:
-        rig.close()
+    fill(rig)
+    assert rig.node.policy_loop is not None
+    yield rig
+    rig.close()
 
 
-def test_a_node_whose_query_log_stopped_decides_on_the_search_path(tmp_path: Path) -> None:
-    from tests.test_policy_online import LoopRig, fill, queries
+def test_the_query_log_thread_survives_a_policy_that_raises(logging_node: Any) -> None:
+    from tests.test_policy_online import queries
 
-    rig = LoopRig(tmp_path)
-    try:
-        fill(rig)
-        loop = rig.node.policy_loop
-        assert loop is not None
-        q = queries(1, seed=10)[0]
-        assert (
-            rig.node.service.search(SearchRequest("acme", "docs", q, 5)).debug["decision"]["action"]
-            == "pending"
-        )
-        loop.emitter.close()  # nobody would settle a pending decision now
-        q = queries(1, seed=11)[0]
-        decision = rig.node.service.search(SearchRequest("acme", "docs", q, 5)).debug["decision"]
-        assert decision["outcome"] == "parked" and decision["arm"].startswith("ttl")
-    finally:
-        rig.close()
+    rig = logging_node
+    loop = rig.node.policy_loop
+    holder = loop.holder
+    calls = [0]
+    real = holder.decide_routed
+
+    def flaky(entry: Any, a: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("a broken policy")
+        return real(entry, a)
+
+    holder.decide_routed = flaky
+    before = loop.emitter.appended
+    for q in queries(10, seed=8):
+        rig.node.service.search(SearchRequest("acme", "docs", q, 5))
+    assert loop.emitter.flush(10) and loop.emitter.running
+    assert loop.emitter.appended - before == 10 and calls[0] == 10
+    for q in queries(3, seed=9):  # and it goes on logging
+        rig.node.service.search(SearchRequest("acme", "docs", q, 5))
+    assert loop.emitter.flush(10) and loop.emitter.appended - before == 13
+
+
+def test_a_node_whose_query_log_stopped_decides_on_the_search_path(logging_node: Any) -> None:
+    from tests.test_policy_online import queries
+
+    svc = logging_node.node.service
+    q = queries(1, seed=10)[0]
+    assert svc.search(SearchRequest("acme", "docs", q, 5)).debug["decision"]["action"] == "pending"
+    logging_node.node.policy_loop.emitter.close()  # nobody would settle a pending decision now
+    q = queries(1, seed=11)[0]
+    decision = svc.search(SearchRequest("acme", "docs", q, 5)).debug["decision"]
+    assert decision["outcome"] == "parked" and decision["arm"].startswith("ttl")
 
 
 def test_a_batch_that_cannot_be_written_still_decides_its_parked_misses(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    logging_node: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tests.test_policy_online import LoopRig, fill, queries
+    from tests.test_policy_online import queries
 
-    rig = LoopRig(tmp_path)
-    try:
-        fill(rig)
-        loop = rig.node.policy_loop
-        assert loop is not None
+    loop = logging_node.node.policy_loop
 
-        def unreachable(*_: Any) -> Any:
-            raise ConnectionError("the schema registry is down")
+    def unreachable(*_: Any) -> Any:
+        raise ConnectionError("the schema registry is down")
 
-        monkeypatch.setattr(loop.emitter.codec, "writer", unreachable)
-        before = loop.holder.counts["decisions"]
-        q = queries(1, seed=12)[0]
-        out = rig.node.service.search(SearchRequest("acme", "docs", q, 5))
-        assert out.debug["decision"]["action"] == "pending"
-        assert loop.emitter.flush(10) and loop.emitter.failed >= 1  # the event is lost
-        assert loop.holder.counts["decisions"] == before + 1  # its decision is not
-        assert out.debug["decision"]._raw.decision is not None
-    finally:
-        rig.close()
+    monkeypatch.setattr(loop.emitter.codec, "writer", unreachable)
+    before = loop.holder.counts["decisions"]
+    q = queries(1, seed=12)[0]
+    out = logging_node.node.service.search(SearchRequest("acme", "docs", q, 5))
+    assert out.debug["decision"]["action"] == "pending"
+    assert loop.emitter.flush(10) and loop.emitter.failed >= 1  # the event is lost
+    assert loop.holder.counts["decisions"] == before + 1  # its decision is not
+    assert out.debug["decision"]._raw.decision is not None
 
 
 def test_query_log_events_carry_their_own_positions_and_unique_ids() -> None:
