@@ -230,6 +230,33 @@ def test_an_update_across_batches_masks_the_old_copy(rig: Rig) -> None:
     np.testing.assert_array_equal(rig.node.service.get("acme", "docs", "a").vector, x[2])
 
 
+def test_an_updated_row_stays_visible_while_its_batch_commits(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the index adds of a batch and its state commit, a replaced row's new label
+    is not joinable yet, so its old copy must still be in the index: a search at that
+    moment (run from the commit itself) still finds the row (it was invisible when the
+    old copy left the index before the commit)."""
+    make_index(rig)
+    x = rand(3)
+    wait_for(rig, rig.log.append_batch([encode(rig, "a", x[0]), encode(rig, "b", x[1])])[-1])
+    state = rig.node.indexer.state
+    real = state.commit
+    seen: list[list[str]] = []
+
+    def commit(batch: Any) -> None:
+        if not seen:  # the next batch: the update of "a"
+            hits = rig.node.service.search(SearchRequest("acme", "docs", x[0], 5, ef=64)).hits
+            seen.append([h.id for h in hits])
+        real(batch)
+
+    monkeypatch.setattr(state, "commit", commit)
+    wait_for(rig, rig.log.append_batch([encode(rig, "a", x[0], version=2)])[-1])
+    assert seen and "a" in seen[0], seen
+    hits = rig.node.service.search(SearchRequest("acme", "docs", x[0], 5)).hits
+    assert [h.id for h in hits].count("a") == 1  # never both copies
+
+
 @pytest.mark.slow  # waits on real HNSW builds by design: ~10 s idle, 30 s on a busy box
 def test_back_pressure_bounds_the_unsealed_rows(tmp_path: Path) -> None:
     r = Rig(tmp_path, head_capacity=500)

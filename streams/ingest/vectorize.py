@@ -322,7 +322,12 @@ class IndexNeighbours:
         vi = self.service.indexer.indexes.get(config.key)
         if vi is None or len(vi) == 0:
             return None
-        out = vi.search(np.asarray(vector, dtype=np.float32), 1, None)
+        # a few candidates, not one: while the node applies an update of the nearest row,
+        # its new label is in the index before its payload is committed (and the old one
+        # is deleted after), so the top label alone can be briefly unjoinable; the next
+        # candidate is then that row's other copy (a lone top-1 answered "no neighbour",
+        # seen as a flaky decision under a loaded full suite)
+        out = vi.search(np.asarray(vector, dtype=np.float32), _CANDIDATES, None)
         for label, score in zip(out.labels.tolist(), out.scores.tolist(), strict=True):
             found = self.service.state.hit(config.key, int(label))
             if found is None:
@@ -333,6 +338,9 @@ class IndexNeighbours:
             if entry is not None:
                 return found[0], _cosine(vector, entry.vector)
         return None
+
+
+_CANDIDATES = 4  # IndexNeighbours.nearest: labels tried, best first
 
 
 def _cosine(a: Vec, b: Vec) -> float:

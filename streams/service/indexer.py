@@ -16,7 +16,9 @@ record goes to the dead-letter topic alone), its state change goes into the batc
 :meth:`VectorIndex.upsert_many` at the end of the batch, followed by the staged deletes of
 replaced or deleted rows (so a search during the batch finds the old copy, never both: a
 new row's payload is joined only once the state commit has landed). A row replaced within
-the same batch never reaches the index.
+the same batch never reaches the index. The deletes are applied after the batch's state
+commit: between the adds and the commit a replaced row's new label is in the index but its
+payload is not yet joinable, so its old copy must still be there.
 
 Back-pressure: while a seal is building, the next Head keeps taking rows; once an index
 holds ``max_unsealed_rows`` rows in fp32 Heads (live and frozen), the applier waits for the
@@ -176,6 +178,8 @@ class _Stage:
 
     indexes: dict[str, _Staged] = field(default_factory=dict)
     events: list[tuple[str, str, Any]] = field(default_factory=list)
+    # the flushed deletes, applied once the batch's state commit has landed (_apply)
+    deletes: list[tuple[VectorIndex, list[int]]] = field(default_factory=list)
 
     def index(self, key: str, vi: VectorIndex) -> _Staged:
         st = self.indexes.get(key)
@@ -333,6 +337,13 @@ class Indexer:
                 for (t, p), off in sub.positions().items():
                     batch.advance(t, p, off)
                 self.state.commit(batch)
+                # a replaced row's old copy leaves the index only now: until the commit its
+                # new copy's payload is not joinable, so deleting the old one earlier made
+                # the row briefly invisible to searches (found in session 6)
+                for vi, labels in stage.deletes:
+                    for label in labels:
+                        vi.delete(label)
+                stage.deletes.clear()
             finally:  # the index took these changes, whether or not the batch completes
                 if self.listener is not None:
                     self.listener.applied()
@@ -352,8 +363,8 @@ class Indexer:
                     st.numeric = [st.numeric[i] for i in keep]
                 st.vi.upsert_many(np.asarray(st.labels, dtype=np.int64), np.stack(st.vectors),
                                   st.tags, st.numeric)
-            for label in st.deletes:
-                st.vi.delete(label)
+            if st.deletes:  # after the state commit: see _apply
+                stage.deletes.append((st.vi, list(st.deletes)))
         stage.indexes.clear()
         if self.listener is not None:
             for kind, key, args in stage.events:
