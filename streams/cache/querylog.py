@@ -260,17 +260,26 @@ _Search = tuple[
 ]
 
 
+def _settled(decision: Any) -> Any:
+    """A search's debug ``decision``, with a lazy miss's pending one (``settle``:
+    streams.cache.controller.PendingDecision) taken now; ``"none"`` if the policy raised
+    (it must not: the miss is then logged undecided)."""
+    settle = getattr(decision, "settle", None)
+    if settle is None:
+        return decision
+    try:
+        return settle()
+    except Exception:
+        log.exception("query-log: a parked miss's decision failed")
+        return "none"
+
+
 def _settle_all(events: list[dict[str, Any] | _Search | _Removal]) -> None:
     """Take the pending decisions of lazy misses among ``events`` (a batch that will not
     be written), so their parked results are still admitted or rejected."""
     for item in events:
         if isinstance(item, tuple):
-            settle = getattr(item[4].get("decision"), "settle", None)
-            if settle is not None:
-                try:
-                    settle()
-                except Exception:  # the policy must not raise; the event is lost anyway
-                    log.exception("query-log: a parked miss's decision failed")
+            _settled(item[4].get("decision"))
 
 
 def _search_event(item: _Search) -> dict[str, Any]:
@@ -282,14 +291,7 @@ def _search_event(item: _Search) -> dict[str, Any]:
     breakdown: Mapping[str, float] = (
         debug.get("latency_breakdown_ms") or debug.get("text_latency_breakdown_ms") or {}
     )
-    decision = debug.get("decision")
-    settle = getattr(decision, "settle", None)
-    if settle is not None:  # a lazy miss parked undecided: its decision is taken here
-        try:
-            decision = settle()
-        except Exception:  # the policy must not raise; if it does, log the miss undecided
-            log.exception("query-log: a parked miss's decision failed")
-            decision = "none"
+    decision = _settled(debug.get("decision"))  # a parked miss's is taken here
     if cached is not None:
         cost = cached.compute_ms
         features: Mapping[str, float] = {"size": float(cached.nbytes)}

@@ -637,7 +637,7 @@ class VectorService(DataPlane):
             if found is not None:
                 hits.append(Hit(found[0], score, found[1]))
                 labels.append(label)
-                if record:  # the entry's size estimate (CacheController.park_undecided)
+                if record:  # the entry's size estimate (CacheController.fresh_raw)
                     chars += len(found[0]) if found[1] is None else len(found[0]) + len(found[1])
         t2 = time.perf_counter()
         return _Fresh(hits, tuple(labels), out.widened, out.exhausted,

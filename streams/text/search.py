@@ -452,34 +452,34 @@ class _TextCache:
         t0: float = 0.0,
     ) -> dict[str, Any]:
         """Offer the fresh result after a miss; what became of it, for the debug info.
-        ``t0``: when the search began (``perf_counter``; the logged latency)."""
+        ``t0``: when the search began (``perf_counter``; the logged latency). Where the
+        node logs searches, :attr:`log` records the offer's decision (also if it raised)."""
         log = self.log
-        if log is None:
-            return self._offer(hits, applied, compute_ms, text, exact)
-        out: dict[str, Any] = {"decision": "none"}
-        log.offering()
+        if log is not None:
+            log.offering()
+        out: dict[str, Any] = {"layer": "none", "decision": "none"}
         try:
-            out = self._offer(hits, applied, compute_ms, text, exact)
+            look = self.look
+            if look is not None and look.entry is None:
+                out = look.as_debug()
+                out["decision"] = (
+                    "not-offered" if not exact else self._put(look, hits, applied, compute_ms, text)
+                )
         finally:
-            latency_ms = (time.perf_counter() - t0) * 1000
-            log.offered(out.get("decision"), self.key(), hits, compute_ms, latency_ms, applied)
+            if log is not None:
+                latency_ms = (time.perf_counter() - t0) * 1000
+                log.offered(out.get("decision"), self.key(), hits, compute_ms, latency_ms, applied)
         return out
 
-    def _offer(
+    def _put(
         self,
+        look: CacheLookup,
         hits: list[Hit],
         applied: tuple[str, ...],
         compute_ms: float,
         text: str,
-        exact: bool,
-    ) -> dict[str, Any]:
-        look = self.look
-        if look is None or look.entry is not None:
-            return {"layer": "none", "decision": "none"}
-        out = look.as_debug()
-        if not exact:
-            out["decision"] = "not-offered"
-            return out
+    ) -> Any:
+        """Build the text entry and offer it; the put's outcome as the debug shows it."""
         entry = CachedResult(
             self.key(),
             self.config.key,
@@ -504,8 +504,7 @@ class _TextCache:
             variant=self.variant,
             generation=self.generation,
         )
-        out["decision"] = "none" if outcome is None else outcome.as_dict()
-        return out
+        return "none" if outcome is None else outcome.as_dict()
 
 
 _CANON = CanonicalKeyMap()  # no aliases: the strict normal form
