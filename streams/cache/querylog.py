@@ -50,7 +50,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +59,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from streams.cache import event_codec
 from streams.log.port import Log, LogPosition, Record
 from streams.schemas import catalog
 from streams.schemas.codec import AvroCodec
@@ -115,6 +116,7 @@ class QueryLogEmitter:
         self.appended = 0
         self.failed = 0
         self._thread: threading.Thread | None = None
+        self._encode: tuple[Any, Callable[[Mapping[str, Any]], bytes]] | None = None
         _EMITTERS.add(self)
 
     def emit(self, event: dict[str, Any] | _Search | _Removal) -> bool:
@@ -167,8 +169,9 @@ class QueryLogEmitter:
     def _append(self, events: list[dict[str, Any] | _Search | _Removal]) -> None:
         """Encode and append one batch. The events are built by :class:`SearchObserver`,
         so they are written without the codec's per-record validation (3x the cost of
-        the write itself, measured); an event fastavro cannot write is counted as failed
-        alone. Wire format as :meth:`AvroCodec.encode`: magic 0, schema id, Avro body."""
+        the write itself, measured), by :meth:`_encoder`; an event it cannot write is
+        counted as failed alone. Wire format as :meth:`AvroCodec.encode`: magic 0, schema
+        id, Avro body."""
         try:
             schema_id, parsed = self.codec.writer(self._subject, self._schema)
         except Exception:  # the registry is unreachable: count the loss, keep searching
@@ -177,6 +180,7 @@ class QueryLogEmitter:
             _settle_all(events)  # the events are lost, their parked misses' decisions not
             return
         header = _WIRE_HEADER.pack(0, schema_id)
+        encode = self._encoder(parsed)
         records = []
         # YIELD_GIL (off): sleep(0) between events, to let a waiting search or RESP thread
         # have the GIL; measured both ways in docs/benchmarks.md ("Session 6"): no steady
@@ -187,8 +191,6 @@ class QueryLogEmitter:
             if YIELD_GIL and pc() - since > _YIELD_AFTER_S:
                 time.sleep(0)
                 since = pc()
-            buf = io.BytesIO()
-            buf.write(header)
             e: Any = item
             try:
                 if isinstance(item, dict):
@@ -197,18 +199,35 @@ class QueryLogEmitter:
                     e = _removal_event(item)
                 else:
                     e = _search_event(item)
-                fastavro.schemaless_writer(buf, parsed, _complete(e))
+                value = header + encode(_complete(e))
             except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
                 self.failed += 1
                 log.warning("query-log: event not encodable: %r", e, exc_info=True)
                 continue
-            records.append(Record.of(self.topic, f"{e['tenant']}/{e['index']}", buf.getvalue()))
+            records.append(Record.of(self.topic, f"{e['tenant']}/{e['index']}", value))
         try:
             self.log.append_batch(records)
             self.appended += len(records)
         except Exception:  # telemetry: count and log the loss, never stop searches
             self.failed += len(records)
             log.warning("query-log: %d events not appended", len(records), exc_info=True)
+
+    def _encoder(self, parsed: Any) -> Callable[[Mapping[str, Any]], bytes]:
+        """The SearchEvent body encoder for the registry's parsed schema: the hand-written
+        one (:mod:`streams.cache.event_codec`, 5x cheaper) when it is the schema that
+        module writes, else fastavro's."""
+        if self._encode is None or self._encode[0] is not parsed:
+            fast = event_codec.for_schema(parsed)
+            if fast is None:
+                log.warning("query-log: schema is not the one event_codec writes; using fastavro")
+
+                def fast(e: Mapping[str, Any]) -> bytes:
+                    buf = io.BytesIO()
+                    fastavro.schemaless_writer(buf, parsed, e)
+                    return buf.getvalue()
+
+            self._encode = (parsed, fast)
+        return self._encode[1]
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until everything queued so far is appended (or failed)."""
@@ -404,28 +423,33 @@ def _removal_event(item: _Removal) -> dict[str, Any]:
 def _complete(e: dict[str, Any]) -> dict[str, Any]:
     """The SearchEvent record of a queued event (work kept off the search thread). The
     event id is 128 random bits in hex (a uuid4's worth; ``os.urandom`` is 4x cheaper);
-    consecutive events mostly carry the same applied positions, parsed once (the logging
-    thread is the only caller; the list is only read by the encoder)."""
+    consecutive events mostly carry the same applied positions, parsed and encoded once
+    (:data:`event_codec.POSITIONS_AVRO`; the logging thread is the only caller; the list
+    is only read by the encoder)."""
     if "event_id" not in e:
         e["event_id"] = os.urandom(16).hex()
     if "timestamp" not in e:
         e["timestamp"] = int(time.time() * 1000)
+    global _POSITIONS
     tokens = tuple(e.pop("applied", ()))
-    last = _POSITIONS
+    last = _POSITIONS  # one tuple, rebound whole (two nodes' logging threads may race)
     if last[0] != tokens:
-        last[:] = [
-            tokens,
-            [
-                {"topic": p.topic, "partition": p.partition, "offset": p.offset}
-                for p in map(LogPosition.parse, tokens)
-            ],
+        parsed = [
+            {"topic": p.topic, "partition": p.partition, "offset": p.offset}
+            for p in map(LogPosition.parse, tokens)
         ]
+        last = _POSITIONS = (tokens, parsed, event_codec.positions(parsed))
     e["index_positions"] = last[1]
+    e[event_codec.POSITIONS_AVRO] = last[2]
     return e
 
 
-# the applied tokens _complete parsed last, and their parsed positions
-_POSITIONS: list[Any] = [None, []]
+# the applied tokens _complete parsed last, their parsed positions and their encoding
+_POSITIONS: tuple[tuple[str, ...] | None, list[dict[str, Any]], bytes] = (
+    None,
+    [],
+    event_codec.positions([]),
+)
 
 
 # -- Prometheus ---------------------------------------------------------------------------
