@@ -5,12 +5,17 @@ the indexes of ``bench/cache_bench.py``), ``--queries`` unique queries cached on
 then the RESP step of the cache bench (a client process per client kind: ``PING`` and a
 ``VEC.SEARCH`` hit, redis-py with hiredis) repeated in phases, alternated:
 
-- ``yield``: the query log's thread lets a waiting thread have the GIL after each
-  millisecond of encoding (``streams.cache.querylog.YIELD_GIL``, off by default);
-- ``no yield``: it encodes a whole batch holding the GIL (up to the 5 ms switch interval),
-  the default;
-- ``linger 10 ms``: no yield, the thread gathering a batch for 10 ms instead of the
-  emitter's 50 ms (smaller batches: shorter GIL holds, more of them);
+- ``--compare encoder`` (default): ``fastavro`` (the events' bodies written by
+  ``fastavro.schemaless_writer``, the encoder before session 7) against ``hand`` (the
+  default: ``streams/cache/event_codec.py``), then ``linger 10 ms`` (hand, the thread
+  gathering a batch for 10 ms instead of the emitter's 50 ms);
+- ``--compare yield`` (session 6): ``yield``, the query log's thread letting a waiting
+  thread have the GIL after each millisecond of encoding
+  (``streams.cache.querylog.YIELD_GIL``, off by default) against ``no yield``, then
+  ``linger 10 ms``;
+- ``--compare switch``: the interpreter's GIL switch interval (``sys.setswitchinterval``:
+  how long a thread waiting for the GIL lets the holder run before asking it to drop)
+  at Python's default 5 ms against 0.5 ms, hand encoder;
 - last, ``no query log``: the emitter stopped (events dropped at once): the floor.
 
 Prints p50/p99 at the client per phase (``PING``, a hit, and an uncached search of the
@@ -22,14 +27,20 @@ Run: ``OPENBLAS_NUM_THREADS=1 nice -n 10 .venv/bin/python -m bench.querylog_tail
 from __future__ import annotations
 
 import argparse
+import io
 import subprocess
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import fastavro
 import numpy as np
 
 import streams.cache.querylog as querylog
 from bench.cache_bench import TENANT, K, build, run_resp, unit_rows
+from streams.cache import event_codec
 from streams.service.api import SearchRequest
 
 CLIENT = "redis-py+hiredis"
@@ -38,7 +49,8 @@ CLIENT = "redis-py+hiredis"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--queries", type=int, default=1000)
-    ap.add_argument("--rounds", type=int, default=2, help="yield / no-yield pairs")
+    ap.add_argument("--rounds", type=int, default=2, help="pairs of the compared phases")
+    ap.add_argument("--compare", choices=("encoder", "yield", "switch"), default="encoder")
     a = ap.parse_args()
     print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     with tempfile.TemporaryDirectory() as tmp:
@@ -51,14 +63,46 @@ def main() -> None:
                 svc.search(SearchRequest(TENANT, "on", v, K))
             loop = node.policy_loop
             assert loop is not None
-            linger = loop.emitter.linger_s
-            phases = [("yield", True, linger), ("no yield", False, linger)] * a.rounds
-            phases += [("linger 10 ms", False, 0.01)] * a.rounds
+            emitter = loop.emitter
+            linger = emitter.linger_s
+            _, parsed = emitter.codec.writer(emitter._subject, emitter._schema)
+            hand = event_codec.for_schema(parsed)
+            assert hand is not None
+
+            def slow(e: Any) -> bytes:
+                buf = io.BytesIO()
+                fastavro.schemaless_writer(buf, parsed, e)
+                return buf.getvalue()
+
+            # (name, yield the GIL, linger, encoder, switch interval s)
+            switch = sys.getswitchinterval()
+            phases: list[tuple[str, bool, float, Callable[[Any], bytes], float]]
+            if a.compare == "yield":
+                phases = [
+                    ("yield", True, linger, hand, switch),
+                    ("no yield", False, linger, hand, switch),
+                ]
+            elif a.compare == "switch":
+                phases = [
+                    ("switch 5 ms", False, linger, hand, 0.005),
+                    ("switch 0.5 ms", False, linger, hand, 0.0005),
+                ]
+            else:
+                phases = [
+                    ("fastavro", False, linger, slow, switch),
+                    ("hand", False, linger, hand, switch),
+                ]
+            phases *= a.rounds
+            if a.compare != "switch":
+                phases += [("linger 10 ms", False, 0.01, hand, switch)] * a.rounds
             print("| phase | PING p50 / p99 ms | hit p50 / p99 ms | uncached p50 / p99 ms |")
             print("| --- | --- | --- | --- |")
-            for i, (name, flag, wait_s) in enumerate([*phases, ("no query log", False, linger)]):
+            last = [*phases, ("no query log", False, linger, hand, switch)]
+            for i, (name, flag, wait_s, encode, interval) in enumerate(last):
+                sys.setswitchinterval(interval)
                 querylog.YIELD_GIL = flag
-                loop.emitter.linger_s = wait_s
+                emitter.linger_s = wait_s
+                emitter._encode = (parsed, encode)
                 if name == "no query log":
                     loop.emitter.close()
                     loop.emitter.capacity = 0  # every event dropped at emit

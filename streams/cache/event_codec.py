@@ -143,7 +143,7 @@ def _doubles(m: Mapping[str, float]) -> bytes:
 def _array(items: Any) -> Sequence[Any]:
     if type(items) is not list and type(items) is not tuple:
         raise TypeError(f"expected a list, got {type(items).__name__}")
-    return items  # type: ignore[no-any-return]
+    return items
 
 
 def _strings(items: Sequence[str]) -> bytes:
