@@ -317,10 +317,13 @@ def run(
     seed: int,
     uncached_only: bool = False,
     policy_loop: bool = False,
+    fastavro_log: bool = False,
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="cache_bench_") as tmp:
         root = Path(tmp)
         log, node, data = build(root, n, dim, seed, policy_loop)
+        if node.policy_loop is not None:
+            node.policy_loop.emitter.use_fastavro = fastavro_log
         try:
             return measure(node, root, data, queries, seed, uncached_only)
         finally:
@@ -1062,8 +1065,24 @@ def main(argv: list[str] | None = None) -> None:
         "holder decides and every search is logged to query-log; --no-policy-loop: a node "
         "without them (AdmitAll, no query log: what sessions 2 to 5 measured)",
     )
+    ap.add_argument(
+        "--query-log-encoder",
+        choices=("hand", "fastavro"),
+        default="hand",
+        help="how the query log writes events: streams/cache/event_codec.py (the node's "
+        "default) or fastavro (the encoder before session 7)",
+    )
     args = ap.parse_args(argv)
-    report = run(args.n, args.dim, args.queries, args.seed, args.uncached_only, args.policy_loop)
+    report = run(
+        args.n,
+        args.dim,
+        args.queries,
+        args.seed,
+        args.uncached_only,
+        args.policy_loop,
+        args.query_log_encoder == "fastavro",
+    )
+    report["query_log_encoder"] = args.query_log_encoder
     report["policy_loop"] = args.policy_loop
     if args.uncached_only:
         for name, r in report["uncached"]["ratios"].items():

@@ -20,7 +20,6 @@ Run: ``OPENBLAS_NUM_THREADS=1 nice -n 10 .venv/bin/python -m bench.querylog_enco
 from __future__ import annotations
 
 import argparse
-import io
 import statistics
 import subprocess
 import tempfile
@@ -28,12 +27,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import fastavro
 import numpy as np
 
 from bench.cache_bench import TENANT, K, build, unit_rows
 from streams.cache import event_codec
-from streams.cache.querylog import _complete, _Removal, _removal_event, _search_event
+from streams.cache.querylog import (
+    _complete,
+    _Removal,
+    _removal_event,
+    _search_event,
+    fastavro_encoder,
+)
 from streams.service.api import SearchRequest
 
 
@@ -50,6 +54,7 @@ def main() -> None:
             assert loop is not None
             emitter = loop.emitter
             kept: list[Any] = []
+
             def keep(item: Any) -> bool:
                 kept.append(item)
                 return True
@@ -68,12 +73,10 @@ def main() -> None:
             )
             _, parsed = emitter.codec.writer(emitter._subject, emitter._schema)
 
-            def slow(e: Any) -> bytes:
-                buf = io.BytesIO()
-                fastavro.schemaless_writer(buf, parsed, e)
-                return buf.getvalue()
-
-            encoders = {"fastavro": slow, "hand": event_codec.for_schema(parsed)}
+            encoders = {
+                "fastavro": fastavro_encoder(parsed),
+                "hand": event_codec.for_schema(parsed),
+            }
             assert encoders["hand"] is not None
             per: dict[tuple[str, str], list[float]] = {}
             pc = time.perf_counter
@@ -88,7 +91,7 @@ def main() -> None:
                             e = _search_event(item)
                         fn(_complete(e))
                     per.setdefault(("encode", name), []).append((pc() - t0) / len(kept))
-                    emitter._encode = (parsed, fn)
+                    emitter.use_fastavro = name == "fastavro"
                     t0 = pc()
                     for i in range(0, len(kept), 500):
                         emitter._append(kept[i : i + 500])

@@ -27,20 +27,15 @@ Run: ``OPENBLAS_NUM_THREADS=1 nice -n 10 .venv/bin/python -m bench.querylog_tail
 from __future__ import annotations
 
 import argparse
-import io
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import fastavro
 import numpy as np
 
 import streams.cache.querylog as querylog
 from bench.cache_bench import TENANT, K, build, run_resp, unit_rows
-from streams.cache import event_codec
 from streams.service.api import SearchRequest
 
 CLIENT = "redis-py+hiredis"
@@ -50,7 +45,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=2, help="pairs of the compared phases")
-    ap.add_argument("--compare", choices=("encoder", "yield", "switch"), default="encoder")
+    ap.add_argument(
+        "--compare", choices=("encoder", "yield", "switch", "help"), default="encoder"
+    )
     a = ap.parse_args()
     print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,44 +62,42 @@ def main() -> None:
             assert loop is not None
             emitter = loop.emitter
             linger = emitter.linger_s
-            _, parsed = emitter.codec.writer(emitter._subject, emitter._schema)
-            hand = event_codec.for_schema(parsed)
-            assert hand is not None
-
-            def slow(e: Any) -> bytes:
-                buf = io.BytesIO()
-                fastavro.schemaless_writer(buf, parsed, e)
-                return buf.getvalue()
-
-            # (name, yield the GIL, linger, encoder, switch interval s)
+            hand, slow = False, True  # QueryLogEmitter.use_fastavro
+            # (name, yield the GIL, linger, fastavro encoder, switch interval s, help)
             switch = sys.getswitchinterval()
-            phases: list[tuple[str, bool, float, Callable[[Any], bytes], float]]
-            if a.compare == "yield":
+            phases: list[tuple[str, bool, float, bool, float, bool]]
+            if a.compare == "help":
                 phases = [
-                    ("yield", True, linger, hand, switch),
-                    ("no yield", False, linger, hand, switch),
+                    ("logging thread alone", False, linger, hand, switch, False),
+                    ("RESP thread helps", False, linger, hand, switch, True),
+                ]
+            elif a.compare == "yield":
+                phases = [
+                    ("yield", True, linger, hand, switch, False),
+                    ("no yield", False, linger, hand, switch, False),
                 ]
             elif a.compare == "switch":
                 phases = [
-                    ("switch 5 ms", False, linger, hand, 0.005),
-                    ("switch 0.5 ms", False, linger, hand, 0.0005),
+                    ("switch 5 ms", False, linger, hand, 0.005, False),
+                    ("switch 0.5 ms", False, linger, hand, 0.0005, False),
                 ]
             else:
                 phases = [
-                    ("fastavro", False, linger, slow, switch),
-                    ("hand", False, linger, hand, switch),
+                    ("fastavro", False, linger, slow, switch, False),
+                    ("hand", False, linger, hand, switch, False),
                 ]
             phases *= a.rounds
-            if a.compare != "switch":
-                phases += [("linger 10 ms", False, 0.01, hand, switch)] * a.rounds
+            if a.compare in ("encoder", "yield"):
+                phases += [("linger 10 ms", False, 0.01, hand, switch, False)] * a.rounds
             print("| phase | PING p50 / p99 ms | hit p50 / p99 ms | uncached p50 / p99 ms |")
             print("| --- | --- | --- | --- |")
-            last = [*phases, ("no query log", False, linger, hand, switch)]
-            for i, (name, flag, wait_s, encode, interval) in enumerate(last):
+            last = [*phases, ("no query log", False, linger, hand, switch, False)]
+            for i, (name, flag, wait_s, encode, interval, helped) in enumerate(last):
+                emitter.helped = helped
                 sys.setswitchinterval(interval)
                 querylog.YIELD_GIL = flag
                 emitter.linger_s = wait_s
-                emitter._encode = (parsed, encode)
+                emitter.use_fastavro = encode
                 if name == "no query log":
                     loop.emitter.close()
                     loop.emitter.capacity = 0  # every event dropped at emit

@@ -12,6 +12,16 @@ logged; events are telemetry, so nothing retries them (the learner tolerates gap
 it feeds the policy holder (hit counts, the canary comparison), the prefetcher's
 next-query table, and the emitter. Searches the prefetcher runs itself are not logged.
 
+Who encodes. The logging thread, and any server thread that has just sent a reply
+(:meth:`QueryLogEmitter.help`, called by the RESP server through
+``VectorService.after_reply``): it encodes up to four of the oldest queued events while its
+client reads the answer, so that the logging thread does not take the GIL from the next
+request to do it (side by side, RESP hit p99 0.60-0.70 ms against 0.89-1.01 ms with the
+logging thread alone; ``bench/querylog_tail.py --compare help``, docs/benchmarks.md
+"Session 7"). What it encodes waits for the logging thread's next append, ahead of what that
+thread takes next: the log keeps the queue's order. Bodies are written by
+:mod:`streams.cache.event_codec` (fastavro for a schema it was not written for).
+
 Removal events. :meth:`SearchObserver.removed` is the cache's removal listener
 (``ResultCache.add_removal_listener``): each admitted entry that leaves the cache
 (evicted, expired, invalidated, replaced, dropped) becomes a SearchEvent whose ``removal``
@@ -108,22 +118,30 @@ class QueryLogEmitter:
         self._schema = catalog.load_schema(catalog.TOPIC_VALUE_SCHEMA["query-log"])
         self._queue: deque[dict[str, Any] | _Search | _Removal] = deque()
         self._wake = threading.Event()
+        self._hurry = threading.Event()  # set while a flush waits: no lingering
+        self._flushing = 0
         self._stop = threading.Event()
         self._idle = threading.Condition()
         self._busy = 0  # events taken off the queue and not yet appended
+        self._ready: list[Record] = []  # events help() encoded, not yet appended
         self._drop_lock = threading.Lock()
         self.dropped = 0
         self.appended = 0
         self.failed = 0
         self._thread: threading.Thread | None = None
-        self._encode: tuple[Any, Callable[[Mapping[str, Any]], bytes]] | None = None
+        self._encode: tuple[Any, Callable[[Mapping[str, Any]], bytes], bool] | None = None
+        #: write with fastavro even where the hand encoder could (benches compare them)
+        self.use_fastavro = False
+        #: whether :meth:`help` takes work (benches compare with the logging thread alone)
+        self.helped = True
+        self.helped_events = 0  # events help() encoded
         _EMITTERS.add(self)
 
     def emit(self, event: dict[str, Any] | _Search | _Removal) -> bool:
         """Queue one SearchEvent (a dict in the schema's shape; ``event_id`` and
         ``timestamp`` are filled in when missing; or what :class:`SearchObserver` hands
         over, turned into one on the logging thread). Returns False if it was dropped."""
-        if len(self._queue) >= self.capacity:
+        if len(self._queue) + len(self._ready) >= self.capacity:
             with self._drop_lock:
                 self.dropped += 1
             return False
@@ -146,28 +164,61 @@ class QueryLogEmitter:
     def _run(self) -> None:
         while True:
             self._wake.wait(self.linger_s)
-            if self._stop.is_set() and not self._queue:
+            if self._stop.is_set() and not self._queue and not self._ready:
                 return
             if len(self._queue) < self.batch_size and not self._stop.is_set():
-                time.sleep(self.linger_s)  # let a batch gather
+                self._hurry.wait(self.linger_s)  # let a batch gather (flush cuts it short)
             self._wake.clear()
-            while self._queue:
+            while self._queue or self._ready:
                 batch: list[dict[str, Any] | _Search | _Removal] = []
                 with self._idle:
+                    ready, self._ready = self._ready, []  # encoded by help(): older
                     while self._queue and len(batch) < self.batch_size:
                         batch.append(self._queue.popleft())
-                    self._busy = len(batch)
+                    self._busy = len(batch) + len(ready)
                 try:
-                    self._append(batch)
+                    self._append(batch, ready)
                 except Exception:  # telemetry: count and log the loss, never stop logging
-                    self.failed += len(batch)
+                    self._lost(len(batch) + len(ready))
                     log.exception("query-log: a batch of %d events failed", len(batch))
                 with self._idle:
                     self._busy = 0
                     self._idle.notify_all()
 
-    def _append(self, events: list[dict[str, Any] | _Search | _Removal]) -> None:
-        """Encode and append one batch. The events are built by :class:`SearchObserver`,
+    def help(self, most: int = 4) -> int:
+        """Encode up to ``most`` of the oldest queued events on the calling thread, for the
+        logging thread to append (module docstring, "Who encodes"). Returns how many it
+        took."""
+        if not self._queue or not self.helped or not self.running:
+            return 0
+        with self._idle:  # the logging thread takes its batches under the same lock
+            items: list[dict[str, Any] | _Search | _Removal] = []
+            while self._queue and len(items) < most:
+                items.append(self._queue.popleft())
+            if items:
+                self._ready.extend(self._encode_all(items))
+                self.helped_events += len(items)
+        return len(items)
+
+    def _append(
+        self, events: list[dict[str, Any] | _Search | _Removal], ready: list[Record] | None = None
+    ) -> None:
+        """Encode one batch (:meth:`_encode_all`) and append it after ``ready`` (events
+        :meth:`help` encoded, older)."""
+        records = self._encode_all(events)
+        if ready:
+            records = ready + records
+        if not records:
+            return
+        try:
+            self.log.append_batch(records)
+            self.appended += len(records)
+        except Exception:  # telemetry: count and log the loss, never stop searches
+            self._lost(len(records))
+            log.warning("query-log: %d events not appended", len(records), exc_info=True)
+
+    def _encode_all(self, events: list[dict[str, Any] | _Search | _Removal]) -> list[Record]:
+        """The records of ``events``. The events are built by :class:`SearchObserver`,
         so they are written without the codec's per-record validation (3x the cost of
         the write itself, measured), by :meth:`_encoder`; an event it cannot write is
         counted as failed alone. Wire format as :meth:`AvroCodec.encode`: magic 0, schema
@@ -175,10 +226,10 @@ class QueryLogEmitter:
         try:
             schema_id, parsed = self.codec.writer(self._subject, self._schema)
         except Exception:  # the registry is unreachable: count the loss, keep searching
-            self.failed += len(events)
+            self._lost(len(events))
             log.warning("query-log: no schema id; %d events lost", len(events), exc_info=True)
             _settle_all(events)  # the events are lost, their parked misses' decisions not
-            return
+            return []
         header = _WIRE_HEADER.pack(0, schema_id)
         encode = self._encoder(parsed)
         records = []
@@ -201,45 +252,50 @@ class QueryLogEmitter:
                     e = _search_event(item)
                 value = header + encode(_complete(e))
             except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
-                self.failed += 1
+                self._lost(1)
                 log.warning("query-log: event not encodable: %r", e, exc_info=True)
                 continue
             records.append(Record.of(self.topic, f"{e['tenant']}/{e['index']}", value))
-        try:
-            self.log.append_batch(records)
-            self.appended += len(records)
-        except Exception:  # telemetry: count and log the loss, never stop searches
-            self.failed += len(records)
-            log.warning("query-log: %d events not appended", len(records), exc_info=True)
+        return records
+
+    def _lost(self, n: int) -> None:
+        """Count ``n`` failed events (two threads encode: :meth:`help`'s and the logging
+        thread)."""
+        with self._drop_lock:
+            self.failed += n
 
     def _encoder(self, parsed: Any) -> Callable[[Mapping[str, Any]], bytes]:
         """The SearchEvent body encoder for the registry's parsed schema: the hand-written
         one (:mod:`streams.cache.event_codec`, 5x cheaper) when it is the schema that
         module writes, else fastavro's."""
-        if self._encode is None or self._encode[0] is not parsed:
-            fast = event_codec.for_schema(parsed)
+        slow = self.use_fastavro
+        if self._encode is None or self._encode[0] is not parsed or self._encode[2] != slow:
+            fast = None if slow else event_codec.for_schema(parsed)
             if fast is None:
-                log.warning("query-log: schema is not the one event_codec writes; using fastavro")
-
-                def fast(e: Mapping[str, Any]) -> bytes:
-                    buf = io.BytesIO()
-                    fastavro.schemaless_writer(buf, parsed, e)
-                    return buf.getvalue()
-
-            self._encode = (parsed, fast)
+                if not slow:
+                    log.warning("query-log: not the schema event_codec writes; using fastavro")
+                fast = fastavro_encoder(parsed)
+            self._encode = (parsed, fast, slow)
         return self._encode[1]
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until everything queued so far is appended (or failed)."""
         deadline = time.monotonic() + timeout_s
-        self._wake.set()
         with self._idle:
-            while self._queue or self._busy:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._thread is None:
-                    return False
-                self._wake.set()
-                self._idle.wait(min(left, 0.05))
+            self._flushing += 1
+            self._hurry.set()
+            self._wake.set()
+            try:
+                while self._queue or self._ready or self._busy:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self._thread is None:
+                        return False
+                    self._wake.set()
+                    self._idle.wait(min(left, 0.05))
+            finally:
+                self._flushing -= 1
+                if not self._flushing:
+                    self._hurry.clear()
         return True
 
     def close(self, timeout_s: float = 10.0) -> None:
@@ -257,8 +313,21 @@ class QueryLogEmitter:
             "appended": self.appended,
             "dropped": self.dropped,
             "failed": self.failed,
+            "encoded_by_servers": self.helped_events,
             "capacity": self.capacity,
         }
+
+
+def fastavro_encoder(parsed: Any) -> Callable[[Mapping[str, Any]], bytes]:
+    """fastavro's encoder of SearchEvent bodies for a parsed schema (the fallback of
+    :meth:`QueryLogEmitter._encoder`, and the baseline of the query-log benches)."""
+
+    def encode(e: Mapping[str, Any]) -> bytes:
+        buf = io.BytesIO()
+        fastavro.schemaless_writer(buf, parsed, e)
+        return buf.getvalue()
+
+    return encode
 
 
 # QueryLogEmitter._append: yield the GIL after each _YIELD_AFTER_S of encoding (off: see

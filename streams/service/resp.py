@@ -462,6 +462,9 @@ class RespServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._ids = itertools.count(1)
         self._processed = 0
+        # work the data plane does on this thread once a reply is sent (the query log's
+        # encoding: VectorService.after_reply)
+        self._after_reply: Callable[[], object] | None = getattr(dataplane, "after_reply", None)
         # (command, code) -> the counter's inc and the histogram's observe of those labels:
         # prometheus_client's ``labels()`` is a locked lookup per call (label values are
         # bounded: known commands and codes, see streams.service.metrics)
@@ -594,6 +597,8 @@ class RespServer:
         if out:
             writer.write(b"".join(out))
             await writer.drain()
+        if self._after_reply is not None:
+            self._after_reply()
 
     async def _write_run(
         self, parser: RespParser, session: _Session, first: list[bytes]

@@ -500,6 +500,14 @@ class VectorService(DataPlane):
         return StoredVector(id, entry.vector, entry.meta, entry.tags, dict(entry.numeric),
                             entry.version, entry.position)
 
+    def after_reply(self) -> None:
+        """What a server's thread does once it has sent a reply: encode a few of the query
+        log's queued events (:meth:`QueryLogEmitter.help`), so that the logging thread
+        does not take the GIL from the next request to do it."""
+        observer = self.search_observer
+        if observer is not None and observer.emitter is not None:
+            observer.emitter.help()
+
     def search(self, request: SearchRequest) -> SearchResponse:
         t0 = time.perf_counter()
         config = self._config(request.tenant, request.index)
