@@ -10,8 +10,10 @@ index (as the search runs it, CPU caches flushed), over the cache bench's node
 The node runs the policy loop (as ``streamvec up``; ``--no-policy-loop``: without it), so
 the policy holder decides: the L0-only index's lazy misses are timed three ways, rotating
 (``park_fresh``: decided on the search path; ``park_undecided`` and the debug's
-``PendingDecision``: session 6's default, the decision left to the query log's thread,
-whose ``settle`` is timed too, on this thread after a scan: what the log's thread pays).
+``PendingDecision``: session 6's path, the decision left to the query log's thread, whose
+``settle`` is timed too, on this thread after a scan: what the log's thread pays;
+``defer``: session 7's default, nothing parked on the search path, the log's thread
+parking and deciding, timed the same way).
 
 Run: ``OPENBLAS_NUM_THREADS=1 nice -n 10 .venv/bin/python -m bench.miss_steps [--queries 1000]``
 """
@@ -81,8 +83,8 @@ def main() -> None:
                     query_key(cfg.key, cfg.metric, v, K, None)
                     step(f"{index}: L0 key", t0)
                     vi.search(v, K, None)
-                    # l0: eager, lazy, lazy raw (decided here), lazy undecided
-                    mode = i % 4 if index == "l0" else 0
+                    # l0: eager, lazy, lazy raw (decided here), lazy undecided, deferred
+                    mode = i % 5 if index == "l0" else 0
                     ctl.lazy_offers = mode > 0
                     t0 = pc()
                     look = ctl.lookup(cfg, v, K, None)
@@ -90,6 +92,20 @@ def main() -> None:
                     fresh = svc._fresh(cfg, v, K, None, record=True)
                     applied = svc._applied_tokens()
                     vi.search(v, K, None)
+                    if mode == 4:  # session 7: deferred whole, the log's thread parks too
+                        hits = fresh.hits
+                        t0 = pc()
+                        pending = ctl.defer(
+                            look, cfg.key, cfg.metric, v, K, None, fresh.labels,
+                            tuple(hits), applied, 1.0, (), fresh.chars,
+                        )  # fmt: skip
+                        step(f"{index}: defer + tuple(hits) (the default since session 7)", t0)
+                        assert pending is not None
+                        vi.search(v, K, None)
+                        t0 = pc()
+                        pending.settle()
+                        step(f"{index}: take_deferred + settle (the query log's thread)", t0)
+                        continue
                     if mode == 3:  # session 6: park undecided, the log's thread decides
                         t0 = pc()
                         raw = ctl.fresh_raw(

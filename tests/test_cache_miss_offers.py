@@ -929,3 +929,207 @@ def test_query_log_events_carry_their_own_positions_and_unique_ids() -> None:
     ids = [e["event_id"] for e in events]
     assert len(set(ids)) == len(ids) and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
     assert _complete({"applied": a, "event_id": "mine"})["event_id"] == "mine"
+
+
+# -- deferred whole (session 7: nothing parked on the search path) -------------------------
+
+
+def _defer(
+    ctl: CacheController, c: IndexConfig, q: np.ndarray, ids: tuple[str, ...] = ("a", "b")
+) -> Any:
+    look = ctl.lookup(c, q, 5, None)
+    assert look.entry is None
+    hits = tuple(_hits(ids))
+    chars = sum(len(i) for i in ids)
+    labels = tuple(range(len(ids)))
+    return ctl.defer(look, c.key, c.metric, q, 5, None, labels, hits, ("t",), 1.0, (), chars)
+
+
+def _counted(ctl: CacheController) -> None:
+    n = ctl.stats()["parked"]
+    ends = n["promoted"] + n["not_stored"] + n["dropped"] + n["rejected"] + n["entries"]
+    assert n["parked"] == ends, n
+
+
+def test_a_deferred_miss_parks_nothing_until_its_repeat_takes_and_stores_it() -> None:
+    """``defer`` builds and parks nothing; the query's repeat takes it (parks it, decides
+    it, stores it) and is served; the log's settle later records the repeat's decision."""
+    from streams.cache.controller import settled_decision
+
+    ctl, c, holder = _undecided()
+    q = _unit(np.random.default_rng(41))
+    pending = _defer(ctl, c, q)
+    assert pending == {"outcome": "parked", "action": "pending"}
+    assert not ctl._parked.items and len(ctl._deferred) == 1
+    assert holder.counts["decisions"] == 0 and ctl.stats()["parked"]["parked"] == 0
+    again = ctl.lookup(c, q, 5, None)
+    assert again.layer == "L0" and again.entry is not None and again.entry.ids == ("a", "b")
+    assert not ctl._deferred and holder.counts["decisions"] == 1
+    logged = settled_decision(pending)
+    assert logged["arm"] == again.entry.admission.arm and holder.counts["decisions"] == 1
+    _counted(ctl)
+    assert ctl.stats()["parked"]["promoted"] == 1
+
+
+def test_a_deferred_miss_the_log_takes_first_is_parked_decided_and_then_served() -> None:
+    ctl, c, holder = _undecided()
+    q = _unit(np.random.default_rng(42))
+    pending = _defer(ctl, c, q)
+    logged = pending.settle()
+    assert logged["outcome"] == "parked" and logged["arm"].startswith("ttl")
+    assert not ctl._deferred and len(ctl._parked.items) == 1
+    assert pending._raw.decision is not None and holder.counts["decisions"] == 1
+    assert ctl.lookup(c, q, 5, None).layer == "L0" and holder.counts["decisions"] == 1
+    _counted(ctl)
+
+
+def test_a_newer_miss_of_the_query_supersedes_a_deferred_one() -> None:
+    """Two misses of one query before either is taken (concurrent searches): the older is
+    decided for its event but never parked (counted parked and dropped), the newer is
+    parked; the repeat is served the newer."""
+    ctl, c, holder = _undecided()
+    q = _unit(np.random.default_rng(43))
+    first, second = ctl.lookup(c, q, 5, None), ctl.lookup(c, q, 5, None)  # both miss
+    older, newer = (
+        ctl.defer(look, c.key, c.metric, q, 5, None, (0,), tuple(_hits((i,))), (), 1.0, (), 3)
+        for look, i in ((first, "old"), (second, "new"))
+    )
+    assert len(ctl._deferred) == 1
+    older.settle()
+    assert not ctl._parked.items and ctl.stats()["parked"]["dropped"] == 1
+    newer.settle()
+    hit = ctl.lookup(c, q, 5, None)
+    assert hit.entry is not None and hit.entry.ids == ("new",)
+    assert holder.counts["decisions"] == 2
+    _counted(ctl)
+
+
+def test_deferred_results_are_bounded_and_each_still_ends_in_one_count() -> None:
+    ctl, c, _ = _undecided(parked_entries=64)  # the deferred map holds a quarter: 16
+    rng = np.random.default_rng(44)
+    pending = [_defer(ctl, c, _unit(rng)) for _ in range(40)]
+    assert len(ctl._deferred) == 16 and ctl.deferred_trimmed == 24
+    for p in pending:
+        p.settle()
+    assert not ctl._deferred
+    n = ctl.stats()["parked"]
+    assert (n["parked"], n["dropped"]) == (40, 24)
+    _counted(ctl)
+
+
+def test_a_large_result_is_not_deferred() -> None:
+    ctl, c, _ = _undecided(parked_bytes=64 * 256)  # deferred up to 64 characters
+    q = _unit(np.random.default_rng(45))
+    look = ctl.lookup(c, q, 5, None)
+    hits = tuple(_hits(("x" * 65,)))
+    assert ctl.defer(look, c.key, c.metric, q, 5, None, (0,), hits, (), 1.0, (), 65) is None
+    assert _defer(ctl, c, q, ("y" * 64,)) is not None
+
+
+def test_a_deferred_miss_keeps_its_search_time() -> None:
+    """What a bounded-staleness read measures an entry's age from is the search's time,
+    not when the log's thread took it."""
+    import time
+
+    ctl, c, _ = _undecided()
+    q = _unit(np.random.default_rng(46))
+    before = time.monotonic()
+    pending = _defer(ctl, c, q)
+    time.sleep(0.05)
+    pending.settle()
+    assert before <= pending._raw.created_s < before + 0.04
+
+
+def test_deferred_misses_settles_and_repeats_in_random_order_each_end_in_one_count() -> None:
+    """Defers (some replacing their own query's), log settles in event order, repeats:
+    every deferred result is decided exactly once by whoever takes it first, and the
+    counts add up after every step."""
+    ctl, c, holder = _undecided(parked_entries=24)
+    rng = np.random.default_rng(47)
+    pool = [_unit(rng) for _ in range(10)]
+    events: list[Any] = []
+    for _ in range(600):
+        op = rng.integers(0, 3)
+        q = pool[int(rng.integers(0, len(pool)))]
+        if op == 0:
+            look = ctl.lookup(c, q, 5, None)
+            if look.entry is None:
+                hits = tuple(_hits(("a", "b")))
+                events.append(
+                    ctl.defer(look, c.key, c.metric, q, 5, None, (0, 1), hits, (), 1.0, (), 2)
+                )
+        elif op == 1 and events:
+            events.pop(0).settle()
+        else:
+            ctl.lookup(c, q, 5, None)
+        _counted(ctl)
+    for p in events:
+        p.settle()
+    _counted(ctl)
+    n = ctl.stats()["parked"]
+    assert n["promoted"] > 0 and n["dropped"] >= 0
+    assert holder.counts["decisions"] == n["parked"]  # each decided once
+
+
+def test_concurrent_log_settles_and_repeats_take_each_deferred_miss_once() -> None:
+    import sys
+    import threading
+
+    ctl, c, holder = _undecided()
+    rng = np.random.default_rng(48)
+    qs = [_unit(rng) for _ in range(200)]
+    pending = [_defer(ctl, c, q) for q in qs]
+    logged: list[list[str]] = [[], []]
+
+    def log_thread(i: int) -> None:
+        for p in pending:
+            logged[i].append(p.settle()["arm"])
+
+    def repeats() -> None:
+        for q in qs:
+            assert ctl.lookup(c, q, 5, None).layer == "L0"
+
+    threads = [threading.Thread(target=log_thread, args=(i,)) for i in (0, 1)]
+    threads.append(threading.Thread(target=repeats))
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert holder.counts["decisions"] == len(qs)
+    assert logged[0] == logged[1] == [p._raw.decision.arm for p in pending]
+    assert not ctl._deferred
+    _counted(ctl)
+
+
+def test_a_node_defers_a_lazy_miss_and_serves_its_repeat_before_the_log_runs(
+    logging_node: Any,
+) -> None:
+    """The node (policy loop on): a lazy miss leaves nothing parked on the search path, a
+    caller's own vector may change after the search, the repeat (before the log's thread
+    has run) is served the search's result, and the miss's event carries the decision."""
+    from tests.test_policy_online import queries
+
+    rig = logging_node
+    svc = rig.node.service
+    ctl = svc.cache_layers
+    emitter = rig.node.policy_loop.emitter
+    assert emitter.flush(10)
+    emitter.linger_s = 30  # the log's thread waits (flush cuts it short)
+    q = np.array(queries(1, seed=12)[0], dtype=np.float32)
+    original = q.copy()
+    first = svc.search(SearchRequest("acme", "docs", q, 5))
+    assert first.debug["decision"]["action"] == "pending"
+    assert len(ctl._deferred) == 1 and not ctl._parked.items
+    q[:] = 0.5  # the caller's array, changed after its search
+    again = svc.search(SearchRequest("acme", "docs", original, 5))
+    assert again.debug["cache_hit"] and [h.id for h in again.hits] == [h.id for h in first.hits]
+    served = ctl.lookup(svc.indexer.configs["acme/docs"], original, 5, None).entry
+    assert served is not None and np.array_equal(served.vector, original)
+    assert emitter.flush(10)
+    n = ctl.stats()["parked"]
+    assert (n["parked"], n["promoted"]) == (1, 1)

@@ -66,21 +66,32 @@ index budgets until they are stored (then the put applies every budget). L1/L2 i
 offer eagerly: a near query must find its cluster's entry after a single search.
 
 Decisions off the search path (``defer_decisions``, on; where the node logs searches: the
-policy loop's query log). A lazy miss parks its result *undecided*
-(:meth:`CacheController.park_undecided`) and its debug ``decision`` is a
-:class:`PendingDecision` (``{"outcome": "parked", "action": "pending"}`` to the client); the
-admission decision is taken once (:meth:`CacheController.settle`), by the query log's thread
-as it builds the miss's event (which carries it as before), or by the query's repeat if that
-comes first, and by the policy in force when the search ran (``PolicyHolder.route``, taken
-at the search). A rejected result then leaves the parked map; the parked map's trims (and
-freeing what they hold) happen there too, at most 256 drops a settle, while a park drops
+policy loop's query log). A lazy miss builds and parks nothing on the search path
+(:meth:`CacheController.defer`): its debug ``decision`` is a :class:`PendingDecision`
+(``{"outcome": "parked", "action": "pending"}`` to the client) that holds the fresh result
+as the search returned it, left in a map of deferred results by query key. Whoever comes
+first, the query log's thread as it builds the miss's event or the query's repeat (its
+lookup), makes it a parked result *undecided* (:meth:`CacheController.take_deferred`: the
+``_Raw``, parked as :meth:`CacheController.park_undecided` parks one); the admission
+decision is then taken once (:meth:`CacheController.settle`), by the query log's thread
+(the event carries it as before) or by the repeat, and by the policy in force when the
+search ran (``PolicyHolder.route``, taken at the search). A deferred result that a newer
+miss of its query replaced before it was taken never enters the parked map (counted parked
+and dropped, as a re-park drops the older); the deferred map holds at most a quarter of the
+parked entries (the oldest leave it: their events still settle them, as dropped), and a
+result whose ids and metadata hold more characters than 1/256 of the parked bytes (16 KiB)
+is parked on the search path as before. A
+rejected result then leaves the parked map; the parked map's trims (and freeing what they
+hold) happen at the decision too, at most 256 drops a settle, while a park drops
 one only past twice the bounds: the map may hold up to twice them. Only while the
 emitter's thread runs. Why: with the CPU caches cold after the index scan, the decision
 (context, rules, the decision's dict) cost about 55 µs of a 0.7 ms search on the search
 thread (docs/benchmarks.md, "Session 6"). What it costs: the decision's CPU is spent on
 the log's thread; the policy's context counts the request when the decision is taken
 (milliseconds later); a miss whose event is dropped (full queue) or never logged (a
-prefetch) is decided only if its query repeats.
+prefetch) is decided only if its query repeats. Deferring the park too (session 7) took
+another ~9 µs of cold-cache work (the result's copy, the park's lock and map) off the search
+thread (docs/benchmarks.md, "Session 7").
 
 Doorkeeper (``admit_after=2``, :mod:`streams.cache.doorkeeper`): a first miss of a key
 offers nothing (not even its entry is built); the key's next miss within the window
@@ -339,6 +350,14 @@ class CacheController:
         self.lazy_offers = lazy_offers
         self._parked = _Parked(parked_entries, parked_bytes)
         self._settle_lock = threading.Lock()  # a parked result's decision is taken once
+        # lazy misses deferred whole (defer): query key -> its PendingDecision, the newest;
+        # written without a lock on the search path (a dict store is atomic under the GIL),
+        # taken under _defer_lock (take_deferred), bounded (_trim_deferred)
+        self._deferred: dict[QueryKey, PendingDecision] = {}
+        self._defer_lock = threading.Lock()
+        self._defer_entries = max(16, parked_entries // 4)
+        self._defer_bytes = parked_bytes // 256  # larger results are parked at once
+        self.deferred_trimmed = 0
         # where the query log runs, a lazy miss's decision is taken off the search path
         # (park_undecided); False: on it (park_fresh), as without a query log
         self.defer_decisions = True
@@ -438,9 +457,14 @@ class CacheController:
         qkey = query_key(key, config.metric, query, k, flt)
         if not st.results:  # no layer, or L3 only
             return CacheLookup("none", None, None, qkey, 0, st.layers)
-        # a parked result of this query: store it first (a lock-free look, then the pop)
-        if st.l0 and qkey in self._parked.items:
-            self._promote(qkey)
+        # a parked (or deferred) result of this query: store it first (lock-free looks,
+        # then the pop)
+        if st.l0:
+            deferred = self._deferred.get(qkey)
+            if deferred is not None:
+                self.take_deferred(deferred)
+            if qkey in self._parked.items:
+                self._promote(qkey)
         # the sequence number is taken before the search reads the index
         seen_seq, enabled, found = self.cache.probe(key, qkey if st.l0 else None)
         if not enabled:
@@ -586,13 +610,15 @@ class CacheController:
         compute_ms: float,
         depends: tuple[tuple[str, Probe], ...] = (),
         chars: int | None = None,
+        created_s: float | None = None,
     ) -> _Raw:
         """A lazy miss's fresh result *as the search returned it* (its ``hits`` objects
         with ``id``, ``score``, ``meta``), for :meth:`park_fresh` or
         :meth:`park_undecided`: what the policy reads of an entry (key, size estimate,
         cost, filter) and a copy of the query; nothing is built. ``chars``: the
         characters of the hits' ids and metas, if the caller counted them (the search's
-        payload join does)."""
+        payload join does). ``created_s``: ``time.monotonic()`` when the search ran (default
+        now): what a bounded-staleness read measures the entry's age from."""
         if chars is None:
             chars = 0
             for h in hits:
@@ -600,9 +626,96 @@ class CacheController:
         query = np.array(query, dtype=np.float32)
         return _Raw(
             lookup.qkey, index_key, metric, query, k, flt, labels, tuple(hits), applied,
-            compute_ms, time.monotonic(), depends,
+            compute_ms, time.monotonic() if created_s is None else created_s, depends,
             estimate_nbytes(query.shape[0], len(hits), chars),
         )  # fmt: skip
+
+    def defer(
+        self,
+        lookup: CacheLookup,
+        index_key: str,
+        metric: Metric,
+        query: Vector,
+        k: int,
+        flt: Filter | None,
+        labels: tuple[int, ...],
+        hits: tuple[FreshHit, ...],
+        applied: tuple[str, ...],
+        compute_ms: float,
+        depends: tuple[tuple[str, Probe], ...],
+        chars: int,
+    ) -> PendingDecision | None:
+        """A lazy miss where the query log runs (module docstring, "Decisions off the
+        search path"): nothing is built, copied or parked; the fresh result is held by the
+        returned :class:`PendingDecision` (the search's debug ``decision``), found by the
+        query's repeat through the deferred map. ``query`` and ``hits`` must be the
+        caller's to give (not changed later). None (nothing deferred): the policy decides
+        on built entries, or the result is large; then :meth:`fresh_raw` and
+        :meth:`park_fresh`."""
+        policy = self.cache.policy
+        cls = policy.__class__
+        if cls not in _DRAFT_POLICIES or chars > self._defer_bytes:
+            return None
+        d = PendingDecision(_PENDING_ITEMS)
+        d._ctl = self
+        d._raw = None
+        d._args = (
+            lookup, index_key, metric, query, k, flt, labels, hits, applied, compute_ms,
+            depends, chars, time.monotonic(),
+            cast("PolicyHolder", policy).route(index_key) if cls is PolicyHolder else None,
+        )  # fmt: skip
+        deferred = self._deferred
+        deferred[lookup.qkey] = d
+        if len(deferred) > self._defer_entries:
+            self._trim_deferred()
+        return d
+
+    def take_deferred(self, d: PendingDecision) -> _Raw:
+        """The parked form of deferred miss ``d`` (:meth:`defer`), made once: its
+        ``_Raw``, parked undecided if ``d`` is still its query's deferred result; one a
+        newer miss replaced (or the map's bound dropped) is not parked, and counts as
+        parked and dropped. Called by whoever comes first: the query log's thread
+        (:meth:`PendingDecision.settle`) or the query's repeat (:meth:`lookup`)."""
+        with self._defer_lock:
+            raw = d._raw
+            if raw is not None:
+                return raw
+            (lookup, index_key, metric, query, k, flt, labels, hits, applied, compute_ms,
+             depends, chars, created_s, route) = d._args  # fmt: skip
+            raw = self.fresh_raw(
+                lookup, index_key, metric, query, k, flt, labels, hits, applied, compute_ms,
+                depends, chars, created_s,
+            )  # fmt: skip
+            raw.route = route
+            d._raw, d._args = raw, None
+            deferred = self._deferred
+            key = lookup.qkey
+            if deferred.get(key) is d:
+                # parked before it leaves the deferred map: a lookup finds it in one of them;
+                # at its search's wall time (what its stored entry's removal event carries,
+                # and the learner joins with the miss's event)
+                at = time.time() - (time.monotonic() - created_s)
+                if not self._parked.park(lookup, raw, None, slack=2, at=at):
+                    self._parked.count_dropped()  # the parked bytes are 0 (tests)
+                newer = deferred.pop(key, None)
+                if newer is not None and newer is not d:  # stored in between: keep it
+                    deferred.setdefault(key, newer)
+            else:
+                self._parked.count_dropped()
+        return raw
+
+    def _trim_deferred(self) -> None:
+        """Drop the oldest deferred results past the bound (their events still settle
+        them: not parked, counted as dropped then)."""
+        with self._defer_lock:
+            deferred = self._deferred
+            while len(deferred) > self._defer_entries:
+                try:
+                    key = next(iter(deferred))
+                except (StopIteration, RuntimeError):  # changed by a search: look again
+                    continue
+                if deferred.pop(key, None) is not None:
+                    self.deferred_trimmed += 1
 
     def park_fresh(self, lookup: CacheLookup, raw: _Raw) -> PutOutcome:
         """The lazy miss (``lookup.lazy``; module docstring, "Lazy offers"): take the
@@ -977,14 +1090,16 @@ _LINKS = "links"  # CachedResult.derived: the (L1, L2) bytes charged to the entr
 
 
 class PendingDecision(dict[str, Any]):
-    """The search's debug ``decision`` of a result parked undecided
-    (:meth:`CacheController.park_undecided`): ``{"outcome": "parked", "action":
+    """The search's debug ``decision`` of a lazy miss deferred
+    (:meth:`CacheController.defer`: it holds the fresh result until taken) or parked
+    undecided (:meth:`CacheController.park_undecided`): ``{"outcome": "parked", "action":
     "pending"}`` to the client, and :meth:`settle` for the query log's thread, which logs
     the decision it takes (or the one the query's repeat took first)."""
 
-    __slots__ = ("_ctl", "_raw")
+    __slots__ = ("_args", "_ctl", "_raw")
     _ctl: CacheController
-    _raw: _Raw
+    _raw: _Raw | None
+    _args: Any
 
     @classmethod
     def of(cls, ctl: CacheController, raw: _Raw) -> PendingDecision:
@@ -999,7 +1114,10 @@ class PendingDecision(dict[str, Any]):
     def settle(self) -> dict[str, Any]:
         """The decision's debug form, as :meth:`CacheController.park_fresh` gives it: an
         admitted result stays ``parked``, a rejected one leaves (``rejected``)."""
-        decision = self._ctl.settle(self._raw)
+        raw = self._raw
+        if raw is None:
+            raw = self._ctl.take_deferred(self)
+        decision = self._ctl.settle(raw)
         out = decision.as_dict()
         out["outcome"] = "parked" if decision.action == "admit" else "rejected"
         return out
@@ -1127,11 +1245,14 @@ class _Parked:
         decision: AdmissionDecision | None,
         *,
         slack: int = 1,
+        at: float | None = None,
     ) -> bool:
         """Park ``entry``; False (not parked) when it alone is over ``max_bytes``. The
         oldest are dropped once the map is over ``slack`` times its bounds: a caller
         passing 2 leaves the drops (and freeing what they held, cold in the CPU caches
-        after an index scan) to a later :meth:`trim` off the search path."""
+        after an index scan) to a later :meth:`trim` off the search path. ``at``: the wall
+        time it counts as parked at (default now; what its stored entry's decision time
+        becomes)."""
         nbytes = entry.nbytes
         if nbytes > self.max_bytes:
             return False
@@ -1143,7 +1264,7 @@ class _Parked:
                 self.bytes -= old[1].nbytes
                 self.counts["dropped"] += 1
                 dropped.append(old)
-            items[entry.key] = (lookup, entry, decision, time.time())
+            items[entry.key] = (lookup, entry, decision, time.time() if at is None else at)
             self.bytes += nbytes
             self.counts["parked"] += 1
             # back under ``slack`` times the bounds: one or two drops a park, never a sweep
@@ -1195,6 +1316,12 @@ class _Parked:
                 self.bytes -= entry.nbytes
                 self.n = len(self.items)
                 self.counts["rejected"] += 1
+
+    def count_dropped(self) -> None:
+        """A deferred result that never entered the map: counted parked and dropped."""
+        with self._lock:
+            self.counts["parked"] += 1
+            self.counts["dropped"] += 1
 
     def settled(self, stored: bool) -> None:
         with self._lock:

@@ -32,7 +32,7 @@ from functools import lru_cache
 from typing import Any, Protocol
 
 from streams.cache import CachedResult, ResultCache
-from streams.cache.controller import CacheController, CacheLookup, PendingDecision
+from streams.cache.controller import CacheController, CacheLookup
 from streams.cache.doorkeeper import FIRST_SEEN
 from streams.cache.entry import trusted_result
 from streams.cache.payload import PayloadCache
@@ -558,17 +558,24 @@ class VectorService(DataPlane):
             decision = FIRST_SEEN  # the doorkeeper held the key's first miss: no entry
         elif caching and fresh.complete and layers is not None and lookup is not None \
                 and lookup.lazy:  # parked as returned: the entry is built if it repeats
-            # where the query log runs, the admission decision is taken off the search
-            # path: by its thread as it logs this miss, or by the repeat if that is first
-            raw = layers.fresh_raw(
-                lookup, config.key, config.metric, query, search_k, flt, fresh.labels,
-                fresh.hits, applied, (t4 - t3) * 1000, fresh.depends or (), fresh.chars)
+            # where the query log runs, the result is parked and its admission decided off
+            # the search path: by the log's thread as it logs this miss, or by the repeat
+            # if that is first (CacheController.defer)
+            pending = None
             if observer is not None and observer.emitter is not None \
-                    and observer.emitter.running and layers.defer_decisions \
-                    and layers.park_undecided(lookup, raw):
-                decision = PendingDecision.of(layers, raw)  # {"outcome": "parked", ...}
+                    and observer.emitter.running and layers.defer_decisions:
+                pending = layers.defer(
+                    lookup, config.key, config.metric,
+                    query.copy() if query is request.vector else query,  # the caller's
+                    search_k, flt, fresh.labels, tuple(fresh.hits), applied,
+                    (t4 - t3) * 1000, fresh.depends or (), fresh.chars)
+            if pending is not None:
+                decision = pending  # {"outcome": "parked", "action": "pending"}
             else:
-                decision = layers.park_fresh(lookup, raw).as_dict()
+                decision = layers.park_fresh(lookup, layers.fresh_raw(
+                    lookup, config.key, config.metric, query, search_k, flt, fresh.labels,
+                    fresh.hits, applied, (t4 - t3) * 1000, fresh.depends or (),
+                    fresh.chars)).as_dict()
         elif caching and fresh.complete and layers is not None and lookup is not None:
             ids, scores, metas = _columns(fresh.hits)
             entry = trusted_result(
