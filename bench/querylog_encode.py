@@ -75,7 +75,7 @@ def main() -> None:
 
             encoders = {
                 "fastavro": fastavro_encoder(parsed),
-                "hand": event_codec.for_schema(parsed),
+                "hand": event_codec.for_schema(emitter._schema),
             }
             assert encoders["hand"] is not None
             per: dict[tuple[str, str], list[float]] = {}

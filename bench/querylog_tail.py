@@ -8,7 +8,8 @@ then the RESP step of the cache bench (a client process per client kind: ``PING`
 - ``--compare encoder`` (default): ``fastavro`` (the events' bodies written by
   ``fastavro.schemaless_writer``, the encoder before session 7) against ``hand`` (the
   default: ``streams/cache/event_codec.py``), then ``linger 10 ms`` (hand, the thread
-  gathering a batch for 10 ms instead of the emitter's 50 ms);
+  gathering a batch for 10 ms instead of the emitter's 50 ms); server threads do not
+  help in these phases (the logging thread alone: the encoders compared as such);
 - ``--compare yield`` (session 6): ``yield``, the query log's thread letting a waiting
   thread have the GIL after each millisecond of encoding
   (``streams.cache.querylog.YIELD_GIL``, off by default) against ``no yield``, then

@@ -135,6 +135,8 @@ class QueryLogEmitter:
         #: whether :meth:`help` takes work (benches compare with the logging thread alone)
         self.helped = True
         self.helped_events = 0  # events help() encoded
+        # the schema id and parsed schema the logging thread last resolved (help uses it)
+        self._writer: tuple[int, Any] | None = None
         _EMITTERS.add(self)
 
     def emit(self, event: dict[str, Any] | _Search | _Removal) -> bool:
@@ -162,10 +164,16 @@ class QueryLogEmitter:
         return self
 
     def _run(self) -> None:
+        try:  # resolve the schema's writer now: server threads help only once it is known
+            self._writer = self.codec.writer(self._subject, self._schema)
+        except Exception:  # the registry is unreachable: the first batch tries again
+            log.warning("query-log: no schema id yet", exc_info=True)
         while True:
             self._wake.wait(self.linger_s)
-            if self._stop.is_set() and not self._queue and not self._ready:
-                return
+            if self._stop.is_set():
+                with self._idle:  # a helper holds what it took under this lock
+                    if not self._queue and not self._ready:
+                        return
             if len(self._queue) < self.batch_size and not self._stop.is_set():
                 self._hurry.wait(self.linger_s)  # let a batch gather (flush cuts it short)
             self._wake.clear()
@@ -180,7 +188,9 @@ class QueryLogEmitter:
                     self._append(batch, ready)
                 except Exception:  # telemetry: count and log the loss, never stop logging
                     self._lost(len(batch) + len(ready))
-                    log.exception("query-log: a batch of %d events failed", len(batch))
+                    log.exception(
+                        "query-log: a batch of %d events failed", len(batch) + len(ready)
+                    )
                 with self._idle:
                     self._busy = 0
                     self._idle.notify_all()
@@ -188,16 +198,28 @@ class QueryLogEmitter:
     def help(self, most: int = 4) -> int:
         """Encode up to ``most`` of the oldest queued events on the calling thread, for the
         logging thread to append (module docstring, "Who encodes"). Returns how many it
-        took."""
-        if not self._queue or not self.helped or not self.running:
+        took. Only with the schema's writer already resolved by the logging thread (a
+        helper never waits for the registry), and never raising (a server calls it)."""
+        writer = self._writer
+        if not self._queue or not self.helped or writer is None or not self.running:
             return 0
         with self._idle:  # the logging thread takes its batches under the same lock
+            if self._stop.is_set():  # closing: the logging thread appends the rest
+                return 0
             items: list[dict[str, Any] | _Search | _Removal] = []
             while self._queue and len(items) < most:
                 items.append(self._queue.popleft())
-            if items:
-                self._ready.extend(self._encode_all(items))
-                self.helped_events += len(items)
+            if not items:
+                return 0
+            try:
+                records = self._encode_all(items, writer)
+            except Exception:  # telemetry: count and log the loss, never fail the server
+                self._lost(len(items))
+                log.exception("query-log: %d events a server thread took failed", len(items))
+                _settle_all(items)
+                return len(items)
+            self._ready.extend(records)
+            self.helped_events += len(records)
         return len(items)
 
     def _append(
@@ -217,19 +239,28 @@ class QueryLogEmitter:
             self._lost(len(records))
             log.warning("query-log: %d events not appended", len(records), exc_info=True)
 
-    def _encode_all(self, events: list[dict[str, Any] | _Search | _Removal]) -> list[Record]:
+    def _encode_all(
+        self,
+        events: list[dict[str, Any] | _Search | _Removal],
+        writer: tuple[int, Any] | None = None,
+    ) -> list[Record]:
         """The records of ``events``. The events are built by :class:`SearchObserver`,
         so they are written without the codec's per-record validation (3x the cost of
         the write itself, measured), by :meth:`_encoder`; an event it cannot write is
         counted as failed alone. Wire format as :meth:`AvroCodec.encode`: magic 0, schema
-        id, Avro body."""
-        try:
-            schema_id, parsed = self.codec.writer(self._subject, self._schema)
-        except Exception:  # the registry is unreachable: count the loss, keep searching
-            self._lost(len(events))
-            log.warning("query-log: no schema id; %d events lost", len(events), exc_info=True)
-            _settle_all(events)  # the events are lost, their parked misses' decisions not
-            return []
+        id, Avro body. ``writer``: the schema id and parsed schema, when known (a
+        helper's); else asked of the codec (the registry, on first use)."""
+        if writer is None:
+            try:
+                writer = self._writer = self.codec.writer(self._subject, self._schema)
+            except Exception:  # the registry is unreachable: count the loss, keep searching
+                self._lost(len(events))
+                log.warning(
+                    "query-log: no schema id; %d events lost", len(events), exc_info=True
+                )
+                _settle_all(events)  # the events are lost, their parked misses' decisions not
+                return []
+        schema_id, parsed = writer
         header = _WIRE_HEADER.pack(0, schema_id)
         encode = self._encoder(parsed)
         records = []
@@ -270,7 +301,7 @@ class QueryLogEmitter:
         module writes, else fastavro's."""
         slow = self.use_fastavro
         if self._encode is None or self._encode[0] is not parsed or self._encode[2] != slow:
-            fast = None if slow else event_codec.for_schema(parsed)
+            fast = None if slow else event_codec.for_schema(self._schema)
             if fast is None:
                 if not slow:
                     log.warning("query-log: not the schema event_codec writes; using fastavro")
@@ -309,7 +340,7 @@ class QueryLogEmitter:
 
     def stats(self) -> dict[str, int]:
         return {
-            "queued": len(self._queue),
+            "queued": len(self._queue) + len(self._ready),
             "appended": self.appended,
             "dropped": self.dropped,
             "failed": self.failed,
@@ -493,8 +524,8 @@ def _complete(e: dict[str, Any]) -> dict[str, Any]:
     """The SearchEvent record of a queued event (work kept off the search thread). The
     event id is 128 random bits in hex (a uuid4's worth; ``os.urandom`` is 4x cheaper);
     consecutive events mostly carry the same applied positions, parsed and encoded once
-    (:data:`event_codec.POSITIONS_AVRO`; the logging thread is the only caller; the list
-    is only read by the encoder)."""
+    (:data:`event_codec.POSITIONS_AVRO`; the memo is one tuple, rebound whole: the logging
+    thread and helping server threads call this; the list is only read by the encoder)."""
     if "event_id" not in e:
         e["event_id"] = os.urandom(16).hex()
     if "timestamp" not in e:

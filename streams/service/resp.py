@@ -598,7 +598,10 @@ class RespServer:
             writer.write(b"".join(out))
             await writer.drain()
         if self._after_reply is not None:
-            self._after_reply()
+            try:
+                self._after_reply()
+            except Exception:  # the data plane's housekeeping never costs a connection
+                log.exception("RESP: after-reply work failed")
 
     async def _write_run(
         self, parser: RespParser, session: _Session, first: list[bytes]
