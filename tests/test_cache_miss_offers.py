@@ -1008,7 +1008,8 @@ def test_deferred_results_are_bounded_and_each_still_ends_in_one_count() -> None
     ctl, c, _ = _undecided(parked_entries=64)  # the deferred map holds a quarter: 16
     rng = np.random.default_rng(44)
     pending = [_defer(ctl, c, _unit(rng)) for _ in range(40)]
-    assert len(ctl._deferred) == 16 and ctl.deferred_trimmed == 24
+    n = ctl.stats()["parked"]
+    assert (n["deferred"], n["deferred_trimmed"], n["parked"]) == (16, 24, 0)
     for p in pending:
         p.settle()
     assert not ctl._deferred

@@ -90,8 +90,8 @@ thread (docs/benchmarks.md, "Session 6"). What it costs: the decision's CPU is s
 the log's thread; the policy's context counts the request when the decision is taken
 (milliseconds later); a miss whose event is dropped (full queue) or never logged (a
 prefetch) is decided only if its query repeats. Deferring the park too (session 7) took
-another ~9 µs of cold-cache work (the result's copy, the park's lock and map) off the search
-thread (docs/benchmarks.md, "Session 7").
+another ~11 µs of cold-cache work (the result's copy, the park's lock and map, one of two
+objects) off the search thread (docs/benchmarks.md, "Session 7").
 
 Doorkeeper (``admit_after=2``, :mod:`streams.cache.doorkeeper`): a first miss of a key
 offers nothing (not even its entry is built); the key's next miss within the window
@@ -1080,7 +1080,16 @@ class CacheController:
                 "offer_errors": self._n.offer_errors,
                 "offers_pending": self._pending.qsize(),
                 "doorkeeper": None if self.doorkeeper is None else self.doorkeeper.stats(),
-                "parked": self._parked.stats() if self.lazy_offers else None,
+                "parked": (
+                    {
+                        **self._parked.stats(),
+                        # lazy misses not parked yet (defer), and those the bound dropped
+                        "deferred": len(self._deferred),
+                        "deferred_trimmed": self.deferred_trimmed,
+                    }
+                    if self.lazy_offers
+                    else None
+                ),
                 "L3": payloads,
                 "memory": {"L0": held - l1 - l2, "L1": l1, "L2": l2, "L3": payloads["bytes"]},
             }
