@@ -318,6 +318,24 @@ def test_a_slow_version_falls_back_and_lru_fallback_admits_everything() -> None:
     assert (after.action, after.reason, after.version) == ("admit", "admit-all", None)
 
 
+def test_a_replaced_versions_late_decisions_do_not_trip_the_latency_guard() -> None:
+    """A lazy miss is decided by the version in force at its search (captured with
+    ``route``), maybe after a newer version replaced it: those late decisions must not
+    judge (and record a fallback of) a version no longer in force."""
+    guard = GuardConfig(decision_budget_us=0.0, latency_window=4)
+    holder = PolicyHolder(1 << 20, guard=guard)
+    holder.apply(update(1, ALL_BYPASS))
+    old = holder.route(KEY)
+    assert old is not None
+    holder.apply(update(2, ALL_BYPASS))
+    late = [holder.decide_routed(entry(i), old) for i in range(8)]
+    assert {d.version for d in late} == {1}
+    assert holder.status()["fallbacks"] == [] and holder.counts["fallback_count"] == 0
+    for i in range(4):  # the version in force is still judged
+        holder.decide(entry(100 + i))
+    assert [f["version"] for f in holder.status()["fallbacks"]] == [2]
+
+
 def tenants(share: float, inside: bool, n: int) -> list[str]:
     out = [f"t{i}" for i in range(10_000) if in_canary(f"t{i}", share) == inside]
     return out[:n]

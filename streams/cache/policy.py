@@ -562,8 +562,11 @@ class PolicyHolder:
             return self.rules.decide_ctx(req, ctx, state)
         t0 = time.perf_counter_ns()
         d = a.policy.decide_ctx(req, ctx, state)
-        a.decision_ns.append(time.perf_counter_ns() - t0)
+        elapsed = time.perf_counter_ns() - t0
         self.counts["learned"] += 1
+        if self._active.get(a.policy.version.key) is not a:
+            return d  # replaced since its search: its speed no longer judges a version in force
+        a.decision_ns.append(elapsed)
         if len(a.decision_ns) >= self.guard.latency_window:
             xs = sorted(a.decision_ns)
             a.decision_ns = []
