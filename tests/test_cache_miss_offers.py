@@ -1018,13 +1018,22 @@ def test_deferred_results_are_bounded_and_each_still_ends_in_one_count() -> None
     _counted(ctl)
 
 
-def test_a_large_result_is_not_deferred() -> None:
-    ctl, c, _ = _undecided(parked_bytes=64 * 256)  # deferred up to 64 characters
+def test_a_large_result_is_not_deferred_and_the_map_is_bounded_by_bytes() -> None:
+    """A result estimated over 1/64 of the parked bytes is not deferred (the search path
+    parks it as before); the deferred map holds at most a quarter of the parked bytes."""
+    from streams.cache.entry import estimate_nbytes
+
+    ctl, c, _ = _undecided(parked_bytes=64 * 1024)  # items up to 1 KiB, 16 KiB in all
     q = _unit(np.random.default_rng(45))
-    look = ctl.lookup(c, q, 5, None)
-    hits = tuple(_hits(("x" * 65,)))
-    assert ctl.defer(look, c.key, c.metric, q, 5, None, (0,), hits, (), 1.0, (), 65) is None
-    assert _defer(ctl, c, q, ("y" * 64,)) is not None
+    fixed = estimate_nbytes(DIM, 1, 0)
+    assert _defer(ctl, c, q, ("x" * (1024 - fixed + 1),)) is None
+    assert _defer(ctl, c, q, ("y" * (1024 - fixed),)) is not None
+    rng = np.random.default_rng(49)
+    for _ in range(40):
+        assert _defer(ctl, c, _unit(rng), ("z" * (1024 - fixed),)) is not None
+    n = ctl.stats()["parked"]
+    assert n["deferred_bytes"] <= 16 * 1024 and n["deferred"] == 16
+    assert n["deferred_bytes"] == 16 * 1024 and n["deferred_trimmed"] == 25
 
 
 def test_a_deferred_miss_keeps_its_search_time() -> None:
@@ -1105,6 +1114,28 @@ def test_concurrent_log_settles_and_repeats_take_each_deferred_miss_once() -> No
     assert logged[0] == logged[1] == [p._raw.decision.arm for p in pending]
     assert not ctl._deferred
     _counted(ctl)
+
+
+def test_a_node_copies_a_query_that_views_the_callers_buffer(logging_node: Any) -> None:
+    """An ``array.array`` (or an ndarray subclass's view) parses to an array over the
+    caller's memory: changed after the search, it must not change the cached query (which
+    result-aware invalidation compares writes with: found by the session's review)."""
+    import array
+
+    from tests.test_policy_online import queries
+
+    svc = logging_node.node.service
+    ctl = svc.cache_layers
+    original = np.array(queries(1, seed=13)[0], dtype=np.float32)
+    buffer = array.array("f", original.tolist())
+    first = svc.search(SearchRequest("acme", "docs", buffer, 5))  # type: ignore[arg-type]
+    assert first.debug["decision"]["action"] == "pending"
+    for i in range(len(buffer)):
+        buffer[i] = -buffer[i]  # the caller's buffer, changed after its search
+    again = svc.search(SearchRequest("acme", "docs", original, 5))
+    assert again.debug["cache_hit"]
+    served = ctl.lookup(svc.indexer.configs["acme/docs"], original, 5, None).entry
+    assert served is not None and np.array_equal(served.vector, original)
 
 
 def test_a_node_defers_a_lazy_miss_and_serves_its_repeat_before_the_log_runs(

@@ -78,9 +78,9 @@ decision is then taken once (:meth:`CacheController.settle`), by the query log's
 search ran (``PolicyHolder.route``, taken at the search). A deferred result that a newer
 miss of its query replaced before it was taken never enters the parked map (counted parked
 and dropped, as a re-park drops the older); the deferred map holds at most a quarter of the
-parked entries (the oldest leave it: their events still settle them, as dropped), and a
-result whose ids and metadata hold more characters than 1/256 of the parked bytes (16 KiB)
-is parked on the search path as before. A
+parked entries and the parked bytes (estimated: the oldest leave it; their events still
+settle them, as dropped), and a result estimated over 1/64 of the parked bytes (64 KiB) is
+parked undecided on the search path as before. A
 rejected result then leaves the parked map; the parked map's trims (and freeing what they
 hold) happen at the decision too, at most 256 drops a settle, while a park drops
 one only past twice the bounds: the map may hold up to twice them. Only while the
@@ -350,13 +350,15 @@ class CacheController:
         self.lazy_offers = lazy_offers
         self._parked = _Parked(parked_entries, parked_bytes)
         self._settle_lock = threading.Lock()  # a parked result's decision is taken once
-        # lazy misses deferred whole (defer): query key -> its PendingDecision, the newest;
-        # written without a lock on the search path (a dict store is atomic under the GIL),
-        # taken under _defer_lock (take_deferred), bounded (_trim_deferred)
+        # lazy misses deferred whole (defer): query key -> its PendingDecision, the newest,
+        # in the order they came; changed under _defer_lock (a lookup reads it without),
+        # bounded by entries and estimated bytes (_trim_deferred)
         self._deferred: dict[QueryKey, PendingDecision] = {}
         self._defer_lock = threading.Lock()
         self._defer_entries = max(16, parked_entries // 4)
-        self._defer_bytes = parked_bytes // 256  # larger results are parked at once
+        self._defer_bytes = parked_bytes // 4  # estimated bytes held, at most
+        self._defer_item_bytes = parked_bytes // 64  # larger results park at once
+        self._deferred_bytes = 0
         self.deferred_trimmed = 0
         # where the query log runs, a lazy miss's decision is taken off the search path
         # (park_undecided); False: on it (park_fresh), as without a query log
@@ -649,12 +651,14 @@ class CacheController:
         search path"): nothing is built, copied or parked; the fresh result is held by the
         returned :class:`PendingDecision` (the search's debug ``decision``), found by the
         query's repeat through the deferred map. ``query`` and ``hits`` must be the
-        caller's to give (not changed later). None (nothing deferred): the policy decides
-        on built entries, or the result is large; then :meth:`fresh_raw` and
-        :meth:`park_fresh`."""
+        caller's to give (not changed later: a view of someone's buffer is not). None
+        (nothing deferred): the policy decides on built entries, or the result's estimated
+        bytes are over 1/64 of the parked bytes; then :meth:`fresh_raw` and
+        :meth:`park_undecided` (or :meth:`park_fresh`), as before."""
         policy = self.cache.policy
         cls = policy.__class__
-        if cls not in _DRAFT_POLICIES or chars > self._defer_bytes:
+        nbytes = estimate_nbytes(query.shape[0], len(hits), chars)
+        if cls not in _DRAFT_POLICIES or nbytes > self._defer_item_bytes:
             return None
         d = PendingDecision(_PENDING_ITEMS)
         d._ctl = self
@@ -663,17 +667,24 @@ class CacheController:
             lookup, index_key, metric, query, k, flt, labels, hits, applied, compute_ms,
             depends, chars, time.monotonic(),
             cast("PolicyHolder", policy).route(index_key) if cls is PolicyHolder else None,
+            nbytes,
         )  # fmt: skip
-        deferred = self._deferred
-        deferred[lookup.qkey] = d
-        if len(deferred) > self._defer_entries:
-            self._trim_deferred()
+        key = lookup.qkey
+        with self._defer_lock:
+            deferred = self._deferred
+            old = deferred.pop(key, None)  # a concurrent miss of the query: replaced (its
+            if old is not None:  # event still settles it, as dropped); the newest goes last
+                self._deferred_bytes -= old._args[-1]
+            deferred[key] = d
+            self._deferred_bytes += nbytes
+            if len(deferred) > self._defer_entries or self._deferred_bytes > self._defer_bytes:
+                self._trim_deferred()
         return d
 
     def take_deferred(self, d: PendingDecision) -> _Raw:
         """The parked form of deferred miss ``d`` (:meth:`defer`), made once: its
         ``_Raw``, parked undecided if ``d`` is still its query's deferred result; one a
-        newer miss replaced (or the map's bound dropped) is not parked, and counts as
+        newer miss replaced (or the map's bounds dropped) is not parked, and counts as
         parked and dropped. Called by whoever comes first: the query log's thread
         (:meth:`PendingDecision.settle`) or the query's repeat (:meth:`lookup`)."""
         with self._defer_lock:
@@ -681,7 +692,7 @@ class CacheController:
             if raw is not None:
                 return raw
             (lookup, index_key, metric, query, k, flt, labels, hits, applied, compute_ms,
-             depends, chars, created_s, route) = d._args  # fmt: skip
+             depends, chars, created_s, route, nbytes) = d._args  # fmt: skip
             raw = self.fresh_raw(
                 lookup, index_key, metric, query, k, flt, labels, hits, applied, compute_ms,
                 depends, chars, created_s,
@@ -697,25 +708,23 @@ class CacheController:
                 at = time.time() - (time.monotonic() - created_s)
                 if not self._parked.park(lookup, raw, None, slack=2, at=at):
                     self._parked.count_dropped()  # the parked bytes are 0 (tests)
-                newer = deferred.pop(key, None)
-                if newer is not None and newer is not d:  # stored in between: keep it
-                    deferred.setdefault(key, newer)
+                del deferred[key]
+                self._deferred_bytes -= nbytes
             else:
                 self._parked.count_dropped()
         return raw
 
     def _trim_deferred(self) -> None:
-        """Drop the oldest deferred results past the bound (their events still settle
-        them: not parked, counted as dropped then)."""
-        with self._defer_lock:
-            deferred = self._deferred
-            while len(deferred) > self._defer_entries:
-                try:
-                    key = next(iter(deferred))
-                except (StopIteration, RuntimeError):  # changed by a search: look again
-                    continue
-                if deferred.pop(key, None) is not None:
-                    self.deferred_trimmed += 1
+        """Drop the oldest deferred results past the bounds (caller holds
+        ``_defer_lock``; their events still settle them: not parked, counted as dropped
+        then)."""
+        deferred = self._deferred
+        while deferred and (
+            len(deferred) > self._defer_entries or self._deferred_bytes > self._defer_bytes
+        ):
+            d = deferred.pop(next(iter(deferred)))
+            self._deferred_bytes -= d._args[-1]
+            self.deferred_trimmed += 1
 
     def park_fresh(self, lookup: CacheLookup, raw: _Raw) -> PutOutcome:
         """The lazy miss (``lookup.lazy``; module docstring, "Lazy offers"): take the
@@ -1085,6 +1094,7 @@ class CacheController:
                         **self._parked.stats(),
                         # lazy misses not parked yet (defer), and those the bound dropped
                         "deferred": len(self._deferred),
+                        "deferred_bytes": self._deferred_bytes,
                         "deferred_trimmed": self.deferred_trimmed,
                     }
                     if self.lazy_offers

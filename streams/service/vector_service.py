@@ -32,7 +32,7 @@ from functools import lru_cache
 from typing import Any, Protocol
 
 from streams.cache import CachedResult, ResultCache
-from streams.cache.controller import CacheController, CacheLookup
+from streams.cache.controller import CacheController, CacheLookup, PendingDecision
 from streams.cache.doorkeeper import FIRST_SEEN
 from streams.cache.entry import trusted_result
 from streams.cache.payload import PayloadCache
@@ -562,20 +562,26 @@ class VectorService(DataPlane):
             # the search path: by the log's thread as it logs this miss, or by the repeat
             # if that is first (CacheController.defer)
             pending = None
-            if observer is not None and observer.emitter is not None \
-                    and observer.emitter.running and layers.defer_decisions:
+            deferring = observer is not None and observer.emitter is not None \
+                and observer.emitter.running and layers.defer_decisions
+            if deferring:
                 pending = layers.defer(
                     lookup, config.key, config.metric,
-                    query.copy() if query is request.vector else query,  # the caller's
+                    # parse_vector's own array, or a copy (the caller's array, or a view of
+                    # someone's buffer, may change after the search)
+                    query if query is not request.vector and query.flags.owndata
+                    else query.copy(),
                     search_k, flt, fresh.labels, tuple(fresh.hits), applied,
                     (t4 - t3) * 1000, fresh.depends or (), fresh.chars)
             if pending is not None:
                 decision = pending  # {"outcome": "parked", "action": "pending"}
-            else:
-                decision = layers.park_fresh(lookup, layers.fresh_raw(
+            else:  # not deferrable (a large result; another policy): parked here
+                raw = layers.fresh_raw(
                     lookup, config.key, config.metric, query, search_k, flt, fresh.labels,
-                    fresh.hits, applied, (t4 - t3) * 1000, fresh.depends or (),
-                    fresh.chars)).as_dict()
+                    fresh.hits, applied, (t4 - t3) * 1000, fresh.depends or (), fresh.chars)
+                decision = (PendingDecision.of(layers, raw)
+                            if deferring and layers.park_undecided(lookup, raw)
+                            else layers.park_fresh(lookup, raw).as_dict())
         elif caching and fresh.complete and layers is not None and lookup is not None:
             ids, scores, metas = _columns(fresh.hits)
             entry = trusted_result(
