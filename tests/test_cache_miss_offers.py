@@ -714,8 +714,6 @@ def test_undecided_parks_leave_their_drops_to_settle_within_twice_the_bound() ->
 
 
 def test_concurrent_settles_and_repeats_decide_each_parked_result_once() -> None:
-    import sys
-    import threading
 
     from streams.cache.controller import PendingDecision
 
@@ -733,10 +731,19 @@ def test_concurrent_settles_and_repeats_decide_each_parked_result_once() -> None
         for q in qs:
             assert ctl.lookup(c, q, 5, None).layer == "L0"
 
-    threads = [threading.Thread(target=log_thread, args=(i,)) for i in (0, 1)]
-    threads.append(threading.Thread(target=repeats))
+    _race(lambda: log_thread(0), lambda: log_thread(1), repeats)
+    assert holder.counts["decisions"] == len(qs)  # one each, whoever came first
+    assert logged[0] == logged[1] == [r.decision.arm for r in raws]
+
+
+def _race(*targets: Any) -> None:
+    """Run ``targets`` on threads at once, switching as often as the interpreter can."""
+    import sys
+    import threading
+
+    threads = [threading.Thread(target=t) for t in targets]
     interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    sys.setswitchinterval(1e-6)
     try:
         for t in threads:
             t.start()
@@ -744,8 +751,6 @@ def test_concurrent_settles_and_repeats_decide_each_parked_result_once() -> None
             t.join()
     finally:
         sys.setswitchinterval(interval)
-    assert holder.counts["decisions"] == len(qs)  # one each, whoever came first
-    assert logged[0] == logged[1] == [r.decision.arm for r in raws]
 
 
 def test_a_tolerant_hit_is_logged_under_the_served_entrys_key_and_credits_its_admission(
@@ -1082,8 +1087,6 @@ def test_deferred_misses_settles_and_repeats_in_random_order_each_end_in_one_cou
 
 
 def test_concurrent_log_settles_and_repeats_take_each_deferred_miss_once() -> None:
-    import sys
-    import threading
 
     ctl, c, holder = _undecided()
     rng = np.random.default_rng(48)
@@ -1099,17 +1102,7 @@ def test_concurrent_log_settles_and_repeats_take_each_deferred_miss_once() -> No
         for q in qs:
             assert ctl.lookup(c, q, 5, None).layer == "L0"
 
-    threads = [threading.Thread(target=log_thread, args=(i,)) for i in (0, 1)]
-    threads.append(threading.Thread(target=repeats))
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(interval)
+    _race(lambda: log_thread(0), lambda: log_thread(1), repeats)
     assert holder.counts["decisions"] == len(qs)
     assert logged[0] == logged[1] == [p._raw.decision.arm for p in pending]
     assert not ctl._deferred
