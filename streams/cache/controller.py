@@ -80,18 +80,18 @@ miss of its query replaced before it was taken never enters the parked map (coun
 and dropped, as a re-park drops the older); the deferred map holds at most a quarter of the
 parked entries and the parked bytes (estimated: the oldest leave it; their events still
 settle them, as dropped), and a result estimated over 1/64 of the parked bytes (64 KiB) is
-parked undecided on the search path as before. A
-rejected result then leaves the parked map; the parked map's trims (and freeing what they
-hold) happen at the decision too, at most 256 drops a settle, while a park drops
-one only past twice the bounds: the map may hold up to twice them. Only while the
-emitter's thread runs. Why: with the CPU caches cold after the index scan, the decision
-(context, rules, the decision's dict) cost about 55 µs of a 0.7 ms search on the search
-thread (docs/benchmarks.md, "Session 6"). What it costs: the decision's CPU is spent on
-the log's thread; the policy's context counts the request when the decision is taken
-(milliseconds later); a miss whose event is dropped (full queue) or never logged (a
-prefetch) is decided only if its query repeats. Deferring the park too (session 7) took
-another ~11 µs of cold-cache work (the result's copy, the park's lock and map, one of two
-objects) off the search thread (docs/benchmarks.md, "Session 7").
+parked undecided on the search path as before. A rejected result then leaves the parked
+map; the parked map's trims (and freeing what they hold) happen at the decision too, at
+most 256 drops a settle, while a park drops one only past twice the bounds: the map may
+hold up to twice them. Only while the emitter's thread runs. Why: with the CPU caches cold
+after the index scan, the decision (context, rules, the decision's dict) cost about 55 µs
+of a 0.7 ms search on the search thread (docs/benchmarks.md, "Session 6"); deferring the
+park too (session 7) took another ~10 µs of cold-cache work (the result's copy, the
+park's lock and map, one of two objects) off it ("Session 7"). What it costs: the
+decision's CPU is spent on the log's thread (or a RESP thread's, after its reply); the
+policy's context counts the request when the decision is taken (milliseconds later); a
+miss whose event is dropped (full queue) or never logged (a prefetch) is decided only if
+its query repeats (else it leaves the deferred map by its bounds).
 
 Doorkeeper (``admit_after=2``, :mod:`streams.cache.doorkeeper`): a first miss of a key
 offers nothing (not even its entry is built); the key's next miss within the window
