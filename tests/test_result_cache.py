@@ -398,14 +398,24 @@ OPS = st.lists(st.tuples(st.sampled_from(["upsert", "near", "update", "delete", 
                          st.integers(0, 2**31)), min_size=10, max_size=40)
 
 
-def test_node_cache_hits_equal_fresh_searches(tmp_path_factory: pytest.TempPathFactory) -> None:
+@pytest.mark.parametrize("policy_loop", [False, True], ids=["no-loop", "policy-loop"])
+def test_node_cache_hits_equal_fresh_searches(
+    tmp_path_factory: pytest.TempPathFactory, policy_loop: bool
+) -> None:
+    """Every hit equals the index's fresh answer, under random writes and searches at
+    session consistency; with the policy loop (``streamvec up``'s default) lazy misses are
+    deferred whole and parked by the query log's thread or their repeat, whichever is
+    first (streams/cache/controller.py, "Decisions off the search path")."""
+    from tests.test_policy_online import LoopRig
+
     counts: Counter[str] = Counter()
+    rig_class = LoopRig if policy_loop else Rig
 
     @settings(max_examples=25, deadline=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(metric=st.sampled_from(["cosine", "ip", "l2"]), ops=OPS)
     def run(metric: str, ops: list[tuple[str, int]]) -> None:
-        rig = Rig(tmp_path_factory.mktemp("rig"), head_capacity=16)
+        rig = rig_class(tmp_path_factory.mktemp("rig"), head_capacity=16)
         try:
             svc = rig.node.service
             token = svc.create_index(IndexConfig("acme", "docs", NODE_DIM, metric=metric,  # type: ignore[arg-type]
@@ -450,11 +460,15 @@ def test_node_cache_hits_equal_fresh_searches(tmp_path_factory: pytest.TempPathF
             stats = rig.node.cache.stats() if rig.node.cache else None
             assert stats is not None and stats.false_hits == 0
             counts["invalidations"] += stats.invalidations
+            layers = rig.node.service.cache_layers
+            assert layers is not None
+            counts["deferred"] += layers.stats()["parked"]["parked"] if policy_loop else 0
         finally:
             rig.close()
 
     run()
     assert counts["hits"] > 0 and counts["misses"] > 0 and counts["invalidations"] > 0
+    assert counts["deferred"] > 0 or not policy_loop
 
 
 @pytest.fixture
