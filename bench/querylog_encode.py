@@ -36,7 +36,6 @@ from streams.cache.querylog import (
     _Removal,
     _removal_event,
     _search_event,
-    fastavro_encoder,
 )
 from streams.service.api import SearchRequest
 
@@ -74,7 +73,7 @@ def main() -> None:
             _, parsed = emitter.codec.writer(emitter._subject, emitter._schema)
 
             encoders = {
-                "fastavro": fastavro_encoder(parsed),
+                "fastavro": event_codec.fastavro_encoder(parsed),
                 "hand": event_codec.for_schema(emitter._schema),
             }
             assert encoders["hand"] is not None
